@@ -1,0 +1,199 @@
+"""Typed configuration for every stage, loaded from ``params.yaml`` and validated before any work.
+
+``params.yaml`` is the one file both DVC (``params:`` in ``dvc.yaml``) and the Prefect flow read.
+Each stage gets one small pydantic model; unknown keys are errors so a typo never silently falls
+back to a default. ``load_params`` turns validation failures into a ``ConfigError`` whose message
+names the file and the dotted key, e.g. ``params.yaml: train.learning_rate: must be > 0 (got -1)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or has an invalid value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectConfig(_Strict):
+    name: str = Field("loraflow-ticket-triage", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class BaseModelConfig(_Strict):
+    # "builtin:tiny-llama" builds a tiny Llama + tokenizer locally (no hub access needed);
+    # anything else goes through from_pretrained (a hub id or a local path).
+    model: str = "builtin:tiny-llama"
+    out_dir: str = "artifacts/base"
+    hidden_size: int = Field(256, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    vocab_size: int = Field(2048, ge=300)
+    max_position_embeddings: int = Field(512, ge=64)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "BaseModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        return self
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.model.startswith("builtin:")
+
+
+class DataConfig(_Strict):
+    train: list[str] = ["data/raw/tickets_train.jsonl"]
+    eval: list[str] = ["data/raw/tickets_eval.jsonl"]
+
+
+class SanitizeConfig(_Strict):
+    out_dir: str = "data/clean"
+    max_chars: int = Field(4000, gt=0)  # longer records go to quarantine, not truncation
+    near_duplicates: bool = True
+
+
+class AugmentConfig(_Strict):
+    out_dir: str = "data/augmented"
+    enabled: bool = True
+    # Governance: synthetic records never exceed this share of the training set.
+    max_synthetic_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    out_dir: str = "artifacts/adapter"
+    method: Literal["sft"] = "sft"
+    adapter: Literal["lora"] = "lora"
+    lora_r: int = Field(16, gt=0)  # higher = more capacity, more memory
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    learning_rate: float = Field(2e-3, gt=0.0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    epochs: float = Field(6.0, gt=0.0)
+    max_steps: int = -1  # >0 overrides epochs
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(160, ge=16)
+    seed: int = 0
+    logging_steps: int = Field(5, gt=0)
+
+
+class EvaluateConfig(_Strict):
+    out_dir: str = "reports/eval"
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_examples: int = Field(0, ge=0)  # 0 = all
+
+
+class GateConfig(_Strict):
+    metric: Literal["exact_match", "field_accuracy", "json_valid"] = "exact_match"
+    # The candidate must beat the reference by at least this much (absolute) ...
+    min_improvement: float = Field(0.02, ge=0.0, le=1.0)
+    # ... and, against an existing champion, the win must be significant (exact McNemar test).
+    significance: float = Field(0.05, gt=0.0, lt=1.0)
+    min_json_valid: float = Field(0.9, ge=0.0, le=1.0)
+
+
+class RegistryConfig(_Strict):
+    tracking_uri: str = "sqlite:///mlflow/mlflow.db"
+    artifact_root: str = "mlflow/artifacts"
+    experiment: str = "loraflow"
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class ServeConfig(_Strict):
+    # vLLM lives in its own environment (its pins conflict with Prefect's); we talk HTTP to it.
+    python: str = ".venv-vllm/bin/python"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    url: str = ""  # an already running server; empty = http://host:port
+    max_lora_rank: int = Field(16, gt=0)
+    max_loras: int = Field(2, gt=0)
+    max_model_len: int = Field(512, gt=0)
+    dtype: str = "float32"
+    extra_args: list[str] = ["--gpu-memory-utilization", "0.3"]
+    env: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    startup_timeout_s: int = Field(900, gt=0)
+    log_file: str = "reports/vllm.log"
+    adapters_dir: str = "artifacts/served"
+    poll_interval_s: float = Field(10.0, gt=0.0)
+    traffic_log: str = "data/serving/requests.jsonl"
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/") or f"http://{self.host}:{self.port}"
+
+
+class MonitorConfig(_Strict):
+    out_dir: str = "reports/drift"
+    drift_share: float = Field(0.5, gt=0.0, le=1.0)  # share of drifted columns that counts as drift
+    min_requests: int = Field(20, gt=0)
+    retrain_on_drift: bool = False
+
+
+class DvcConfig(_Strict):
+    push: bool = True  # push outputs to the default remote after the data/model stages
+
+
+class Params(_Strict):
+    project: ProjectConfig = ProjectConfig()
+    base: BaseModelConfig = BaseModelConfig()
+    data: DataConfig = DataConfig()
+    sanitize: SanitizeConfig = SanitizeConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    dvc: DvcConfig = DvcConfig()
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see params.yaml for the valid keys)"
+        got = e.get("input")
+        suffix = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        lines.append(f"{path}: {key}: {msg}{suffix}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: Path) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage names")
+    return parse_params(raw, path)

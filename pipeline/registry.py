@@ -1,0 +1,212 @@
+"""A thin adapter over the MLflow tracking store and model registry.
+
+Promotion is an alias move (``champion`` by default; stages are deprecated in MLflow). The registered
+model keeps a ``previous_<alias>`` tag so ``rollback`` can move the alias back. Versions carry lineage
+tags (data hashes from ``dvc.lock``, params hash, git commit, adapter hash) and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import RegistryConfig
+from pipeline.hashing import dir_sha256
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: int
+    run_id: str
+    source: str
+    tags: dict[str, str]
+
+
+def client(cfg: RegistryConfig):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c, cfg: RegistryConfig) -> str:
+    exp = c.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    root = cfg.artifact_root
+    if "://" not in root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        root = Path(root).resolve().as_uri()
+    return c.create_experiment(cfg.experiment, artifact_location=root)
+
+
+def _flatten(prefix: str, d: dict) -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(key, v))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def log_candidate(
+    cfg: RegistryConfig,
+    *,
+    run_name: str,
+    params: dict,
+    adapter_dir: Path,
+    train_metrics: dict,
+    eval_metrics: dict,
+    artifacts: dict[str, Path],
+    tags: dict[str, str],
+) -> str:
+    """Log one training run (params, loss curve, eval metrics, adapter, reports); returns its run id."""
+    import mlflow
+
+    c = client(cfg)
+    with mlflow.start_run(experiment_id=experiment_id(c, cfg), run_name=run_name, tags=tags) as run:
+        mlflow.log_params(_flatten("", params))
+        for point in train_metrics.get("loss_curve", []):
+            mlflow.log_metric("train_loss", point["loss"], step=point["step"])
+        for point in train_metrics.get("eval_loss_curve", []):
+            mlflow.log_metric("eval_loss", point["eval_loss"], step=point["step"])
+        for key in ("duration_s", "tokens_per_s", "peak_memory_mb", "steps", "train_samples"):
+            if train_metrics.get(key) is not None:
+                mlflow.log_metric(f"train_{key}" if not key.startswith("train") else key, train_metrics[key])
+        for model, metrics in eval_metrics.items():
+            for k, v in metrics.items():
+                mlflow.log_metric(f"{model}_{k}", v)
+        mlflow.log_artifacts(str(adapter_dir), "adapter")
+        for name, path in artifacts.items():
+            if path.is_file():
+                mlflow.log_artifact(str(path), name)
+        return run.info.run_id
+
+
+def find_version_by_adapter(cfg: RegistryConfig, name: str, adapter_sha: str) -> VersionInfo | None:
+    c = client(cfg)
+    for mv in c.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("adapter_sha256") == adapter_sha:
+            return _info(mv)
+    return None
+
+
+def register(cfg: RegistryConfig, name: str, run_id: str, tags: dict[str, str], card: str) -> VersionInfo:
+    from mlflow.exceptions import MlflowException
+
+    c = client(cfg)
+    try:
+        c.create_registered_model(name, description="LoRA adapters fine-tuned by loraflow.")
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    mv = c.create_model_version(name, f"runs:/{run_id}/adapter", run_id=run_id, tags=tags, description=card)
+    return _info(mv)
+
+
+def _info(mv) -> VersionInfo:
+    return VersionInfo(mv.name, int(mv.version), mv.run_id, mv.source, dict(mv.tags or {}))
+
+
+def get_alias(cfg: RegistryConfig, name: str, alias: str | None = None) -> VersionInfo | None:
+    from mlflow.exceptions import MlflowException
+
+    c = client(cfg)
+    try:
+        return _info(c.get_model_version_by_alias(name, alias or cfg.alias))
+    except MlflowException:
+        return None
+
+
+def promote(cfg: RegistryConfig, name: str, version: int) -> VersionInfo:
+    """Point the alias at ``version``, remembering the version it pointed at for ``rollback``."""
+    c = client(cfg)
+    mv = c.get_model_version(name, str(version))  # raises if it does not exist
+    current = get_alias(cfg, name)
+    if current is not None and current.version != version:
+        c.set_registered_model_tag(name, f"previous_{cfg.alias}", str(current.version))
+    c.set_registered_model_alias(name, cfg.alias, str(version))
+    return _info(mv)
+
+
+def rollback(cfg: RegistryConfig, name: str) -> VersionInfo:
+    c = client(cfg)
+    tags = c.get_registered_model(name).tags
+    previous = tags.get(f"previous_{cfg.alias}")
+    if not previous:
+        raise LookupError(f"model {name!r} has no previous {cfg.alias} to roll back to")
+    return promote(cfg, name, int(previous))
+
+
+def metric_history(cfg: RegistryConfig, run_id: str) -> dict[str, float]:
+    return dict(client(cfg).get_run(run_id).data.metrics)
+
+
+def download_adapter(cfg: RegistryConfig, info: VersionInfo, dst: Path) -> Path:
+    """Materialise a version's adapter under ``dst/<name>-v<version>`` (reused when already there)."""
+    import mlflow.artifacts
+
+    target = dst / f"{info.name}-v{info.version}"
+    if (target / "adapter_config.json").is_file() and (
+        not info.tags.get("adapter_sha256") or dir_sha256(target) == info.tags["adapter_sha256"]
+    ):
+        return target
+    client(cfg)
+    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{info.name}/{info.version}",
+                                                       dst_path=tmp))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            import shutil
+            shutil.rmtree(target)
+        got.rename(target)
+    return target
+
+
+def log_report(cfg: RegistryConfig, run_name: str, files: dict[str, Path], metrics: dict[str, float],
+               tags: dict[str, str]) -> str:
+    """Log a monitoring report (HTML, JSON) as its own MLflow run."""
+    import mlflow
+
+    c = client(cfg)
+    with mlflow.start_run(experiment_id=experiment_id(c, cfg), run_name=run_name, tags=tags) as run:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        for name, path in files.items():
+            mlflow.log_artifact(str(path), name)
+        return run.info.run_id
+
+
+def model_card(*, name: str, params: dict, eval_metrics: dict, decision: dict, data_card: str,
+               lineage: dict[str, str], train_metrics: dict) -> str:
+    rows = "\n".join(
+        f"| {m} | {v['exact_match']:.3f} | {v['field_accuracy']:.3f} | {v['json_valid']:.3f} | {v['n']} |"
+        for m, v in eval_metrics.items())
+    lin = "\n".join(f"- `{k}`: `{v}`" for k, v in sorted(lineage.items()))
+    train = params.get("train", {})
+    return (
+        f"# Model card: {name}\n\n"
+        f"LoRA adapter (r={train.get('lora_r')}, alpha={train.get('lora_alpha')}, "
+        f"targets={train.get('target_modules')}) on `{params.get('base', {}).get('model')}`.\n\n"
+        "## Evaluation (held-out split)\n\n| model | exact match | field accuracy | JSON valid | n |\n"
+        f"|---|---|---|---|---|\n{rows}\n\n"
+        f"## Gate\n\npromote: {decision.get('promote')} (reference: {decision.get('reference')})\n\n"
+        + "\n".join(f"- {r}" for r in decision.get("reasons", [])) + "\n\n"
+        f"## Training\n\n- steps: {train_metrics.get('steps')}, duration: {train_metrics.get('duration_s')} s, "
+        f"final loss: {train_metrics.get('final_loss')}, device: {train_metrics.get('device')}\n\n"
+        f"## Lineage\n\n{lin}\n\n{data_card}\n"
+        f"## Intended use and limits\n\nSupport-ticket triage into JSON (category, priority). "
+        f"Trained on redacted data; PII placeholders (`<EMAIL>`, `<PHONE>`, `<CARD>`) replace personal data.\n"
+    )
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,171 @@
+"""vLLM serving: start/stop the OpenAI-compatible server, hot-swap LoRA adapters, send requests.
+
+vLLM runs as its own process from its own environment (``serve.python``) because its pins conflict
+with Prefect's; everything here talks HTTP to it. Adapters are loaded at run time through
+``POST /v1/load_lora_adapter`` (needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``), so following the
+registry alias never restarts the server. Every chat request sent through ``chat`` is appended to the
+traffic log that drift monitoring reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from pipeline.config import ServeConfig
+
+
+class ServingError(RuntimeError):
+    pass
+
+
+def launch_command(cfg: ServeConfig, base_dir: Path) -> list[str]:
+    """The vLLM command line; deploy/ and docker-compose.yml pass the same flags."""
+    return [
+        cfg.python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(base_dir),
+        "--served-model-name", "base",
+        "--enable-lora",
+        "--max-lora-rank", str(cfg.max_lora_rank),
+        "--max-loras", str(cfg.max_loras),
+        "--max-model-len", str(cfg.max_model_len),
+        "--dtype", cfg.dtype,
+        "--host", cfg.host,
+        "--port", str(cfg.port),
+        *cfg.extra_args,
+    ]
+
+
+@dataclass
+class VLLMServer:
+    """A vLLM server process owned by loraflow (``start``) or one already running (``attach``)."""
+
+    cfg: ServeConfig
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return self.cfg.base_url
+
+    @classmethod
+    def start(cls, cfg: ServeConfig, base_dir: Path) -> "VLLMServer":
+        python = Path(cfg.python)
+        if not python.exists():
+            raise ServingError(
+                f"serve.python: {cfg.python} not found; create the vLLM environment with `make vllm-env` "
+                "(see shared notes in docs/architecture.md) or point serve.url at a running server")
+        if not (base_dir / "config.json").is_file():
+            raise ServingError(f"{base_dir}: no base model here; run the `base` stage first")
+        log = Path(cfg.log_file)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", **cfg.env}
+        # Our own venv's variables must not leak into vLLM's interpreter.
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+        fh = open(log, "ab")
+        proc = subprocess.Popen(launch_command(cfg, base_dir), stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        return cls(cfg, proc)
+
+    @classmethod
+    def attach(cls, cfg: ServeConfig) -> "VLLMServer":
+        return cls(cfg, None)
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout_s: float | None = None, progress=None) -> float:
+        """Block until /health answers; returns seconds waited. Fails fast if the process dies."""
+        timeout_s = timeout_s or self.cfg.startup_timeout_s
+        started = time.monotonic()
+        last_note = 0.0
+        while True:
+            if self.healthy():
+                return time.monotonic() - started
+            if self.process is not None and self.process.poll() is not None:
+                raise ServingError(f"vLLM exited with code {self.process.returncode} during start-up; "
+                                   f"last lines of {self.cfg.log_file}:\n{tail(Path(self.cfg.log_file))}")
+            waited = time.monotonic() - started
+            if waited > timeout_s:
+                raise ServingError(f"vLLM not ready after {timeout_s:.0f}s; see {self.cfg.log_file}")
+            if progress and waited - last_note >= 15:
+                progress(f"waiting for vLLM at {self.url} ({waited:.0f}s)")
+                last_note = waited
+            time.sleep(1)
+
+    def stop(self, timeout_s: float = 30) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def models(self) -> list[str]:
+        r = httpx.get(f"{self.url}/v1/models", timeout=10)
+        r.raise_for_status()
+        return [m["id"] for m in r.json()["data"]]
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        r = httpx.post(f"{self.url}/v1/load_lora_adapter",
+                       json={"lora_name": name, "lora_path": str(path.resolve())}, timeout=120)
+        if r.status_code != 200:
+            raise ServingError(f"loading adapter {name} from {path} failed: HTTP {r.status_code}: {r.text[:500]}")
+
+    def unload_adapter(self, name: str) -> None:
+        r = httpx.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+        if r.status_code != 200:
+            raise ServingError(f"unloading adapter {name} failed: HTTP {r.status_code}: {r.text[:500]}")
+
+    def chat(self, model: str, messages: list[dict], max_tokens: int = 32, traffic_log: Path | None = None) -> str:
+        """One OpenAI chat completion; the request and answer go to the traffic log."""
+        started = time.perf_counter()
+        r = httpx.post(f"{self.url}/v1/chat/completions", timeout=120, json={
+            "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        if r.status_code != 200:
+            raise ServingError(f"chat completion on {model} failed: HTTP {r.status_code}: {r.text[:500]}")
+        answer = r.json()["choices"][0]["message"]["content"]
+        if traffic_log is not None:
+            traffic_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(traffic_log, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({
+                    "ts": datetime.now(timezone.utc).isoformat(), "model": model,
+                    "prompt": "\n".join(m["content"] for m in messages), "response": answer,
+                    "latency_s": round(time.perf_counter() - started, 4)}, ensure_ascii=False) + "\n")
+        return answer
+
+
+def adapter_name(model_name: str, version: int) -> str:
+    return f"{model_name}-v{version}"
+
+
+def sync_adapter(server: VLLMServer, model_name: str, version: int, adapter_dir: Path) -> dict:
+    """Make the server serve exactly this version's adapter: load it, unload older ones of the model."""
+    wanted = adapter_name(model_name, version)
+    loaded = server.models()
+    if wanted not in loaded:
+        server.load_adapter(wanted, adapter_dir)
+    unloaded = [m for m in loaded if m.startswith(f"{model_name}-v") and m != wanted]
+    for m in unloaded:
+        server.unload_adapter(m)
+    return {"served": wanted, "loaded_now": wanted not in loaded, "unloaded": unloaded}
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"

@@ -1,0 +1,71 @@
+"""The DVC-tracked stages as functions of ``params.yaml``: one entry point for DVC, Prefect and the CLI.
+
+    python -m pipeline <stage>      # what each dvc.yaml stage runs
+    python -m pipeline --list
+
+Paths are relative to the project root (the directory holding ``dvc.yaml``); each stage reads and
+writes exactly the deps and outs that ``dvc.yaml`` declares for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import Params
+
+CLEAN_TRAIN = Path("data/clean/train/clean.jsonl")
+CLEAN_EVAL = Path("data/clean/eval/clean.jsonl")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def sanitize(p: Params) -> dict:
+    from pipeline.sanitize import reference_keys, sanitize_files
+
+    root = Path(p.sanitize.out_dir)
+    train = sanitize_files([Path(f) for f in p.data.train], root / "train", p.sanitize)
+    eval_ = sanitize_files([Path(f) for f in p.data.eval], root / "eval", p.sanitize,
+                           reference=reference_keys(root / "train" / "clean.jsonl"))
+    summary = {"train": train, "eval": eval_}
+    _write_json(Path("reports/sanitize.json"), summary)
+    return summary
+
+
+def base(p: Params) -> dict:
+    from pipeline.base_model import build_base
+
+    out = build_base(p.base, [CLEAN_TRAIN])
+    return {"base_dir": str(out), "model": p.base.model}
+
+
+def augment(p: Params) -> dict:
+    from pipeline.augment import augment as run
+
+    return run(CLEAN_TRAIN, p.augment)
+
+
+def train(p: Params) -> dict:
+    from pipeline.train import train as run
+
+    metrics = run(p.train, Path(p.base.out_dir), Path(p.augment.out_dir) / "train.jsonl", CLEAN_EVAL)
+    summary = {k: v for k, v in metrics.items() if not k.endswith("_curve")}
+    _write_json(Path("reports/train.json"), summary)
+    return summary
+
+
+def evaluate(p: Params) -> dict:
+    from pipeline.evaluate import evaluate_stage
+
+    res = evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), CLEAN_EVAL, p.evaluate)
+    keys = ("n", "json_valid", "exact_match", "field_accuracy")
+    return {m: {k: res[m][k] for k in keys} for m in ("base", "candidate")}
+
+
+STAGES: dict[str, Callable[[Params], dict]] = {
+    "sanitize": sanitize, "base": base, "augment": augment, "train": train, "evaluate": evaluate,
+}
