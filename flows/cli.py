@@ -1,0 +1,195 @@
+"""The ``loraflow`` command line.
+
+    loraflow demo                   # the whole loop on embedded defaults (make demo)
+    loraflow run                    # the Prefect flow `retrain`
+    loraflow sanitize IN... --out DIR
+    loraflow serve                  # vLLM following the registry alias
+    loraflow promote VERSION | rollback | drift | status
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="loraflow: LoRA fine-tuning, end to end.")
+ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="parameters file")
+
+
+def _embedded_defaults() -> None:
+    """Laptop defaults, before Prefect is imported: project-local Prefect home, no analytics."""
+    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _params(path: str):
+    from pipeline.config import ConfigError, load_params
+
+    try:
+        return load_params(path)
+    except ConfigError as err:
+        typer.secho(f"error: invalid parameters\n{err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _say(msg: str) -> None:
+    typer.secho(msg, fg="cyan")
+
+
+@app.command()
+def demo(params: str = ParamsOpt, requests: int = typer.Option(40, help="sample requests to send"),
+         keep_serving: bool = typer.Option(False, help="leave vLLM running afterwards")) -> None:
+    """Retrain, serve the champion with vLLM, send sample traffic, check drift, print a summary."""
+    _params(params)
+    from flows.demo import format_summary, run_demo
+
+    report = run_demo(params, requests=requests, keep_serving=keep_serving, progress=_say)
+    typer.echo(format_summary(report))
+
+
+@app.command()
+def run(params: str = ParamsOpt,
+        sync_server: bool = typer.Option(False, help="hot-load the champion into the vLLM at serve.url")) -> None:
+    """Run the Prefect flow `retrain` (unchanged DVC stages are skipped)."""
+    _params(params)
+    from flows.retrain import retrain
+
+    summary = retrain(params_file=params, sync_server=sync_server)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def sanitize(inputs: list[Path] = typer.Argument(..., help="raw JSONL files"),
+             out: Path = typer.Option(..., "--out", help="output directory"),
+             params: str = ParamsOpt,
+             reference: Path | None = typer.Option(None, help="clean train file to check contamination against")) -> None:
+    """Validate, redact and deduplicate INPUTS into OUT (clean, quarantine, report, data card)."""
+    from pipeline.sanitize import NoValidRecords, reference_keys, sanitize_files
+
+    cfg = _params(params).sanitize
+    try:
+        report = sanitize_files(list(inputs), out, cfg, reference_keys(reference) if reference else None)
+    except (NoValidRecords, FileNotFoundError) as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    q, d = report["quarantined"], report["duplicates"]
+    typer.echo(f"read {report['read']} = kept {report['kept']} + quarantined {q['total']} + duplicates {d['total']}"
+               f"; redactions {report['redactions']['by_type']}; quarantine reasons {q['by_reason']}")
+    typer.echo(f"wrote {out}/clean.jsonl, quarantine.jsonl, report.json, data_card.md")
+
+
+@app.command()
+def serve(params: str = ParamsOpt,
+          once: bool = typer.Option(False, help="sync the champion into a running server (serve.url) and exit")) -> None:
+    """Serve the registry's champion with vLLM and follow the alias (promotions in the MLflow UI included)."""
+    p = _params(params)
+    from pipeline import registry
+    from pipeline.serving import VLLMServer, sync_adapter
+
+    def sync(server: VLLMServer, current: int | None) -> int | None:
+        champ = registry.get_alias(p.registry, p.project.name)
+        if champ is None or champ.version == current:
+            return current
+        adapter = registry.download_adapter(p.registry, champ, Path(p.serve.adapters_dir))
+        result = sync_adapter(server, champ.name, champ.version, adapter)
+        _say(f"serving {result['served']} (@{p.registry.alias}); unloaded {result['unloaded'] or 'nothing'}")
+        return champ.version
+
+    if once or p.serve.url:
+        server = VLLMServer.attach(p.serve)
+        server.wait_ready(progress=_say)
+        if once:
+            sync(server, None)
+            return
+    else:
+        _say(f"starting vLLM on {p.serve.base_url} (log: {p.serve.log_file})")
+        server = VLLMServer.start(p.serve, Path(p.base.out_dir))
+    try:
+        waited = server.wait_ready(progress=_say)
+        _say(f"vLLM ready after {waited:.0f}s; following models:/{p.project.name}@{p.registry.alias} "
+             f"every {p.serve.poll_interval_s:.0f}s (Ctrl-C stops)")
+        current = None
+        while True:
+            current = sync(server, current)
+            time.sleep(p.serve.poll_interval_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@app.command()
+def promote(version: int, params: str = ParamsOpt) -> None:
+    """Move the champion alias to VERSION (serving follows it)."""
+    p = _params(params)
+    from pipeline import registry
+
+    info = registry.promote(p.registry, p.project.name, version)
+    typer.echo(f"{info.name}@{p.registry.alias} -> v{info.version}")
+
+
+@app.command()
+def rollback(params: str = ParamsOpt) -> None:
+    """Move the champion alias back to the version it pointed at before."""
+    p = _params(params)
+    from pipeline import registry
+
+    try:
+        info = registry.rollback(p.registry, p.project.name)
+    except LookupError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{info.name}@{p.registry.alias} -> v{info.version}")
+
+
+@app.command()
+def drift(params: str = ParamsOpt) -> None:
+    """Run the Prefect flow `drift-check` on the logged serving traffic."""
+    _params(params)
+    from flows.monitor import drift_check
+
+    typer.echo(json.dumps(drift_check(params_file=params), indent=2, default=str))
+
+
+@app.command()
+def status(params: str = ParamsOpt) -> None:
+    """Registered versions, their gate result and which one holds the alias."""
+    p = _params(params)
+    from pipeline import registry
+
+    champ = registry.get_alias(p.registry, p.project.name)
+    c = registry.client(p.registry)
+    versions = c.search_model_versions(f"name = '{p.project.name}'")
+    if not versions:
+        typer.echo(f"no versions of {p.project.name} registered yet")
+        return
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        mark = f"@{p.registry.alias}" if champ and int(mv.version) == champ.version else ""
+        typer.echo(f"v{mv.version:<3} gate_promote={mv.tags.get('gate_promote')} commit={mv.tags.get('git_commit', '?')[:12]} {mark}")
+
+
+def main() -> None:
+    _embedded_defaults()
+    try:
+        app()
+    except Exception as err:  # a clear one-line error for users; the traceback stays available
+        if os.environ.get("LORAFLOW_DEBUG"):
+            raise
+        from pipeline.config import ConfigError
+
+        typer.secho(f"error: {type(err).__name__}: {err}", fg="red", err=True)
+        if not isinstance(err, ConfigError):
+            typer.secho("(set LORAFLOW_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The whole loop on embedded defaults: retrain -> serve the champion with vLLM -> sample traffic -> drift.
+
+    loraflow demo        (what `make demo` runs)
+
+vLLM starts as soon as the base model exists, so its start-up overlaps training; the retrain flow then
+hot-loads the champion adapter into it. The summary is printed and written to reports/last-run.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline import dvc_runner, registry
+from pipeline.config import load_params
+from pipeline.serving import VLLMServer, adapter_name
+from pipeline.stages import CLEAN_EVAL
+from pipeline.train import load_chat_file
+
+SUMMARY_FILE = Path("reports/last-run.json")
+
+
+def send_sample_traffic(server: VLLMServer, model: str, n: int, traffic_log: Path) -> list[dict]:
+    """Send ``n`` held-out tickets through the OpenAI API; every exchange lands in the traffic log."""
+    rows = load_chat_file(CLEAN_EVAL)[:n]
+    answers = []
+    for row in rows:
+        answer = server.chat(model, row["prompt"], traffic_log=traffic_log)
+        answers.append({"prompt": row["prompt"][-1]["content"], "answer": answer,
+                        "expected": row["completion"][0]["content"]})
+    return answers
+
+
+def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving: bool = False,
+             progress: Callable[[str], None] = print) -> dict:
+    from flows.monitor import drift_check
+    from flows.retrain import retrain
+
+    started = time.perf_counter()
+    p = load_params(params_file)
+    timings: dict[str, float] = {}
+    prep = {}
+    for stage in ("sanitize", "base"):
+        progress(f"[demo] dvc stage {stage} ...")
+        r = dvc_runner.repro(stage)
+        prep[stage] = {"ran": r.ran, "seconds": r.seconds}
+    server = None
+    if not p.serve.url:
+        progress(f"[demo] starting vLLM on {p.serve.base_url} (log: {p.serve.log_file})")
+        server = VLLMServer.start(p.serve, Path(p.base.out_dir))
+    else:
+        server = VLLMServer.attach(p.serve)
+    try:
+        t = time.perf_counter()
+        progress("[demo] running the Prefect flow `retrain`")
+        summary = retrain(params_file=params_file, sync_server=True)
+        timings["retrain_flow_s"] = round(time.perf_counter() - t, 1)
+        for stage, r in prep.items():  # the flow saw these as unchanged because the demo ran them first
+            summary["stages"][stage] = r
+        serving = summary.get("serving") or {}
+        if not serving.get("served"):
+            raise RuntimeError(f"no champion could be served: {serving}")
+        traffic_log = Path(p.serve.traffic_log)
+        progress(f"[demo] sending {requests} requests to {serving['served']} via /v1/chat/completions")
+        t = time.perf_counter()
+        answers = send_sample_traffic(server, serving["served"], requests, traffic_log)
+        timings["traffic_s"] = round(time.perf_counter() - t, 1)
+        correct = sum(json.loads(a["expected"]) == _safe_json(a["answer"]) for a in answers)
+        progress("[demo] running the Prefect flow `drift-check`")
+        t = time.perf_counter()
+        drift = drift_check(params_file=params_file)
+        timings["drift_flow_s"] = round(time.perf_counter() - t, 1)
+    finally:
+        if server is not None and server.process is not None and not keep_serving:
+            server.stop()
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+    report = {
+        "stages": summary["stages"],
+        "records": _record_counts(p),
+        "metrics": {"base": summary["base"], "candidate": summary["candidate"]},
+        "gate": summary["decision"],
+        "model": {"name": summary["model_name"], "registered_version": summary["registered_version"],
+                  "newly_registered": summary["newly_registered"], "champion": summary["champion"]},
+        "serving": {**serving, "url": server.url if server else p.serve.base_url,
+                    "sample": answers[0] if answers else None,
+                    "served_exact_match": round(correct / max(len(answers), 1), 4), "requests": len(answers)},
+        "drift": {k: drift.get(k) for k in ("status", "drift", "drift_share", "threshold", "requests", "html")},
+        "where": {"mlflow_ui": f"mlflow ui --backend-store-uri {p.registry.tracking_uri} --port 5000",
+                  "model_card": "reports/model_card.md", "drift_report": drift.get("html"),
+                  "sanitize_report": "reports/sanitize.json", "traffic_log": p.serve.traffic_log},
+        "timings": timings,
+    }
+    SUMMARY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    SUMMARY_FILE.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    return report
+
+
+def _safe_json(text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return None
+
+
+def _record_counts(p) -> dict:
+    out = {}
+    for split in ("train", "eval"):
+        f = Path(p.sanitize.out_dir, split, "report.json")
+        if f.is_file():
+            r = json.loads(f.read_text(encoding="utf-8"))
+            out[split] = {k: r[k] if not isinstance(r[k], dict) else r[k]["total"]
+                          for k in ("read", "kept", "quarantined", "duplicates", "redactions")}
+    aug = Path(p.augment.out_dir, "report.json")
+    if aug.is_file():
+        a = json.loads(aug.read_text(encoding="utf-8"))
+        out["augment"] = {"real": a["real"], "synthetic": a["synthetic"]}
+    return out
+
+
+def format_summary(r: dict) -> str:
+    lines = ["", "loraflow demo: summary", "=" * 60]
+    for stage, s in r["stages"].items():
+        lines.append(f"  stage {stage:<9} {'ran' if s['ran'] else 'unchanged (skipped)':<20} {s['seconds']:>6.1f}s")
+    rec = r["records"]
+    if "train" in rec:
+        t = rec["train"]
+        lines.append(f"  train records: read {t['read']} = kept {t['kept']} + quarantined {t['quarantined']} "
+                     f"+ duplicates {t['duplicates']}; PII redactions {t['redactions']}")
+    if "eval" in rec:
+        e = rec["eval"]
+        lines.append(f"  eval records:  read {e['read']} = kept {e['kept']} + quarantined {e['quarantined']} "
+                     f"+ duplicates/contamination {e['duplicates']}")
+    if "augment" in rec:
+        lines.append(f"  augment: {rec['augment']['synthetic']} synthetic + {rec['augment']['real']} real")
+    for m in ("base", "candidate"):
+        v = r["metrics"][m]
+        lines.append(f"  {m:<9} exact_match {v['exact_match']:.3f}  field_accuracy {v['field_accuracy']:.3f}  "
+                     f"json_valid {v['json_valid']:.3f}")
+    g = r["gate"]
+    lines.append(f"  gate: {'PROMOTE' if g['promote'] else 'keep champion'}")
+    lines.extend(f"    - {reason}" for reason in g["reasons"])
+    mdl = r["model"]
+    champ = mdl["champion"]
+    lines.append(f"  registry: {mdl['name']} v{mdl['registered_version']}"
+                 f"{'' if mdl['newly_registered'] else ' (already registered)'}; "
+                 f"@{champ['alias']} -> v{champ['version']}" if champ else "  registry: no champion")
+    s = r["serving"]
+    lines.append(f"  served adapter: {s.get('served')} at {s['url']} ({s['requests']} requests, "
+                 f"exact match {s['served_exact_match']:.3f})")
+    if s.get("sample"):
+        lines.append(f"    ticket: {s['sample']['prompt'][:90]}")
+        lines.append(f"    answer: {s['sample']['answer']}")
+    d = r["drift"]
+    if d.get("status") == "ok":
+        lines.append(f"  drift: {'DRIFT' if d['drift'] else 'no drift'} (share {d['drift_share']:.2f}, "
+                     f"threshold {d['threshold']:.2f}, {d['requests']} requests) -> {d['html']}")
+    else:
+        lines.append(f"  drift: {d.get('status')}")
+    lines.append(f"  MLflow UI: {r['where']['mlflow_ui']}")
+    lines.append(f"  model card: {r['where']['model_card']}; summary: {SUMMARY_FILE}")
+    lines.append(f"  time: {r['timings']}")
+    return "\n".join(lines)

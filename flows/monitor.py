@@ -1,0 +1,53 @@
+"""The ``drift-check`` flow: Evidently drift report on served traffic, logged to MLflow.
+
+    loraflow drift
+
+On drift it emits the Prefect event ``loraflow.drift.detected``; the ``retrain`` deployment in
+prefect.yaml has a trigger on that event, so a Prefect server starts a retrain without polling. With
+``monitor.retrain_on_drift: true`` the flow also starts that deployment directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.events import emit_event
+
+from pipeline import registry
+from pipeline.config import load_params
+from pipeline.monitor import check_drift
+
+
+@task(name="evidently-drift")
+def drift_report(train_file: str, traffic_log: str, cfg) -> dict:
+    return check_drift(Path(train_file), Path(traffic_log), cfg)
+
+
+@flow(name="drift-check", log_prints=True)
+def drift_check(params_file: str = "params.yaml") -> dict:
+    p = load_params(params_file)
+    logger = get_run_logger()
+    result = drift_report(str(Path(p.augment.out_dir) / "train.jsonl"), p.serve.traffic_log, p.monitor)
+    if result["status"] != "ok":
+        logger.warning("drift check skipped: %s requests < min_requests %s", result["requests"],
+                       result["min_requests"])
+        return result
+    run_id = registry.log_report(
+        p.registry, "drift-check",
+        files={"drift": Path(p.monitor.out_dir) / "drift.html", "drift_json": Path(p.monitor.out_dir) / "drift.json"},
+        metrics={"drift_share": result["drift_share"], "drifted_columns": result["drifted_columns"],
+                 "requests": result["requests"]},
+        tags={"loraflow.kind": "drift-check", "model": p.project.name})
+    result["mlflow_run_id"] = run_id
+    logger.info("drift share %.2f (threshold %.2f): %s", result["drift_share"], result["threshold"],
+                "DRIFT" if result["drift"] else "no drift")
+    if result["drift"]:
+        emit_event("loraflow.drift.detected", resource={"prefect.resource.id": f"mlflow.model.{p.project.name}"},
+                   payload={"drift_share": result["drift_share"], "requests": result["requests"]})
+        if p.monitor.retrain_on_drift:
+            from prefect.deployments import run_deployment
+
+            run = run_deployment("retrain/on-drift", timeout=0)
+            result["retrain_flow_run"] = str(run.id)
+    return result

@@ -1,0 +1,105 @@
+"""The ``retrain`` flow: DVC stages -> gate -> MLflow registry -> (optional) serving sync.
+
+    loraflow run                                  # embedded defaults, ephemeral Prefect
+    prefect deployment run retrain/scheduled      # once deployed (prefect.yaml)
+
+Each DVC stage is one task, so the Prefect UI shows which stages ran and which DVC skipped as unchanged.
+Logic lives in ``pipeline/``; this module only wires it, adds retries and emits events.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.events import emit_event
+
+from pipeline import dvc_runner, registry, release
+from pipeline.config import Params, load_params
+from pipeline.gate import Decision
+from pipeline.hashing import dir_sha256
+from pipeline.serving import VLLMServer, sync_adapter
+
+
+@task(name="dvc-stage", retries=1, retry_delay_seconds=5, task_run_name="dvc-{stage}")
+def run_stage(stage: str) -> dict:
+    result = dvc_runner.repro(stage)
+    get_run_logger().info("stage %s: %s in %.1fs", stage, "ran" if result.ran else "unchanged, skipped",
+                          result.seconds)
+    return {"ran": result.ran, "seconds": result.seconds}
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=5)
+def push_outputs() -> int:
+    return dvc_runner.push()
+
+
+@task(name="gate")
+def gate(p: Params) -> dict:
+    candidate, base = release.candidate_score(p)
+    existing = registry.find_version_by_adapter(p.registry, p.project.name, dir_sha256(Path(p.train.out_dir)))
+    if existing is not None:
+        return {"existing_version": existing.version, "decision": None,
+                "candidate": candidate.metrics, "base": base.metrics}
+    decision, champion = release.gate(p, candidate, base)
+    return {"existing_version": None, "decision": decision, "champion": champion,
+            "candidate": candidate.metrics, "base": base.metrics}
+
+
+@task(name="register")
+def register(p: Params, decision: Decision) -> registry.VersionInfo:
+    candidate, base = release.candidate_score(p)
+    info = release.register_candidate(p, decision, candidate, base)
+    emit_event("loraflow.model.registered", resource={"prefect.resource.id": f"mlflow.model.{info.name}"},
+               payload={"version": info.version, "promote": decision.promote})
+    return info
+
+
+@task(name="promote")
+def promote(p: Params, version: int) -> registry.VersionInfo:
+    info = registry.promote(p.registry, p.project.name, version)
+    emit_event("loraflow.model.promoted", resource={"prefect.resource.id": f"mlflow.model.{info.name}"},
+               payload={"version": info.version, "alias": p.registry.alias})
+    return info
+
+
+@task(name="sync-serving", retries=2, retry_delay_seconds=10)
+def sync_serving(p: Params) -> dict:
+    """Point a running vLLM at the current champion (no restart: runtime LoRA loading)."""
+    champion = registry.get_alias(p.registry, p.project.name)
+    if champion is None:
+        return {"served": None, "reason": "no champion yet"}
+    server = VLLMServer.attach(p.serve)
+    server.wait_ready(progress=get_run_logger().info)
+    adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
+    return {**sync_adapter(server, champion.name, champion.version, adapter), "version": champion.version}
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(params_file: str = "params.yaml", sync_server: bool = False) -> dict:
+    """Reproduce the data/model stages, gate the candidate, register it and promote it if it wins."""
+    p = load_params(params_file)  # invalid params stop the run here, before any work
+    logger = get_run_logger()
+    stages = {name: run_stage(name) for name in dvc_runner.stage_names()}
+    pushed = push_outputs() if p.dvc.push else None
+    g = gate(p)
+    summary: dict = {"stages": stages, "dvc_pushed_files": pushed, "candidate": g["candidate"], "base": g["base"]}
+    if g["existing_version"] is not None:
+        logger.info("adapter unchanged: already registered as version %s; nothing to register",
+                    g["existing_version"])
+        summary.update(registered_version=g["existing_version"], newly_registered=False,
+                       decision={"promote": False, "reasons": ["candidate already registered"]})
+    else:
+        decision = g["decision"]
+        for reason in decision.reasons:
+            logger.info("gate: %s", reason)
+        info = register(p, decision)
+        summary.update(registered_version=info.version, newly_registered=True, decision=decision.to_dict())
+        if decision.promote:
+            promote(p, info.version)
+    champion = registry.get_alias(p.registry, p.project.name)
+    summary["champion"] = {"version": champion.version, "alias": p.registry.alias} if champion else None
+    summary["model_name"] = p.project.name
+    if sync_server:
+        summary["serving"] = sync_serving(p)
+    return summary

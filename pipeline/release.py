@@ -1,0 +1,113 @@
+"""From an evaluated candidate to a registered, possibly promoted, model version.
+
+The steps between the DVC stages and serving: score the reference (the current champion, re-evaluated
+on today's held-out split, or the base model), run the gate, log the run and register the version with
+its lineage and model card, and move the alias when the gate passes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import registry
+from pipeline.config import Params
+from pipeline.evaluate import evaluate_model
+from pipeline.gate import Decision, ModelScore, decide
+from pipeline.hashing import dir_sha256, file_sha256
+from pipeline.lineage import dvc_lock_hashes, git_commit, params_sha256
+from pipeline.stages import CLEAN_EVAL
+
+METRIC_KEYS = ("json_valid", "exact_match", "field_accuracy")
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def candidate_score(p: Params) -> tuple[ModelScore, ModelScore]:
+    """The candidate's and the base model's scores, as the evaluate stage recorded them."""
+    details = _read(Path(p.evaluate.out_dir) / "details.json")
+    cand, base = details["candidate"], details["base"]
+    return (ModelScore("candidate", {k: cand[k] for k in METRIC_KEYS}, cand["per_example_exact"]),
+            ModelScore("base", {k: base[k] for k in METRIC_KEYS}, base["per_example_exact"]))
+
+
+def champion_score(p: Params, champion: registry.VersionInfo) -> tuple[ModelScore, bool]:
+    """Re-evaluate the champion on the current eval split (paired), when it shares today's base model.
+
+    Returns the score and whether it is paired with the candidate's per-example outcomes.
+    """
+    base_dir = Path(p.base.out_dir)
+    name = f"champion v{champion.version}"
+    if champion.tags.get("base_sha256") == file_sha256(base_dir / "config.json") and \
+            champion.tags.get("base_weights_sha256") == _weights_sha(base_dir):
+        adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
+        res = evaluate_model(base_dir, adapter, CLEAN_EVAL, p.evaluate)
+        return ModelScore(name, {k: res[k] for k in METRIC_KEYS}, res["per_example_exact"]), True
+    # A different base: the adapter cannot run on it, so compare with the champion's recorded numbers.
+    recorded = registry.metric_history(p.registry, champion.run_id)
+    return ModelScore(name, {k: recorded.get(f"candidate_{k}", 0.0) for k in METRIC_KEYS}), False
+
+
+def _weights_sha(base_dir: Path) -> str:
+    weights = sorted(base_dir.glob("*.safetensors"))
+    return file_sha256(weights[0]) if len(weights) == 1 else dir_sha256(base_dir)
+
+
+def gate(p: Params, candidate: ModelScore, base: ModelScore) -> tuple[Decision, registry.VersionInfo | None]:
+    champion = registry.get_alias(p.registry, p.project.name)
+    if champion is None:
+        return decide(candidate, base, p.gate, reference_is_champion=False), None
+    reference, paired = champion_score(p, champion)
+    decision = decide(candidate, reference, p.gate, reference_is_champion=paired)
+    if not paired:
+        decision = Decision(decision.promote, decision.reference,
+                            decision.reasons + ["champion was trained on another base: compared on its "
+                                                "recorded metrics, no paired test"], None)
+    return decision, champion
+
+
+def lineage_tags(p: Params) -> dict[str, str]:
+    base_dir = Path(p.base.out_dir)
+    tags = {f"dvc.{k}": v for k, v in dvc_lock_hashes().items()}
+    tags.update({
+        "git_commit": git_commit(),
+        "params_sha256": params_sha256(p.model_dump()),
+        "base_model": p.base.model,
+        "base_sha256": file_sha256(base_dir / "config.json"),
+        "base_weights_sha256": _weights_sha(base_dir),
+        "train_data_sha256": file_sha256(Path(p.augment.out_dir) / "train.jsonl"),
+        "eval_data_sha256": file_sha256(CLEAN_EVAL),
+    })
+    return tags
+
+
+def register_candidate(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore) -> registry.VersionInfo:
+    adapter_dir = Path(p.train.out_dir)
+    train_metrics = _read(adapter_dir / "train_metrics.json")
+    eval_metrics = {"base": {**base.metrics, "n": len(base.per_example_exact)},
+                    "candidate": {**candidate.metrics, "n": len(candidate.per_example_exact)}}
+    tags = {**lineage_tags(p), "adapter_sha256": dir_sha256(adapter_dir),
+            "gate_promote": str(decision.promote).lower(), "gate_reference": decision.reference}
+    data_card = Path(p.sanitize.out_dir, "train", "data_card.md").read_text(encoding="utf-8")
+    card = registry.model_card(name=p.project.name, params=p.model_dump(), eval_metrics=eval_metrics,
+                               decision=decision.to_dict(), data_card=data_card,
+                               lineage={k: v for k, v in tags.items() if not k.startswith("gate_")},
+                               train_metrics=train_metrics)
+    card_path = Path("reports/model_card.md")
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    card_path.write_text(card, encoding="utf-8")
+    decision_path = Path("reports/gate.json")
+    decision_path.write_text(json.dumps(decision.to_dict(), indent=2) + "\n", encoding="utf-8")
+    run_id = registry.log_candidate(
+        p.registry, run_name=f"retrain-{tags['adapter_sha256'][:8]}", params=p.model_dump(),
+        adapter_dir=adapter_dir, train_metrics=train_metrics, eval_metrics=eval_metrics,
+        artifacts={"reports": card_path, "gate": decision_path,
+                   "data": Path(p.sanitize.out_dir, "train", "report.json"),
+                   "data_eval": Path(p.sanitize.out_dir, "eval", "report.json"),
+                   "augment": Path(p.augment.out_dir, "report.json"),
+                   "eval": Path(p.evaluate.out_dir, "details.json")},
+        tags={k: v for k, v in tags.items() if not k.startswith("dvc.")},
+    )
+    return registry.register(p.registry, p.project.name, run_id, tags, card)
