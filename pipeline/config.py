@@ -88,6 +88,8 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_length: int = Field(160, ge=16)
+    # Trades compute for memory; off by default because the CPU demo model is tiny.
+    gradient_checkpointing: bool = False
     seed: int = 0
     logging_steps: int = Field(5, gt=0)
 

@@ -93,6 +93,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         max_length=cfg.max_length,
+        gradient_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
         eval_strategy="epoch" if eval_rows else "no",

@@ -1,0 +1,64 @@
+"""Shared fixtures: a throw-away copy of the project, a Prefect test server, a tiny base model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Keep tests away from the developer's own Prefect home and from any network telemetry.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return [f for f in out if (ROOT / f).is_file()]
+
+
+def copy_project(dst: Path) -> Path:
+    """The project as a fresh clone would have it: tracked files only, in its own git repo."""
+    for rel in tracked_files():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dst, check=True)
+    subprocess.run(["git", "commit", "-qm", "copy"], cwd=dst, check=True, env=env)
+    return dst
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    dst = copy_project(tmp_path / "project")
+    monkeypatch.chdir(dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 1-layer, hidden-64 Llama with the project's tokenizer, built from the committed demo data."""
+    from pipeline.base_model import build_builtin
+    from pipeline.config import BaseModelConfig
+
+    out = tmp_path_factory.mktemp("tiny-base")
+    cfg = BaseModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1, vocab_size=512)
+    return build_builtin(cfg, [ROOT / "data/raw/tickets_train.jsonl"], out)

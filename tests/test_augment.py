@@ -1,0 +1,32 @@
+import json
+from pathlib import Path
+
+from pipeline.augment import augment
+from pipeline.config import AugmentConfig, SanitizeConfig
+from pipeline.sanitize import near_key, sanitize_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_synthetic_records_are_capped_tagged_and_new(tmp_path):
+    sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], tmp_path / "clean", SanitizeConfig())
+    cfg = AugmentConfig(out_dir=str(tmp_path / "aug"), max_synthetic_fraction=0.1)
+    report = augment(tmp_path / "clean/clean.jsonl", cfg)
+    rows = [json.loads(x) for x in (tmp_path / "aug/train.jsonl").read_text().splitlines()]
+    real = [r for r in rows if "provenance" not in r]
+    synth = [r for r in rows if "provenance" in r]
+    assert report["synthetic"] == len(synth) <= int(0.1 * len(real))
+    assert len(synth) > 0.8 * int(0.1 * len(real))
+    assert all(s["provenance"]["synthetic"] and s["provenance"]["generator"].startswith("rule:")
+               and s["provenance"]["parent"]["line"] > 0 for s in synth)
+    keys = [near_key(" ".join(m["content"] for m in r["messages"])) for r in rows]
+    assert len(keys) == len(set(keys))
+    # Labels are preserved: the parent's answer is the synthetic record's answer.
+    by_line = {r["source"]["line"]: r for r in real}
+    assert all(s["messages"][-1] == by_line[s["provenance"]["parent"]["line"]]["messages"][-1] for s in synth)
+
+
+def test_disabled_augment_writes_real_records_only(tmp_path):
+    sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], tmp_path / "clean", SanitizeConfig())
+    report = augment(tmp_path / "clean/clean.jsonl", AugmentConfig(out_dir=str(tmp_path / "aug"), enabled=False))
+    assert report["synthetic"] == 0 and report["total"] == report["real"]

@@ -1,0 +1,70 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_load_and_match_defaults_where_documented():
+    p = load_params(ROOT / "params.yaml")
+    assert p.train.lora_r == 16
+    assert p.registry.alias == "champion"
+    assert p.serve.base_url == "http://127.0.0.1:8000"
+
+
+def _write(tmp_path, mutate):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(raw)
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    return f
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda r: r["train"].update(learning_rate=-1), "train.learning_rate"),
+    (lambda r: r["train"].update(lora_rank=8), "train.lora_rank"),
+    (lambda r: r["gate"].update(metric="bleu"), "gate.metric"),
+    (lambda r: r["base"].update(hidden_size=250), "base"),
+    (lambda r: r["serve"].update(port=70000), "serve.port"),
+    (lambda r: r.update(trian={}), "trian"),
+])
+def test_bad_value_names_the_key(tmp_path, mutate, key):
+    f = _write(tmp_path, mutate)
+    with pytest.raises(ConfigError) as err:
+        load_params(f)
+    assert f"{f}: {key}" in str(err.value)
+
+
+def test_unknown_key_is_called_unknown(tmp_path):
+    f = _write(tmp_path, lambda r: r["train"].update(lora_rank=8))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_params(f)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_cli_stops_before_any_work_on_bad_params(tmp_path):
+    f = _write(tmp_path, lambda r: r["train"].update(epochs=0))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", str(f)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    assert "train.epochs" in proc.stderr
+    # Nothing was started: no Prefect home, no MLflow store, no DVC outputs in the working directory.
+    assert not any(tmp_path.glob(".prefect")) and not (tmp_path / "mlflow").exists()
+
+
+def test_defaults_are_valid():
+    Params()

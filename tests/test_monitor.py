@@ -1,0 +1,61 @@
+"""Evidently drift detection on real traffic logs: in-distribution traffic passes, shifted traffic drifts."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import MonitorConfig, SanitizeConfig
+from pipeline.sanitize import sanitize_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mon")
+    sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], d / "train", SanitizeConfig())
+    sanitize_files([ROOT / "data/raw/tickets_eval.jsonl"], d / "eval", SanitizeConfig())
+    return d
+
+
+def _log(path: Path, rows):
+    with open(path, "w") as fh:
+        for prompt, response in rows:
+            fh.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+
+
+def test_in_distribution_traffic_does_not_drift(clean, tmp_path):
+    from pipeline.monitor import check_drift
+
+    rows = [json.loads(x)["messages"] for x in (clean / "eval/clean.jsonl").read_text().splitlines()]
+    _log(tmp_path / "t.jsonl", [(m[0]["content"], m[1]["content"]) for m in rows[:60]])
+    r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")))
+    assert r["status"] == "ok" and not r["drift"] and r["drift_share"] < 0.5
+    assert (tmp_path / "r/drift.html").stat().st_size > 10_000
+
+
+def test_shifted_traffic_drifts(clean, tmp_path):
+    from pipeline.monitor import check_drift
+
+    long_question = "Could you explain in detail how to configure the enterprise single sign on integration " * 3
+    _log(tmp_path / "t.jsonl", [(long_question, '{"category": "technical", "priority": "low"}')] * 40)
+    r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")))
+    assert r["drift"] and r["drifted_columns"] >= 3
+    assert set(r["columns"]) == {"prompt_length", "prompt_words", "category", "priority"}
+
+
+def test_too_little_traffic_is_reported_not_judged(clean, tmp_path):
+    from pipeline.monitor import check_drift
+
+    _log(tmp_path / "t.jsonl", [("hi", "{}")] * 3)
+    r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")))
+    assert r == {"status": "insufficient_data", "requests": 3, "min_requests": 20, "drift": False}
+
+
+def test_corrupt_traffic_log_names_file_and_line(clean, tmp_path):
+    from pipeline.monitor import check_drift
+
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "response": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: not a traffic record"):
+        check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")))
