@@ -18,7 +18,8 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="loraflow: LoRA fine-tuning, end to end.")
-ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="parameters file")
+ParamsOpt = typer.Option("params.yaml", "--params", "-p", envvar="LORAFLOW_PARAMS",
+                         help="parameters file (or an overlay with `extends: params.yaml`)")
 
 
 def _embedded_defaults() -> None:
@@ -51,8 +52,10 @@ def demo(params: str = ParamsOpt, requests: int = typer.Option(40, help="sample 
     _params(params)
     from flows.demo import format_summary, run_demo
 
-    report = run_demo(params, requests=requests, keep_serving=keep_serving, progress=_say)
+    report, server = run_demo(params, requests=requests, keep_serving=keep_serving, progress=_say)
     typer.echo(format_summary(report))
+    if keep_serving and server.process is not None:
+        typer.echo(f"vLLM keeps running at {server.url} (pid {server.process.pid}); stop it with kill {server.process.pid}")
 
 
 @app.command()
@@ -91,17 +94,16 @@ def serve(params: str = ParamsOpt,
           once: bool = typer.Option(False, help="sync the champion into a running server (serve.url) and exit")) -> None:
     """Serve the registry's champion with vLLM and follow the alias (promotions in the MLflow UI included)."""
     p = _params(params)
-    from pipeline import registry
-    from pipeline.serving import VLLMServer, sync_adapter
+    from pipeline import release
+    from pipeline.serving import VLLMServer
 
     def sync(server: VLLMServer, current: int | None) -> int | None:
-        champ = registry.get_alias(p.registry, p.project.name)
-        if champ is None or champ.version == current:
-            return current
-        adapter = registry.download_adapter(p.registry, champ, Path(p.serve.adapters_dir))
-        result = sync_adapter(server, champ.name, champ.version, adapter)
-        _say(f"serving {result['served']} (@{p.registry.alias}); unloaded {result['unloaded'] or 'nothing'}")
-        return champ.version
+        result = release.serve_champion(p, server)
+        version = result.get("version", 0)  # 0: nothing to serve yet, said once
+        if version != current:
+            _say(f"serving {result['served']} (@{p.registry.alias}); unloaded {result['unloaded'] or 'nothing'}"
+                 if result.get("served") else result["reason"])
+        return version
 
     if once or p.serve.url:
         server = VLLMServer.attach(p.serve)

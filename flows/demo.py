@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import dvc_runner, registry
 from pipeline.config import load_params
-from pipeline.serving import VLLMServer, adapter_name
+from pipeline.serving import VLLMServer
 from pipeline.stages import CLEAN_EVAL
 from pipeline.train import load_chat_file
 
@@ -34,7 +34,8 @@ def send_sample_traffic(server: VLLMServer, model: str, n: int, traffic_log: Pat
 
 
 def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving: bool = False,
-             progress: Callable[[str], None] = print) -> dict:
+             progress: Callable[[str], None] = print) -> tuple[dict, VLLMServer]:
+    """Returns the summary and the server (still running when ``keep_serving``)."""
     from flows.monitor import drift_check
     from flows.retrain import retrain
 
@@ -46,7 +47,6 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         progress(f"[demo] dvc stage {stage} ...")
         r = dvc_runner.repro(stage)
         prep[stage] = {"ran": r.ran, "seconds": r.seconds}
-    server = None
     if not p.serve.url:
         progress(f"[demo] starting vLLM on {p.serve.base_url} (log: {p.serve.log_file})")
         server = VLLMServer.start(p.serve, Path(p.base.out_dir))
@@ -73,7 +73,7 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         drift = drift_check(params_file=params_file)
         timings["drift_flow_s"] = round(time.perf_counter() - t, 1)
     finally:
-        if server is not None and server.process is not None and not keep_serving:
+        if not keep_serving:
             server.stop()
     timings["total_s"] = round(time.perf_counter() - started, 1)
     report = {
@@ -94,7 +94,7 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
     }
     SUMMARY_FILE.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY_FILE.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    return report
+    return report, server
 
 
 def _safe_json(text: str):

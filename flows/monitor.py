@@ -2,9 +2,10 @@
 
     loraflow drift
 
-On drift it emits the Prefect event ``loraflow.drift.detected``; the ``retrain`` deployment in
-prefect.yaml has a trigger on that event, so a Prefect server starts a retrain without polling. With
-``monitor.retrain_on_drift: true`` the flow also starts that deployment directly.
+On drift it emits the Prefect event ``loraflow.drift.detected``; the ``retrain/production`` deployment in
+prefect.yaml has a trigger on that event, so with a Prefect server a retrain starts without polling.
+Without a server (laptop, ephemeral Prefect) ``monitor.retrain_on_drift: true`` runs ``retrain`` as a
+subflow instead; keep it false where the deployment trigger exists, or a drift retrains twice.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prefect.events import emit_event
 from pipeline import registry
 from pipeline.config import load_params
 from pipeline.monitor import check_drift
+from pipeline.serving import VLLMServer
 
 
 @task(name="evidently-drift")
@@ -46,8 +48,9 @@ def drift_check(params_file: str = "params.yaml") -> dict:
         emit_event("loraflow.drift.detected", resource={"prefect.resource.id": f"mlflow.model.{p.project.name}"},
                    payload={"drift_share": result["drift_share"], "requests": result["requests"]})
         if p.monitor.retrain_on_drift:
-            from prefect.deployments import run_deployment
+            from flows.retrain import retrain
 
-            run = run_deployment("retrain/on-drift", timeout=0)
-            result["retrain_flow_run"] = str(run.id)
+            logger.info("monitor.retrain_on_drift: running the retrain flow now")
+            serving_up = VLLMServer.attach(p.serve).healthy()
+            result["retrain"] = retrain(params_file=params_file, sync_server=serving_up)
     return result

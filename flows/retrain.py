@@ -18,7 +18,7 @@ from pipeline import dvc_runner, registry, release
 from pipeline.config import Params, load_params
 from pipeline.gate import Decision
 from pipeline.hashing import dir_sha256
-from pipeline.serving import VLLMServer, sync_adapter
+from pipeline.serving import VLLMServer
 
 
 @task(name="dvc-stage", retries=1, retry_delay_seconds=5, task_run_name="dvc-{stage}")
@@ -66,13 +66,9 @@ def promote(p: Params, version: int) -> registry.VersionInfo:
 @task(name="sync-serving", retries=2, retry_delay_seconds=10)
 def sync_serving(p: Params) -> dict:
     """Point a running vLLM at the current champion (no restart: runtime LoRA loading)."""
-    champion = registry.get_alias(p.registry, p.project.name)
-    if champion is None:
-        return {"served": None, "reason": "no champion yet"}
     server = VLLMServer.attach(p.serve)
     server.wait_ready(progress=get_run_logger().info)
-    adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
-    return {**sync_adapter(server, champion.name, champion.version, adapter), "version": champion.version}
+    return release.serve_champion(p, server)
 
 
 @flow(name="retrain", log_prints=True)

@@ -186,8 +186,12 @@ def parse_params(raw: dict[str, Any], source: Path) -> Params:
         raise ConfigError(_format_errors(source, err)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
+# Sections an environment overlay (``extends: params.yaml``) may change. The others feed DVC stages,
+# and DVC reads params.yaml itself, so changing them elsewhere would break lineage silently.
+DEPLOYMENT_SECTIONS = frozenset({"project", "gate", "registry", "serve", "monitor", "dvc"})
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -198,4 +202,26 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of stage names")
+    return raw
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate parameters; a file with ``extends: <params.yaml>`` overlays deployment sections."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        illegal = sorted(set(raw) - DEPLOYMENT_SECTIONS)
+        if illegal:
+            raise ConfigError(f"{path}: {illegal[0]}: an overlay may only set {sorted(DEPLOYMENT_SECTIONS)}; "
+                              f"stage parameters belong in {parent} where DVC tracks them")
+        base_path = (path.parent / parent)
+        raw = _merge(_read_yaml(base_path), raw)
     return parse_params(raw, path)

@@ -14,6 +14,7 @@ from pipeline import registry
 from pipeline.config import Params
 from pipeline.evaluate import evaluate_model
 from pipeline.gate import Decision, ModelScore, decide
+from pipeline.serving import VLLMServer, sync_adapter
 from pipeline.hashing import dir_sha256, file_sha256
 from pipeline.lineage import dvc_lock_hashes, git_commit, params_sha256
 from pipeline.stages import CLEAN_EVAL
@@ -111,3 +112,12 @@ def register_candidate(p: Params, decision: Decision, candidate: ModelScore, bas
         tags={k: v for k, v in tags.items() if not k.startswith("dvc.")},
     )
     return registry.register(p.registry, p.project.name, run_id, tags, card)
+
+
+def serve_champion(p: Params, server: VLLMServer) -> dict:
+    """Make ``server`` serve the alias's current version (load it, unload the model's other versions)."""
+    champion = registry.get_alias(p.registry, p.project.name)
+    if champion is None:
+        return {"served": None, "reason": f"no version holds @{p.registry.alias} yet"}
+    adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
+    return {**sync_adapter(server, champion.name, champion.version, adapter), "version": champion.version}

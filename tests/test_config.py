@@ -68,3 +68,22 @@ def test_cli_stops_before_any_work_on_bad_params(tmp_path):
 
 def test_defaults_are_valid():
     Params()
+
+
+def test_overlay_changes_deployment_sections_only(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    ov = tmp_path / "prod.yaml"
+    ov.write_text("extends: params.yaml\nserve: {url: 'http://vllm:8000', dtype: bfloat16}\n")
+    p = load_params(ov)
+    assert p.serve.base_url == "http://vllm:8000" and p.serve.dtype == "bfloat16"
+    assert p.serve.port == 8000 and p.train.lora_r == 16  # untouched keys come from the base file
+    ov.write_text("extends: params.yaml\ntrain: {epochs: 1}\n")
+    with pytest.raises(ConfigError, match="prod.yaml: train: an overlay may only set"):
+        load_params(ov)
+
+
+def test_every_deploy_overlay_is_valid():
+    overlays = list((ROOT / "deploy").rglob("params*.yaml"))
+    assert overlays
+    for f in overlays:
+        load_params(f)

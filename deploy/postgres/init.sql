@@ -1,0 +1,3 @@
+-- One PostgreSQL instance, one database per service (MLflow and Prefect never share tables).
+CREATE DATABASE mlflow;
+CREATE DATABASE prefect;

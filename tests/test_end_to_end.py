@@ -1,0 +1,94 @@
+"""The whole loop with real components: DVC, Prefect (test server), TRL/peft, MLflow, vLLM (CPU), Evidently.
+
+Runs in a throw-away copy of the project, as a fresh clone would be, on a smaller training config.
+"""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+VLLM_PYTHON = ROOT / ".venv-vllm/bin/python"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_params(**sections):
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    for section, values in sections.items():
+        raw[section].update(values)
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="vLLM environment missing: run `make vllm-env`")
+def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefect_server):
+    from flows.demo import run_demo
+    from flows.retrain import retrain
+    from pipeline import registry, release
+    from pipeline.config import load_params
+    from pipeline.lineage import dvc_lock_hashes
+
+    _set_params(train={"epochs": 4}, serve={"python": str(VLLM_PYTHON), "port": _free_port()})
+    p = load_params("params.yaml")
+
+    # 1. The demo: every stage runs, the candidate beats the base, is promoted, served and monitored.
+    report, server = run_demo("params.yaml", requests=25, keep_serving=True, progress=print)
+    try:
+        assert all(s["ran"] for s in report["stages"].values()), report["stages"]
+        train = report["records"]["train"]
+        assert train["read"] == train["kept"] + train["quarantined"] + train["duplicates"]
+        assert train["quarantined"] == 7 and train["redactions"] > 100
+        base, cand = report["metrics"]["base"], report["metrics"]["candidate"]
+        assert cand["exact_match"] >= base["exact_match"] + 0.5, report["metrics"]
+        assert report["gate"]["promote"] and report["model"]["champion"]["version"] == 1
+        assert report["serving"]["served"] == f"{p.project.name}-v1"
+        assert report["serving"]["served_exact_match"] >= 0.5
+        assert json.loads(report["serving"]["sample"]["answer"]).keys() == {"category", "priority"}
+        assert report["drift"]["status"] == "ok" and report["drift"]["drift"] is False
+        assert json.loads(Path("reports/last-run.json").read_text())["model"]["registered_version"] == 1
+        assert len(Path(p.serve.traffic_log).read_text().splitlines()) == 25
+
+        # Lineage: the version carries the hashes DVC recorded, the commit and a model card.
+        v1 = registry.get_alias(p.registry, p.project.name)
+        lock = dvc_lock_hashes()
+        assert v1.tags["dvc.train:artifacts/adapter"] == lock["train:artifacts/adapter"]
+        assert len(v1.tags["git_commit"].split("-")[0]) == 40
+        mv = registry.client(p.registry).get_model_version(p.project.name, "1")
+        assert "## Lineage" in mv.description and "exact match" in mv.description
+        assert any(Path(".dvc-storage").rglob("*")), "dvc push sent nothing to the local remote"
+
+        # 2. Unchanged inputs: DVC skips every stage and the same adapter is not registered again.
+        again = retrain(params_file="params.yaml")
+        assert not any(s["ran"] for s in again["stages"].values()), again["stages"]
+        assert again["registered_version"] == 1 and again["newly_registered"] is False
+
+        # 3. A training change re-runs only train and evaluate; the challenger faces the champion.
+        _set_params(train={"seed": 1})
+        third = retrain(params_file="params.yaml")
+        ran = {k for k, s in third["stages"].items() if s["ran"]}
+        assert ran == {"train", "evaluate"}, third["stages"]
+        assert third["registered_version"] == 2
+        assert third["decision"]["reference"] == "champion v1"
+        if not third["decision"]["promote"]:
+            assert third["champion"]["version"] == 1
+
+        # 4. Promotion outside the flow (as in the MLflow UI): serving follows the alias without restart.
+        registry.promote(p.registry, p.project.name, 2)
+        synced = release.serve_champion(load_params("params.yaml"), server)
+        assert synced["served"] == f"{p.project.name}-v2"
+        models = server.models()
+        assert f"{p.project.name}-v2" in models and f"{p.project.name}-v1" not in models
+        answer = server.chat(f"{p.project.name}-v2", [{"role": "user", "content": "The package arrived damaged. "
+                                                     "This is urgent, please help immediately."}])
+        assert json.loads(answer)["category"] == "shipping"
+    finally:
+        server.stop()
