@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import dvc_runner, registry
+from pipeline import dvc_runner
 from pipeline.config import load_params
+from pipeline.jsonio import read_json, write_json
 from pipeline.serving import VLLMServer
 from pipeline.stages import CLEAN_EVAL
 from pipeline.train import load_chat_file
@@ -92,8 +93,7 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
                   "sanitize_report": "reports/sanitize.json", "traffic_log": p.serve.traffic_log},
         "timings": timings,
     }
-    SUMMARY_FILE.parent.mkdir(parents=True, exist_ok=True)
-    SUMMARY_FILE.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json(SUMMARY_FILE, report)
     return report, server
 
 
@@ -109,12 +109,12 @@ def _record_counts(p) -> dict:
     for split in ("train", "eval"):
         f = Path(p.sanitize.out_dir, split, "report.json")
         if f.is_file():
-            r = json.loads(f.read_text(encoding="utf-8"))
+            r = read_json(f)
             out[split] = {k: r[k] if not isinstance(r[k], dict) else r[k]["total"]
                           for k in ("read", "kept", "quarantined", "duplicates", "redactions")}
     aug = Path(p.augment.out_dir, "report.json")
     if aug.is_file():
-        a = json.loads(aug.read_text(encoding="utf-8"))
+        a = read_json(aug)
         out["augment"] = {"real": a["real"], "synthetic": a["synthetic"]}
     return out
 

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.config import AugmentConfig
+from pipeline.jsonio import write_json
 from pipeline.pii import redact
 from pipeline.sanitize import near_key
 
@@ -87,5 +88,5 @@ def augment(clean_file: Path, cfg: AugmentConfig) -> dict:
         "by_generator": dict(sorted(Counter(r["provenance"]["generator"] for r in synthetic).items())),
         "rejected": dict(rejected),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "report.json", report)
     return report

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.config import EvaluateConfig
 from pipeline.device import detect
+from pipeline.jsonio import write_json
 from pipeline.train import load_base, load_chat_file
 
 
@@ -83,7 +84,6 @@ def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: Path, cfg: Eval
     cand = evaluate_model(base_dir, adapter_dir, eval_file, cfg)
     keys = ("n", "json_valid", "exact_match", "field_accuracy")
     metrics = {"base": {k: base[k] for k in keys}, "candidate": {k: cand[k] for k in keys}}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    (out / "details.json").write_text(json.dumps({"base": base, "candidate": cand}, indent=2) + "\n",
-                                      encoding="utf-8")
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "details.json", {"base": base, "candidate": cand})
     return {"base": base, "candidate": cand}

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import MonitorConfig
+from pipeline.jsonio import write_json
 
 COLUMNS = ["prompt_length", "prompt_words", "category", "priority"]
 
@@ -67,7 +68,7 @@ def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig) -> dict
     if len(current) < cfg.min_requests:
         result = {"status": "insufficient_data", "requests": len(current), "min_requests": cfg.min_requests,
                   "drift": False}
-        (out / "drift.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(out / "drift.json", result)
         return result
     reference = reference_frame(train_file)
     definition = DataDefinition(text_columns=["prompt"], categorical_columns=["category", "priority"])
@@ -97,5 +98,5 @@ def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig) -> dict
         "columns": per_column,
         "html": str(out / "drift.html"),
     }
-    (out / "drift.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "drift.json", result)
     return result

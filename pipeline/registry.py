@@ -7,7 +7,6 @@ tags (data hashes from ``dvc.lock``, params hash, git commit, adapter hash) and 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,7 +205,3 @@ def model_card(*, name: str, params: dict, eval_metrics: dict, decision: dict, d
         f"## Intended use and limits\n\nSupport-ticket triage into JSON (category, priority). "
         f"Trained on redacted data; PII placeholders (`<EMAIL>`, `<PHONE>`, `<CARD>`) replace personal data.\n"
     )
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))

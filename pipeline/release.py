@@ -7,28 +7,24 @@ its lineage and model card, and move the alias when the gate passes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline import registry
 from pipeline.config import Params
 from pipeline.evaluate import evaluate_model
 from pipeline.gate import Decision, ModelScore, decide
-from pipeline.serving import VLLMServer, sync_adapter
 from pipeline.hashing import dir_sha256, file_sha256
+from pipeline.jsonio import read_json, write_json
 from pipeline.lineage import dvc_lock_hashes, git_commit, params_sha256
+from pipeline.serving import VLLMServer, sync_adapter
 from pipeline.stages import CLEAN_EVAL
 
 METRIC_KEYS = ("json_valid", "exact_match", "field_accuracy")
 
 
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def candidate_score(p: Params) -> tuple[ModelScore, ModelScore]:
     """The candidate's and the base model's scores, as the evaluate stage recorded them."""
-    details = _read(Path(p.evaluate.out_dir) / "details.json")
+    details = read_json(Path(p.evaluate.out_dir) / "details.json")
     cand, base = details["candidate"], details["base"]
     return (ModelScore("candidate", {k: cand[k] for k in METRIC_KEYS}, cand["per_example_exact"]),
             ModelScore("base", {k: base[k] for k in METRIC_KEYS}, base["per_example_exact"]))
@@ -86,7 +82,7 @@ def lineage_tags(p: Params) -> dict[str, str]:
 
 def register_candidate(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore) -> registry.VersionInfo:
     adapter_dir = Path(p.train.out_dir)
-    train_metrics = _read(adapter_dir / "train_metrics.json")
+    train_metrics = read_json(adapter_dir / "train_metrics.json")
     eval_metrics = {"base": {**base.metrics, "n": len(base.per_example_exact)},
                     "candidate": {**candidate.metrics, "n": len(candidate.per_example_exact)}}
     tags = {**lineage_tags(p), "adapter_sha256": dir_sha256(adapter_dir),
@@ -100,7 +96,7 @@ def register_candidate(p: Params, decision: Decision, candidate: ModelScore, bas
     card_path.parent.mkdir(parents=True, exist_ok=True)
     card_path.write_text(card, encoding="utf-8")
     decision_path = Path("reports/gate.json")
-    decision_path.write_text(json.dumps(decision.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_json(decision_path, decision.to_dict())
     run_id = registry.log_candidate(
         p.registry, run_name=f"retrain-{tags['adapter_sha256'][:8]}", params=p.model_dump(),
         adapter_dir=adapter_dir, train_metrics=train_metrics, eval_metrics=eval_metrics,

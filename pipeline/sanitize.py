@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import SanitizeConfig
+from pipeline.jsonio import write_json
 from pipeline.pii import redact
 from pipeline.records import RecordError, parse_line, prompt_text
 
@@ -130,7 +131,7 @@ def sanitize_files(
                 clean.write(json.dumps({"messages": redacted, "source": {"file": str(path), "line": lineno}},
                                        ensure_ascii=False) + "\n")
     result = report.to_dict()
-    (out_dir / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "report.json", result)
     (out_dir / "data_card.md").write_text(data_card(result), encoding="utf-8")
     if report.read == 0:
         raise NoValidRecords(f"{', '.join(map(str, inputs))}: input is empty")

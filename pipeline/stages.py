@@ -9,19 +9,14 @@ writes exactly the deps and outs that ``dvc.yaml`` declares for it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Params
+from pipeline.jsonio import write_json
 
 CLEAN_TRAIN = Path("data/clean/train/clean.jsonl")
 CLEAN_EVAL = Path("data/clean/eval/clean.jsonl")
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def sanitize(p: Params) -> dict:
@@ -32,7 +27,7 @@ def sanitize(p: Params) -> dict:
     eval_ = sanitize_files([Path(f) for f in p.data.eval], root / "eval", p.sanitize,
                            reference=reference_keys(root / "train" / "clean.jsonl"))
     summary = {"train": train, "eval": eval_}
-    _write_json(Path("reports/sanitize.json"), summary)
+    write_json(Path("reports/sanitize.json"), summary)
     return summary
 
 
@@ -54,7 +49,7 @@ def train(p: Params) -> dict:
 
     metrics = run(p.train, Path(p.base.out_dir), Path(p.augment.out_dir) / "train.jsonl", CLEAN_EVAL)
     summary = {k: v for k, v in metrics.items() if not k.endswith("_curve")}
-    _write_json(Path("reports/train.json"), summary)
+    write_json(Path("reports/train.json"), summary)
     return summary
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.config import TrainConfig
 from pipeline.device import detect
 from pipeline.hashing import file_sha256
+from pipeline.jsonio import write_json
 
 
 def load_chat_file(path: Path) -> list[dict]:
@@ -93,7 +94,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         max_length=cfg.max_length,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
         eval_strategy="epoch" if eval_rows else "no",
@@ -145,14 +146,14 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         "loss_curve": [{"step": r["step"], "loss": r["loss"]} for r in train_losses],
         "eval_loss_curve": [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in eval_losses],
     }
-    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "train_metrics.json", metrics)
     meta = {
         "config": cfg.model_dump(),
         "base_model_dir": str(base_dir),
         "inputs": {str(p): file_sha256(p) for p in [train_file, eval_file] if p},
         "base_config_sha256": file_sha256(base_dir / "config.json"),
     }
-    (out / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "train_meta.json", meta)
     _drop_checkpoints(out / "checkpoints")
     return metrics
 

@@ -56,3 +56,12 @@ def test_evaluate_scores_base_and_adapter(trained, tiny_base, tmp_path):
     res = evaluate_model(tiny_base, d / "adapter", d / "clean/clean.jsonl", cfg)
     assert res["n"] == 8 and len(res["per_example_exact"]) == 8
     assert 0.0 <= res["exact_match"] <= res["field_accuracy"] <= 1.0
+
+
+def test_from_pretrained_path_is_used_for_non_builtin_bases(tiny_base, tmp_path):
+    from pipeline.base_model import build_base
+    from pipeline.config import BaseModelConfig
+
+    out = build_base(BaseModelConfig(model=str(tiny_base), out_dir=str(tmp_path / "base")), [])
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert load_file(out / "model.safetensors").keys() == load_file(tiny_base / "model.safetensors").keys()

@@ -1,0 +1,55 @@
+"""The `loraflow` command line, in-process through typer's runner."""
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_sanitize_writes_the_contracted_files(tmp_path):
+    res = runner.invoke(app, ["sanitize", str(ROOT / "data/raw/tickets_train.jsonl"), "--out", str(tmp_path),
+                              "--params", str(ROOT / "params.yaml")])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in tmp_path.iterdir()} == {"clean.jsonl", "quarantine.jsonl", "report.json", "data_card.md"}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert f"read {report['read']} = kept {report['kept']}" in res.output
+
+
+def test_sanitize_without_valid_records_fails_clearly(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("oops\n")
+    res = runner.invoke(app, ["sanitize", str(bad), "--out", str(tmp_path / "o"), "--params", str(ROOT / "params.yaml")])
+    assert res.exit_code == 1 and "bad.jsonl: no valid record in 1 lines (invalid_json=1)" in res.output
+
+
+def test_promote_and_rollback_through_the_cli(tmp_path, monkeypatch):
+    from pipeline import registry
+    from pipeline.config import load_params
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["registry"].update(tracking_uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "art"))
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    p = load_params("params.yaml")
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    for _ in range(2):
+        run_id = registry.log_candidate(p.registry, run_name="r", params={}, adapter_dir=adapter, train_metrics={},
+                                        eval_metrics={}, artifacts={}, tags={})
+        registry.register(p.registry, p.project.name, run_id, {}, "card")
+    res = runner.invoke(app, ["rollback"])
+    assert res.exit_code == 1 and "no previous champion" in res.output
+    assert runner.invoke(app, ["promote", "1"]).exit_code == 0
+    res = runner.invoke(app, ["promote", "2"])
+    assert res.exit_code == 0 and res.output.strip().endswith("@champion -> v2")
+    res = runner.invoke(app, ["rollback"])
+    assert res.output.strip().endswith("@champion -> v1")
+    res = runner.invoke(app, ["status"])
+    assert "v1" in res.output and "@champion" in res.output.splitlines()[0]
