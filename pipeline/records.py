@@ -1,17 +1,30 @@
-"""Parse and validate one raw JSONL line into a chat record, or say precisely why it is unusable.
+"""Turn one raw record, in any supported shape, into validated chat messages, or say why it cannot be.
 
-A record is ``{"messages": [{"role": ..., "content": ...}, ...]}`` with at least one user and one
-assistant turn. ``parse_line`` raises ``RecordError`` with a stable, machine-readable reason code
-(used for quarantine counts) and a human-readable detail.
+Accepted shapes (per record, so one file may mix them):
+  chat        {"messages": [{"role": "user"|"assistant"|"system", "content": "..."}, ...]}
+  sharegpt    {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}
+  completion  {"prompt": "...", "completion": "..."}   (strings, or chat-message lists)
+  alpaca      {"instruction": "...", "input": "...", "output": "..."}   (optional "system")
+
+``to_messages`` raises ``RecordError`` with a stable reason code (quarantine counts are keyed on it) and
+a detail a person can act on. Text is normalised before any check (NFKC; zero-width and bidi-control
+characters removed) so invisible characters can neither hide PII nor defeat deduplication.
 """
 
 from __future__ import annotations
 
-import json
+import re
+import sys
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 ROLES = frozenset({"system", "user", "assistant"})
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "bot": "assistant", "model": "assistant"}
+# C0 and C1 controls other than tab, newline and carriage return: binary garbage, never text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -23,55 +36,106 @@ class RecordError(Exception):
         return f"{self.reason}: {self.detail}"
 
 
+@lru_cache(maxsize=1)
+def _format_chars() -> dict[int, None]:
+    """Translation table deleting every Unicode format character (category Cf): zero-width, bidi..."""
+    return {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Cf"}
+
+
 def normalise_text(text: str) -> str:
-    """NFKC plus stripping of format characters (zero-width, bidi overrides) that can hide PII."""
-    text = unicodedata.normalize("NFKC", text)
-    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    if text.isascii():  # the common case: NFKC is the identity and no Cf character can occur
+        return text
+    return unicodedata.normalize("NFKC", text).translate(_format_chars())
 
 
-def parse_line(line: str, max_chars: int) -> list[dict[str, str]]:
-    """Return the validated, normalised messages of one JSONL line."""
-    stripped = line.strip()
-    if not stripped:
-        raise RecordError("blank_line", "empty line")
-    if len(stripped) > max_chars * 4:
-        raise RecordError("too_long", f"line has {len(stripped)} characters")
-    try:
-        obj = json.loads(stripped)
-    except json.JSONDecodeError as err:
-        raise RecordError("invalid_json", f"{err.msg} at column {err.colno}") from None
+def depth(obj: Any, limit: int, level: int = 1) -> int:
+    """Nesting depth of a parsed JSON value, stopping once ``limit`` is exceeded."""
+    if level > limit:
+        return level
+    if isinstance(obj, dict):
+        return max((depth(v, limit, level + 1) for v in obj.values()), default=level)
+    if isinstance(obj, list):
+        return max((depth(v, limit, level + 1) for v in obj), default=level)
+    return level
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError("wrong_type", f"{where} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _chat_list(value: Any, where: str, role_key: str = "role", content_key: str = "content",
+               role_map: dict[str, str] | None = None) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise RecordError("wrong_type", f"'{where}' is {type(value).__name__}, expected a list")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RecordError("wrong_type", f"{where}[{i}] is {type(m).__name__}, expected an object")
+        raw_role = m.get(role_key)
+        role = role_map.get(raw_role) if role_map and isinstance(raw_role, str) else raw_role
+        if role not in ROLES:
+            raise RecordError("unknown_role", f"{where}[{i}].{role_key} is {raw_role!r}")
+        out.append({"role": role, "content": _text(m.get(content_key), f"{where}[{i}].{content_key}")})
+    return out
+
+
+def _turns(value: Any, role: str, where: str) -> list[dict[str, str]]:
+    """A prompt/completion side: a plain string or a list of chat messages."""
+    if isinstance(value, list):
+        return _chat_list(value, where)
+    return [{"role": role, "content": _text(value, where)}]
+
+
+def canonical(obj: Any) -> list[dict[str, str]]:
+    """Messages of a record in any accepted shape (not yet validated)."""
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"top level is {type(obj).__name__}, expected an object")
-    if "messages" not in obj:
-        raise RecordError("missing_messages", f"no 'messages' key (keys: {sorted(obj)[:5]})")
-    messages = obj["messages"]
-    if not isinstance(messages, list):
-        raise RecordError("wrong_type", f"'messages' is {type(messages).__name__}, expected a list")
+    if "messages" in obj:
+        return _chat_list(obj["messages"], "messages")
+    if "conversations" in obj:
+        return _chat_list(obj["conversations"], "conversations", "from", "value", _SHAREGPT_ROLES)
+    if "prompt" in obj and "completion" in obj:
+        return _turns(obj["prompt"], "user", "prompt") + _turns(obj["completion"], "assistant", "completion")
+    if "instruction" in obj and "output" in obj:
+        system = [{"role": "system", "content": _text(obj["system"], "system")}] if obj.get("system") else []
+        instruction = _text(obj["instruction"], "instruction")
+        extra = obj.get("input") or ""
+        user = instruction if not extra else f"{instruction}\n\n{_text(extra, 'input')}"
+        return system + [{"role": "user", "content": user},
+                         {"role": "assistant", "content": _text(obj["output"], "output")}]
+    keys = sorted(obj)[:6]
+    raise RecordError("unknown_format", f"no messages/conversations/prompt+completion/instruction+output "
+                                        f"keys (found {keys})")
+
+
+def to_messages(obj: Any, max_chars: int, max_depth: int) -> list[dict[str, str]]:
+    """Validated, normalised chat messages of one parsed record."""
+    if depth(obj, max_depth) > max_depth:
+        raise RecordError("too_deep", f"nesting deeper than {max_depth} levels")
+    messages = canonical(obj)
     if not messages:
-        raise RecordError("empty_conversation", "'messages' is empty")
-    out: list[dict[str, str]] = []
+        raise RecordError("empty_conversation", "no messages")
     total = 0
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise RecordError("wrong_type", f"messages[{i}] is {type(m).__name__}, expected an object")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise RecordError("unknown_role", f"messages[{i}].role is {role!r}")
-        if not isinstance(content, str):
-            raise RecordError("wrong_type", f"messages[{i}].content is {type(content).__name__}")
-        content = normalise_text(content).strip()
+        content = normalise_text(m["content"])
+        if _CONTROL.search(content):
+            ch = _CONTROL.search(content).group()
+            raise RecordError("control_characters", f"messages[{i}] contains control character U+{ord(ch):04X}")
+        content = content.strip()
         if not content:
-            raise RecordError("blank_content", f"messages[{i}] ({role}) has no text")
+            raise RecordError("blank_content", f"messages[{i}] ({m['role']}) has no text")
+        m["content"] = content
         total += len(content)
-        out.append({"role": role, "content": content})
     if total > max_chars:
         raise RecordError("too_long", f"{total} characters of content (limit {max_chars})")
-    roles = [m["role"] for m in out]
+    roles = [m["role"] for m in messages]
     if "user" not in roles:
         raise RecordError("no_user_turn", "conversation has no user message")
     if roles[-1] != "assistant":
         raise RecordError("no_assistant_turn", "conversation does not end with an assistant answer")
-    return out
+    return messages
 
 
 def prompt_text(messages: list[dict[str, str]]) -> str:
