@@ -70,17 +70,19 @@ def run(params: str = ParamsOpt,
 
 
 @app.command()
-def sanitize(inputs: list[Path] = typer.Argument(..., help="raw JSONL files"),
+def sanitize(inputs: list[Path] = typer.Argument(..., help="JSONL, CSV/TSV, Parquet files or datasets folders"),
              out: Path = typer.Option(..., "--out", help="output directory"),
              params: str = ParamsOpt,
              reference: Path | None = typer.Option(None, help="clean train file to check contamination against")) -> None:
     """Validate, redact and deduplicate INPUTS into OUT (clean, quarantine, report, data card)."""
-    from pipeline.sanitize import NoValidRecords, reference_keys, sanitize_files
+    from pipeline.ingest import UnsupportedInput
+    from pipeline.sanitize import NoValidRecords, index_from_file, sanitize_files
 
     cfg = _params(params).sanitize
     try:
-        report = sanitize_files(list(inputs), out, cfg, reference_keys(reference) if reference else None)
-    except (NoValidRecords, FileNotFoundError) as err:
+        ref = index_from_file(reference, cfg) if reference else None
+        report = sanitize_files(list(inputs), out, cfg, reference=ref, progress=_say)
+    except (NoValidRecords, FileNotFoundError, UnsupportedInput) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
     q, d = report["quarantined"], report["duplicates"]

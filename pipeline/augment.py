@@ -20,7 +20,8 @@ from pathlib import Path
 from pipeline.config import AugmentConfig
 from pipeline.jsonio import write_json
 from pipeline.pii import redact
-from pipeline.sanitize import near_key
+from pipeline.dedup import Deduplicator
+from pipeline.sanitize import record_text
 
 _GREETINGS = ["Hi team,", "Hello there,", "Dear support,", "Greetings,", "Hi again,"]
 _CLOSINGS = ["Thank you.", "Best regards.", "Many thanks in advance.", "Cheers."]
@@ -49,8 +50,15 @@ GENERATORS = {"greeting-swap": _swap_greeting, "closing": _add_closing, "reorder
 def augment(clean_file: Path, cfg: AugmentConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    real = [json.loads(line) for line in clean_file.read_text(encoding="utf-8").splitlines()]
-    seen = {near_key(" ".join(m["content"] for m in r["messages"])) for r in real}
+    with open(clean_file, encoding="utf-8") as fh:
+        real = [json.loads(line) for line in fh]
+    # Exact duplicates only: a rewrite is by design close to its parent, so a near-duplicate test
+    # would reject nearly all of them.
+    seen = Deduplicator(near=False)
+    for r in real:
+        _, token = seen.check(record_text(r["messages"]), "")
+        if token is not None:
+            seen.add(token)
     budget = int(len(real) * cfg.max_synthetic_fraction) if cfg.enabled else 0
     rng = random.Random(cfg.seed)
     synthetic: list[dict] = []
@@ -69,11 +77,11 @@ def augment(clean_file: Path, cfg: AugmentConfig) -> dict:
             rejected["pii"] += 1
             continue
         user_turn["content"] = text
-        key = near_key(" ".join(m["content"] for m in messages))
-        if key in seen:
+        kind, token = seen.check(record_text(messages), "")
+        if kind is not None:
             rejected["duplicate"] += 1
             continue
-        seen.add(key)
+        seen.add(token)
         synthetic.append({"messages": messages, "provenance": {
             "synthetic": True, "generator": f"rule:{name}", "seed": cfg.seed, "parent": parent.get("source")}})
     with open(out / "train.jsonl", "w", encoding="utf-8") as fh:

@@ -58,10 +58,47 @@ class DataConfig(_Strict):
     eval: list[str] = ["data/raw/tickets_eval.jsonl"]
 
 
+class ColumnMap(_Strict):
+    """Which columns of a CSV/Parquet/datasets input hold which record field (unset: same name)."""
+
+    messages: str | None = None  # a list of chat messages, or its JSON text
+    prompt: str | None = None
+    completion: str | None = None
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    system: str | None = None
+
+
 class SanitizeConfig(_Strict):
     out_dir: str = "data/clean"
     max_chars: int = Field(4000, gt=0)  # longer records go to quarantine, not truncation
+    max_depth: int = Field(12, ge=3)  # deeper JSON nesting is quarantined (pathological input)
     near_duplicates: bool = True
+    near_threshold: float = Field(0.85, gt=0.0, le=1.0)  # word-trigram Jaccard similarity
+    num_perm: int = Field(64, ge=8, le=512)  # MinHash permutations: more = sharper threshold, slower
+    shingle_words: int = Field(3, ge=1)
+    phone_regions: list[str] = ["US", "GB", "DE", "FR"]  # how numbers without a +country code are read
+    custom_pii: dict[str, str] = {}  # name -> regex; matches become <NAME>
+    columns: ColumnMap = ColumnMap()
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> "SanitizeConfig":
+        import re
+
+        for name, pattern in self.custom_pii.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+                raise ValueError(f"custom_pii name {name!r} must be an identifier (it becomes <{name.upper()}>)")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"custom_pii.{name}: invalid regex: {err}") from None
+        import phonenumbers
+
+        unknown = [r for r in self.phone_regions if r.upper() not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"phone_regions: unknown region codes {unknown}")
+        return self
 
 
 class AugmentConfig(_Strict):

@@ -79,7 +79,34 @@ _URGENCY = {
     ],
 }
 
-_GREETINGS = ["Hi,", "Hello support,", "Hello,", "Dear team,", "Hey there,", "Good morning,", ""]
+_GREETINGS = ["Hi,", "Hello support,", "Hello,", "Dear team,", "Hey there,", "Good morning,", "Good afternoon,",
+              "Hi folks,", "To whom it may concern,", ""]
+# Context sentences real tickets carry; they are label-neutral and make tickets differ the way real
+# ones do, so near-duplicate detection has true and false candidates to tell apart.
+_DETAILS = [
+    "I am using the {product} on {device}.",
+    "This started {when}.",
+    "I already tried {action} but nothing changed.",
+    "We are on the {plan} plan with {seats} seats.",
+    "My customer number is CUST-{num}.",
+    "I have been a customer for {years} years.",
+    "It happens on {device} as well as on my laptop.",
+    "Our office is in {city}.",
+    "A colleague of mine noticed it {when} too.",
+    "I contacted you about something else {when}.",
+    "The {product} otherwise works fine for us.",
+    "I read the help article about {topic} first.",
+]
+_SLOTS = {
+    "product": ["Acme Hub", "Acme Hub Pro", "SyncBox", "the mobile app", "the web portal", "TaskFlow", "the desktop client"],
+    "device": ["an iPhone 14", "a Pixel 8", "Windows 11", "macOS Sonoma", "an iPad", "Ubuntu 24.04", "a Galaxy S23"],
+    "when": ["yesterday", "this morning", "last week", "two days ago", "after the weekend", "on Friday", "an hour ago"],
+    "action": ["restarting", "logging out and in", "clearing the cache", "reinstalling", "a different browser",
+               "the troubleshooting guide"],
+    "plan": ["Starter", "Business", "Enterprise", "Family", "Pro"],
+    "city": ["Berlin", "Austin", "Lyon", "Manchester", "Toronto", "Madrid", "Osaka", "Melbourne"],
+    "topic": ["refunds", "passwords", "deliveries", "invoices", "syncing", "accounts"],
+}
 _NAMES = ["Alice Martin", "Bob Chen", "Carla Diaz", "Dev Patel", "Emma Novak", "Farid Haddad",
           "Grace Kim", "Hugo Silva", "Ines Moreau", "Jonas Berg"]
 _DOMAINS = ["example.com", "mail.example.org", "corp.example.net"]
@@ -114,7 +141,12 @@ def _ticket(rng: random.Random, category: str, priority: str, pii: bool) -> str:
         order=f"ORD-{rng.randint(10000, 99999)}",
         version=f"{rng.randint(1, 9)}.{rng.randint(0, 20)}.{rng.randint(0, 9)}",
     )
-    parts = [rng.choice(_GREETINGS), issue[0].upper() + issue[1:] + ".", rng.choice(_URGENCY[priority])]
+    parts = [rng.choice(_GREETINGS), issue[0].upper() + issue[1:] + "."]
+    for detail in rng.sample(_DETAILS, rng.randint(1, 2)):
+        parts.append(detail.format(**{k: rng.choice(v) for k, v in _SLOTS.items()},
+                                   seats=rng.randint(2, 500), num=rng.randint(100000, 999999),
+                                   years=rng.randint(1, 12)))
+    parts.append(rng.choice(_URGENCY[priority]))
     if pii:
         parts.append(_contact_line(rng))
     return " ".join(p for p in parts if p)

@@ -38,7 +38,9 @@ _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 # Phone-shaped: optional +/00 prefix, digit groups joined by space, dot, dash or parentheses, optional
 # extension. phonenumbers then decides whether it is a possible number.
-_PHONE = re.compile(r"(?<![\w+.-])(?:\+|00)?\(?\d{1,4}\)?(?:[ .-]?\(?\d{1,5}\)?){1,5}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w-]|\.\d)")
+_PHONE = re.compile(r"(?<![\w+.-])(?:\+|00)?\(?\d{1,4}\)?(?:[ .-]?\(?\d{1,5}\)?){1,7}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w-]|\.\d)")
+_SSN_SHAPE = re.compile(r"^\d{3}-\d{2}-\d{4}$")
+_AREA_CODE = re.compile(r"^\(\d{2,5}\)\s?\d")
 _DATE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$")
 _DIGIT_RUN = re.compile(r"\d[\d ().-]{5,}\d")
 
@@ -86,7 +88,7 @@ def _region_list(regions: tuple[str, ...]) -> tuple[str, ...]:
 
 def phone_ok(candidate: str, regions: tuple[str, ...]) -> bool:
     digits = _digits(candidate.split("x")[0].split("ext")[0])
-    if not 7 <= len(digits) <= 15 or _DATE.match(candidate.strip()) or isbn13_ok(digits):
+    if not 7 <= len(digits) <= 15 or _DATE.match(candidate) or _SSN_SHAPE.match(candidate) or isbn13_ok(digits):
         return False
     # Bare digit runs without any phone punctuation are ids far more often than phone numbers.
     if candidate.isdigit() and not candidate.startswith("00") and len(candidate) < 10:
@@ -101,8 +103,10 @@ def phone_ok(candidate: str, regions: tuple[str, ...]) -> bool:
             continue
         if phonenumbers.is_possible_number(num):
             return True
-    # US exports often write "001-" as a dialling prefix, which phonenumbers does not accept.
-    return candidate.startswith("001-") and len(digits) in (13, 14)
+    # US exports often write "001-" as a dialling prefix, which phonenumbers does not accept; a
+    # parenthesised area code followed by the subscriber number is a phone whatever the region.
+    return (candidate.startswith("001-") and len(digits) in (13, 14)) or \
+        (_AREA_CODE.match(candidate) is not None and len(digits) >= 9)
 
 
 @dataclass(frozen=True)

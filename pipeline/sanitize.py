@@ -1,43 +1,42 @@
-"""The sanitize stage: validate, redact PII, deduplicate; nothing dropped without a reason.
+"""The sanitize stage: validate, normalise, redact PII and secrets, deduplicate; nothing lost.
 
-    loraflow sanitize data/raw/tickets_train.jsonl --out data/clean/train
+    loraflow sanitize data/raw/tickets_train.jsonl more.csv --out data/clean/train
 
-Writes ``OUT/clean.jsonl`` (records with their source file and line), ``OUT/quarantine.jsonl`` (source,
-line, reason, raw content for a person to fix; never used downstream), ``OUT/report.json`` (counts that
-reconcile: read = kept + quarantined + duplicates) and ``OUT/data_card.md``. Records of an eval split can
-be checked against the train split's texts (``reference``) so held-out data never leaks into training.
+Writes ``OUT/clean.jsonl`` (chat records with their source file and line), ``OUT/quarantine.jsonl``
+(source, line, reason, detail and the raw content so a person can fix it; never used downstream or
+logged to MLflow), ``OUT/report.json`` (read = kept + quarantined + duplicates, always) and
+``OUT/data_card.md``. Records stream through one at a time; only the dedup index grows, at a few
+dozen bytes a record (see pipeline/dedup.py). An eval split is checked against the train split's
+prompts (``reference``) so held-out data never leaks into training.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import SanitizeConfig
+from pipeline.dedup import Deduplicator
+from pipeline.ingest import read_records
 from pipeline.jsonio import write_json
-from pipeline.pii import redact
-from pipeline.records import RecordError, parse_line, prompt_text
+from pipeline.pii import build_detectors, redact
+from pipeline.records import RecordError, prompt_text, to_messages
 
 
 class NoValidRecords(RuntimeError):
-    """The input had no record that survived validation."""
+    """The input was empty or had no record that survived validation."""
 
 
-_NON_ALNUM = re.compile(r"[^0-9a-z]+")
+def new_index(cfg: SanitizeConfig) -> Deduplicator:
+    return Deduplicator(cfg.near_duplicates, cfg.near_threshold, cfg.num_perm, cfg.shingle_words)
 
 
-def exact_key(messages: list[dict[str, str]]) -> str:
-    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
-
-
-def near_key(text: str) -> str:
-    """Case-, spacing- and punctuation-insensitive fingerprint of a text."""
-    return hashlib.sha256(_NON_ALNUM.sub(" ", text.lower()).strip().encode()).hexdigest()
+def record_text(messages: list[dict[str, str]]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 @dataclass
@@ -45,109 +44,119 @@ class SanitizeReport:
     inputs: list[str]
     read: int = 0
     kept: int = 0
+    bytes_read: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
     duplicates: Counter[str] = field(default_factory=Counter)
     redactions: Counter[str] = field(default_factory=Counter)
+    repairs: Counter[str] = field(default_factory=Counter)
+    per_source: dict[str, Counter[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        q, d = sum(self.quarantined.values()), sum(self.duplicates.values())
         return {
             "inputs": self.inputs,
             "read": self.read,
             "kept": self.kept,
-            "quarantined": {"total": sum(self.quarantined.values()), "by_reason": dict(sorted(self.quarantined.items()))},
-            "duplicates": {"total": sum(self.duplicates.values()),
-                           **{k: self.duplicates.get(k, 0) for k in ("exact", "near", "contamination")}},
+            "quarantined": {"total": q, "by_reason": dict(sorted(self.quarantined.items()))},
+            "duplicates": {"total": d, **{k: self.duplicates.get(k, 0) for k in ("exact", "near", "contamination")}},
             "redactions": {"total": sum(self.redactions.values()), "by_type": dict(sorted(self.redactions.items()))},
-            "reconciles": self.read == self.kept + sum(self.quarantined.values()) + sum(self.duplicates.values()),
+            "repairs": dict(sorted(self.repairs.items())),
+            "per_source": {k: dict(v) for k, v in self.per_source.items()},
+            "reconciles": self.read == self.kept + q + d,
         }
 
 
-def _lines(path: Path) -> Iterable[tuple[int, str]]:
-    # Decode per line so one bad byte sequence quarantines one line, not the file.
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                yield lineno, RecordError("invalid_utf8", f"byte {err.start}: {err.reason}")  # type: ignore[misc]
-
-
-def reference_keys(clean_file: Path) -> set[str]:
-    """Near-duplicate keys of the prompts in a clean file (for eval-vs-train contamination checks)."""
-    keys = set()
-    with open(clean_file, encoding="utf-8") as fh:
-        for line in fh:
-            keys.add(near_key(prompt_text(json.loads(line)["messages"])))
-    return keys
-
-
 def sanitize_files(
-    inputs: list[Path], out_dir: Path, cfg: SanitizeConfig, reference: set[str] | None = None
+    inputs: list[Path],
+    out_dir: Path,
+    cfg: SanitizeConfig,
+    reference: Deduplicator | None = None,
+    index: Deduplicator | None = None,
+    progress: Callable[[str], None] | None = None,
+    progress_every: int = 100_000,
 ) -> dict:
-    """Sanitize ``inputs`` into ``out_dir``; returns the report (also written as report.json)."""
+    """Sanitize ``inputs`` into ``out_dir`` and return the report (also written as report.json).
+
+    ``reference``: another split's index; records whose prompt it knows count as contamination.
+    ``index``: the dedup index to fill (pass one to use this split as another's reference).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     report = SanitizeReport(inputs=[str(p) for p in inputs])
-    seen_exact: set[str] = set()
-    seen_near: set[str] = set()
-    reference = reference or set()
+    detectors = build_detectors(tuple(cfg.phone_regions), cfg.custom_pii)
+    index = index if index is not None else new_index(cfg)
+    started = time.perf_counter()
     with open(out_dir / "clean.jsonl", "w", encoding="utf-8") as clean, \
          open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
         for path in inputs:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: input file not found")
-            for lineno, line in _lines(path):
+            source = report.per_source.setdefault(str(path), Counter())
+            for rec in read_records(Path(path), cfg.columns):
                 report.read += 1
+                source["read"] += 1
+                report.bytes_read += len(rec.raw) + 1
+                report.repairs.update(rec.repairs)
+                if progress and report.read % progress_every == 0:
+                    mb = report.bytes_read / 1e6
+                    progress(f"sanitize: {report.read:,} records, {mb:,.0f} MB, "
+                             f"{mb / (time.perf_counter() - started):.1f} MB/s, kept {report.kept:,}")
                 try:
-                    if isinstance(line, RecordError):
-                        raise line
-                    messages = parse_line(line, cfg.max_chars)
+                    if rec.error is not None:
+                        raise rec.error
+                    messages = to_messages(rec.value, cfg.max_chars, cfg.max_depth)
                 except RecordError as err:
                     report.quarantined[err.reason] += 1
-                    raw = line if isinstance(line, str) else "<undecodable bytes>"
-                    quarantine.write(json.dumps({"source": str(path), "line": lineno, "reason": err.reason,
-                                                 "detail": err.detail, "raw": raw.rstrip("\r\n")},
-                                                ensure_ascii=False) + "\n")
+                    source["quarantined"] += 1
+                    quarantine.write(json.dumps({"source": rec.source, "line": rec.line, "reason": err.reason,
+                                                 "detail": err.detail, "raw": rec.raw}) + "\n")
                     continue
-                redacted, counts = [], Counter()
+                counts: Counter[str] = Counter()
                 for m in messages:
-                    text, c = redact(m["content"])
+                    m["content"], c = redact(m["content"], detectors)
                     counts += c
-                    redacted.append({"role": m["role"], "content": text})
-                ek = exact_key(redacted)
-                if ek in seen_exact:
-                    report.duplicates["exact"] += 1
+                prompt = prompt_text(messages)
+                kind, token = index.check(record_text(messages), prompt)
+                if kind is None and reference is not None and reference.knows_prompt(prompt):
+                    kind = "contamination"
+                if kind is not None:
+                    report.duplicates[kind] += 1
+                    source["duplicates"] += 1
                     continue
-                nk = near_key(" ".join(m["content"] for m in redacted))
-                if cfg.near_duplicates and nk in seen_near:
-                    report.duplicates["near"] += 1
-                    continue
-                if near_key(prompt_text(redacted)) in reference:
-                    report.duplicates["contamination"] += 1
-                    continue
-                seen_exact.add(ek)
-                seen_near.add(nk)
+                index.add(token)
                 report.redactions += counts
                 report.kept += 1
-                clean.write(json.dumps({"messages": redacted, "source": {"file": str(path), "line": lineno}},
+                source["kept"] += 1
+                clean.write(json.dumps({"messages": messages, "source": {"file": rec.source, "line": rec.line}},
                                        ensure_ascii=False) + "\n")
     result = report.to_dict()
+    result["seconds"] = round(time.perf_counter() - started, 3)
     write_json(out_dir / "report.json", result)
     (out_dir / "data_card.md").write_text(data_card(result), encoding="utf-8")
+    names = ", ".join(map(str, inputs))
     if report.read == 0:
-        raise NoValidRecords(f"{', '.join(map(str, inputs))}: input is empty")
+        raise NoValidRecords(f"{names}: input is empty")
     if report.kept == 0:
-        reasons = ", ".join(f"{k}={v}" for k, v in report.quarantined.most_common(3))
-        raise NoValidRecords(
-            f"{', '.join(map(str, inputs))}: no valid record in {report.read} lines ({reasons}); "
-            f"see {out_dir / 'quarantine.jsonl'}"
-        )
+        reasons = ", ".join(f"{k}={v}" for k, v in report.quarantined.most_common(3)) or "all duplicates"
+        raise NoValidRecords(f"{names}: no valid record in {report.read} lines ({reasons}); "
+                             f"see {out_dir / 'quarantine.jsonl'}")
     return result
+
+
+def index_from_file(clean_file: Path, cfg: SanitizeConfig) -> Deduplicator:
+    """The dedup index of an already sanitized split (``loraflow sanitize --reference``)."""
+    index = new_index(cfg)
+    with open(clean_file, encoding="utf-8") as fh:
+        for line in fh:
+            messages = json.loads(line)["messages"]
+            _, token = index.check(record_text(messages), prompt_text(messages))
+            if token is not None:
+                index.add(token)
+    return index
 
 
 def data_card(report: dict) -> str:
     q = report["quarantined"]
     rows = "\n".join(f"| {k} | {v} |" for k, v in q["by_reason"].items()) or "| - | 0 |"
     red = ", ".join(f"{k}: {v}" for k, v in report["redactions"]["by_type"].items()) or "none"
+    rep = ", ".join(f"{k}: {v}" for k, v in report["repairs"].items()) or "none"
     d = report["duplicates"]
     return (
         "# Data card\n\n"
@@ -156,6 +165,7 @@ def data_card(report: dict) -> str:
         f"- quarantined: {q['total']}\n"
         f"- duplicates removed: {d['total']} (exact {d['exact']}, near {d['near']}, "
         f"eval-vs-train contamination {d['contamination']})\n"
-        f"- PII redactions: {report['redactions']['total']} ({red})\n\n"
+        f"- PII and secrets redacted: {report['redactions']['total']} ({red})\n"
+        f"- repaired in place: {rep}\n\n"
         "## Quarantine reasons\n\n| reason | records |\n|---|---|\n" + rows + "\n"
     )

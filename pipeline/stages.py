@@ -20,12 +20,14 @@ CLEAN_EVAL = Path("data/clean/eval/clean.jsonl")
 
 
 def sanitize(p: Params) -> dict:
-    from pipeline.sanitize import reference_keys, sanitize_files
+    from pipeline.sanitize import new_index, sanitize_files
 
     root = Path(p.sanitize.out_dir)
-    train = sanitize_files([Path(f) for f in p.data.train], root / "train", p.sanitize)
+    train_index = new_index(p.sanitize)
+    train = sanitize_files([Path(f) for f in p.data.train], root / "train", p.sanitize,
+                           index=train_index, progress=print)
     eval_ = sanitize_files([Path(f) for f in p.data.eval], root / "eval", p.sanitize,
-                           reference=reference_keys(root / "train" / "clean.jsonl"))
+                           reference=train_index, progress=print)
     summary = {"train": train, "eval": eval_}
     write_json(Path("reports/sanitize.json"), summary)
     return summary

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from pipeline.augment import augment
 from pipeline.config import AugmentConfig, SanitizeConfig
-from pipeline.sanitize import near_key, sanitize_files
+from pipeline.sanitize import record_text, sanitize_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ def test_synthetic_records_are_capped_tagged_and_new(tmp_path):
     assert len(synth) > 0.8 * int(0.1 * len(real))
     assert all(s["provenance"]["synthetic"] and s["provenance"]["generator"].startswith("rule:")
                and s["provenance"]["parent"]["line"] > 0 for s in synth)
-    keys = [near_key(" ".join(m["content"] for m in r["messages"])) for r in rows]
+    keys = [record_text(r["messages"]) for r in rows]
     assert len(keys) == len(set(keys))
     # Labels are preserved: the parent's answer is the synthetic record's answer.
     by_line = {r["source"]["line"]: r for r in real}

@@ -1,3 +1,5 @@
+"""The sanitize stage: one test per defect class, PII placeholders and counts, reconciliation."""
+
 import json
 from pathlib import Path
 
@@ -6,22 +8,38 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import SanitizeConfig
-from pipeline.pii import luhn_ok, redact
-from pipeline.sanitize import NoValidRecords, reference_keys, sanitize_files
+from pipeline.sanitize import NoValidRecords, index_from_file, sanitize_files
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = SanitizeConfig(max_chars=200)
+CFG = SanitizeConfig(max_chars=200, max_depth=8)
 
 
 def rec(user: str, answer: str = '{"category": "billing", "priority": "low"}') -> str:
     return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
 
 
+def run(tmp_path, lines: list[str] | bytes, cfg=CFG, name="in.jsonl"):
+    f = tmp_path / name
+    if isinstance(lines, bytes):
+        f.write_bytes(lines)
+    else:
+        f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return sanitize_files([f], tmp_path / "out", cfg), f
+
+
+def quarantine(tmp_path):
+    return [json.loads(x) for x in (tmp_path / "out/quarantine.jsonl").read_text().splitlines()]
+
+
+DEEP = '{"messages": [{"role": "user", "content": "hi", "x": ' + "[" * 20 + "]" * 20 + '}]}'
+
+
 @pytest.mark.parametrize("line, reason", [
     ("not json", "invalid_json"),
-    ('{"messages": [{"role": "user", "content": "hi"}', "invalid_json"),
+    ('{"messages": [{"role": "user", "content": "hi"}', "truncated_json"),
+    ('{"messages": [{"role": "user", "content": "unterminated', "truncated_json"),
     ("[1, 2]", "not_an_object"),
-    ('{"prompt": "x"}', "missing_messages"),
+    ('{"text": "x"}', "unknown_format"),
     ('{"messages": "hello"}', "wrong_type"),
     ('{"messages": []}', "empty_conversation"),
     ('{"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}', "unknown_role"),
@@ -29,100 +47,106 @@ def rec(user: str, answer: str = '{"category": "billing", "priority": "low"}') -
     ('{"messages": [{"role": "user", "content": "  \\u200b "}, {"role": "assistant", "content": "y"}]}', "blank_content"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no_assistant_turn"),
     ('{"messages": [{"role": "assistant", "content": "hi"}]}', "no_user_turn"),
+    ('{"messages": [{"role": "user", "content": "a\\u0000b"}, {"role": "assistant", "content": "y"}]}', "control_characters"),
+    ('{"messages": [{"role": "user", "content": "bell\\u0007"}, {"role": "assistant", "content": "y"}]}', "control_characters"),
+    (DEEP, "too_deep"),
+    ("[" * 100000 + "]" * 100000, "too_deep"),
     (rec("x" * 300), "too_long"),
     ("", "blank_line"),
+    ("   ", "blank_line"),
 ])
 def test_each_defect_is_quarantined_with_its_reason_and_line(tmp_path, line, reason):
-    f = tmp_path / "in.jsonl"
-    f.write_text(rec("Hello there") + "\n" + line + "\n", encoding="utf-8")
-    report = sanitize_files([f], tmp_path / "out", CFG)
+    report, f = run(tmp_path, [rec("Hello there"), line])
     assert report["quarantined"]["by_reason"] == {reason: 1}
-    q = [json.loads(x) for x in (tmp_path / "out/quarantine.jsonl").read_text().splitlines()]
-    assert q[0]["line"] == 2 and q[0]["source"] == str(f) and q[0]["reason"] == reason
-    assert report["reconciles"]
+    q = quarantine(tmp_path)[0]
+    assert (q["line"], q["source"], q["reason"]) == (2, str(f), reason) and q["detail"]
+    assert report["reconciles"] and report["kept"] == 1
 
 
-def test_invalid_utf8_is_quarantined_not_fatal(tmp_path):
-    f = tmp_path / "in.jsonl"
-    f.write_bytes(rec("ok").encode() + b"\n" + b'{"messages": "\xff\xfe"}\n')
-    report = sanitize_files([f], tmp_path / "out", CFG)
-    assert report["kept"] == 1 and report["quarantined"]["by_reason"] == {"invalid_utf8": 1}
+def test_invalid_utf8_is_quarantined_per_line(tmp_path):
+    report, _ = run(tmp_path, rec("ok").encode() + b"\n" + b'{"messages": "\xff\xfe"}\n' + rec("fine").encode() + b"\n")
+    assert report["kept"] == 2 and report["quarantined"]["by_reason"] == {"invalid_utf8": 1}
+    assert quarantine(tmp_path)[0]["line"] == 2
 
 
-def test_bom_and_crlf_are_accepted(tmp_path):
-    f = tmp_path / "in.jsonl"
-    f.write_bytes(b"\xef\xbb\xbf" + rec("first").encode() + b"\r\n" + rec("second").encode() + b"\r\n")
-    assert sanitize_files([f], tmp_path / "out", CFG)["kept"] == 2
+def test_bom_and_crlf_are_repaired_and_counted(tmp_path):
+    report, _ = run(tmp_path, b"\xef\xbb\xbf" + rec("first").encode() + b"\r\n" + rec("second").encode() + b"\r\n")
+    assert report["kept"] == 2 and report["repairs"] == {"bom": 1, "crlf": 2}
 
 
-def test_pii_is_replaced_with_typed_placeholders_and_counted(tmp_path):
-    f = tmp_path / "in.jsonl"
-    f.write_text(rec("Mail jane.doe@example.com or call +44 20 7946 0958, card 4111 1111 1111 1111.") + "\n")
-    report = sanitize_files([f], tmp_path / "out", CFG)
+def test_text_is_nfkc_normalised_and_invisible_characters_removed(tmp_path):
+    run(tmp_path, [rec("Ｆｕｌｌwidth and zero\u200bwidth and \u202eoverride")])
+    text = json.loads((tmp_path / "out/clean.jsonl").read_text())["messages"][0]["content"]
+    assert text == "Fullwidth and zerowidth and override"
+
+
+def test_zero_width_characters_cannot_hide_pii(tmp_path):
+    run(tmp_path, [rec("reach me at jane\u200b.doe@exa\u200dmple.com or 4111\u200b 1111 1111 1111")])
     text = (tmp_path / "out/clean.jsonl").read_text()
-    assert "jane.doe" not in text and "7946" not in text and "4111" not in text
-    assert "<EMAIL>" in text and "<PHONE>" in text and "<CARD>" in text
-    assert report["redactions"]["by_type"] == {"CARD": 1, "EMAIL": 1, "PHONE": 1}
+    assert "<EMAIL>" in text and "<CARD>" in text and "jane" not in text
 
 
-@pytest.mark.parametrize("text", [
-    "Order ORD-48192 is late", "Version 1.20.3 broke sync", "Invoice 2024-03-15 for $1,299.00",
-    "Ticket #123456 reopened", "Card-like but fails Luhn: 4111 1111 1111 1112",
-])
-def test_non_pii_numbers_survive(text):
-    assert redact(text) == (text, {})
+def test_pii_is_replaced_and_counted_by_type(tmp_path):
+    report, _ = run(tmp_path, [rec("Mail jane.doe@example.com or call +44 20 7946 0958, card 4111 1111 1111 1111."),
+                               rec("IBAN GB82 WEST 1234 5698 7654 32, SSN 123-45-6789, from 10.1.2.3")],
+                    cfg=SanitizeConfig())
+    text = (tmp_path / "out/clean.jsonl").read_text()
+    for leaked in ("jane.doe", "7946", "4111", "GB82", "6789", "10.1.2.3"):
+        assert leaked not in text
+    assert report["redactions"]["by_type"] == {"CARD": 1, "EMAIL": 1, "IBAN": 1, "IP_ADDRESS": 1, "PHONE": 1, "SSN": 1}
 
 
-def test_luhn():
-    assert luhn_ok("4111111111111111") and luhn_ok("378282246310005")
-    assert not luhn_ok("4111111111111112")
+def test_custom_patterns_from_config(tmp_path):
+    cfg = SanitizeConfig(custom_pii={"employee_id": r"\bEMP-\d{5}\b"})
+    report, _ = run(tmp_path, [rec("ask EMP-12345 about ORD-12345")], cfg=cfg)
+    text = (tmp_path / "out/clean.jsonl").read_text()
+    assert "<EMPLOYEE_ID>" in text and "ORD-12345" in text and report["redactions"]["by_type"] == {"EMPLOYEE_ID": 1}
 
 
-@settings(max_examples=60, deadline=None)
-@given(user=st.emails())
-def test_any_email_is_redacted(user):
-    out, counts = redact(f"write to {user} today")
-    assert user not in out and counts["EMAIL"] == 1
+def test_exact_near_and_contamination_duplicates(tmp_path):
+    train = ["My parcel for order ORD-1 is late, tracking shows nothing since monday",
+             "My parcel for order ORD-1 is late, tracking shows nothing since monday",
+             "MY PARCEL for order ORD-1 is LATE!!  Tracking shows nothing since Monday."]
+    report, f = run(tmp_path, [rec(t) for t in train])
+    d = report["duplicates"]
+    assert (report["kept"], d["exact"], d["near"]) == (1, 1, 1)
+    index = index_from_file(tmp_path / "out/clean.jsonl", CFG)
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("\n".join([rec("my parcel for order ORD-1 is late; tracking shows nothing since monday"),
+                             rec("Refund please, I was charged twice")]) + "\n")
+    r = sanitize_files([ev], tmp_path / "eval", CFG, reference=index)
+    assert r["kept"] == 1 and r["duplicates"]["contamination"] == 1
 
 
-def test_zero_width_characters_cannot_hide_an_email(tmp_path):
-    f = tmp_path / "in.jsonl"
-    f.write_text(rec("reach me at jane\u200b.doe@exa\u200dmple.com") + "\n", encoding="utf-8")
-    sanitize_files([f], tmp_path / "out", CFG)
-    assert "<EMAIL>" in (tmp_path / "out/clean.jsonl").read_text()
+def test_near_duplicate_detection_can_be_switched_off(tmp_path):
+    lines = [rec("My parcel is late, nothing since monday"), rec("MY PARCEL is late!! Nothing since Monday.")]
+    report, _ = run(tmp_path, lines, cfg=SanitizeConfig(near_duplicates=False))
+    assert report["kept"] == 2
 
 
 lines = st.lists(st.one_of(
-    st.sampled_from([rec("same ticket"), rec("SAME   ticket!"), "garbage", '{"messages": []}', ""]),
-    st.text(alphabet="abc xyz", min_size=1, max_size=12).map(rec),
+    st.sampled_from([rec("same ticket"), rec("SAME   ticket!"), "garbage", '{"messages": []}', "", "[1]"]),
+    st.text(alphabet="abc xyz@.1", min_size=1, max_size=12).map(rec),
+    st.binary(max_size=20).map(lambda b: b.decode("latin-1")),
 ), min_size=1, max_size=30)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(content=lines)
 def test_every_record_is_accounted_for(tmp_path_factory, content):
     d = tmp_path_factory.mktemp("recon")
     f = d / "in.jsonl"
-    f.write_text("\n".join(content) + "\n", encoding="utf-8")
+    text = "\n".join(c.replace("\n", " ").replace("\r", " ") for c in content) + "\n"
+    f.write_text(text, encoding="utf-8")
     try:
         r = sanitize_files([f], d / "out", CFG)
     except NoValidRecords:
         r = json.loads((d / "out/report.json").read_text())
     assert r["read"] == len(content)
     assert r["read"] == r["kept"] + r["quarantined"]["total"] + r["duplicates"]["total"]
-    assert len((d / "out/clean.jsonl").read_text().splitlines()) == r["kept"]
-    assert len((d / "out/quarantine.jsonl").read_text().splitlines()) == r["quarantined"]["total"]
-
-
-def test_exact_near_and_contamination_duplicates(tmp_path):
-    train = tmp_path / "train.jsonl"
-    train.write_text("\n".join([rec("My parcel is late"), rec("My parcel is late"), rec("MY PARCEL  is late!")]) + "\n")
-    r = sanitize_files([train], tmp_path / "train", CFG)
-    assert (r["kept"], r["duplicates"]["exact"], r["duplicates"]["near"]) == (1, 1, 1)
-    ev = tmp_path / "eval.jsonl"
-    ev.write_text("\n".join([rec("my parcel is LATE"), rec("Refund please")]) + "\n")
-    r = sanitize_files([ev], tmp_path / "eval", CFG, reference_keys(tmp_path / "train/clean.jsonl"))
-    assert r["kept"] == 1 and r["duplicates"]["contamination"] == 1
+    # JSONL is split on "\n" only; str.splitlines would also split on U+0085 and U+2028 inside text.
+    assert (d / "out/clean.jsonl").read_text().count("\n") == r["kept"]
+    assert (d / "out/quarantine.jsonl").read_text().count("\n") == r["quarantined"]["total"]
 
 
 def test_no_valid_record_is_an_error_naming_the_file(tmp_path):
@@ -139,5 +163,6 @@ def test_no_valid_record_is_an_error_naming_the_file(tmp_path):
 def test_demo_data_sanitizes_with_reconciled_counts(tmp_path):
     r = sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], tmp_path, SanitizeConfig())
     assert r["reconciles"] and r["quarantined"]["total"] == 7
+    assert r["duplicates"]["exact"] >= 30 and r["duplicates"]["near"] >= 25
     assert r["redactions"]["by_type"].keys() == {"EMAIL", "PHONE", "CARD"}
     assert (tmp_path / "data_card.md").read_text().startswith("# Data card")
