@@ -32,7 +32,7 @@ _URL_CREDS = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/:@]+:[^\s/@]+@")
 _LOCAL = r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]"
 _EMAIL = re.compile(rf"(?<!{_LOCAL}){_LOCAL}+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{{2,}}\b")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
-_CARD = re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])")
+_CARD = re.compile(r"(?<![\w-])(?:\d[ -]?){11,18}\d(?![\w-])")
 _SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
@@ -61,6 +61,13 @@ def luhn_ok(digits: str) -> bool:
                 d -= 9
         total += d
     return total % 10 == 0
+
+
+def card_ok(digits: str) -> bool:
+    """Luhn-valid and of a card length; 12 digits only for Maestro ranges (ids of 12 digits are common)."""
+    if len(digits) == 12:
+        return digits.startswith(("50", "56", "57", "58", "6")) and luhn_ok(digits)
+    return 13 <= len(digits) <= 19 and luhn_ok(digits)
 
 
 def iban_ok(value: str) -> bool:
@@ -144,8 +151,7 @@ def build_detectors(regions: tuple[str, ...] = ("US", "GB", "DE", "FR"),
                  render=lambda m: f"{m.group(1)}<CREDENTIALS>@"),
         Detector("EMAIL", _EMAIL, lambda t: "@" in t),
         Detector("IBAN", _IBAN, lambda t: has_digit_run(t) is not None, lambda m: iban_ok(m.group())),
-        Detector("CARD", _CARD, lambda t: has_digit_run(t) is not None,
-                 lambda m: 13 <= len(d := _digits(m.group())) <= 19 and luhn_ok(d)),
+        Detector("CARD", _CARD, lambda t: has_digit_run(t) is not None, lambda m: card_ok(_digits(m.group()))),
         Detector("SSN", _SSN, lambda t: "-" in t),
         Detector("IP_ADDRESS", _IPV4, lambda t: "." in t and has_digit_run(t) is not None, _ip_ok),
         Detector("IP_ADDRESS", _IPV6, lambda t: "::" in t or t.count(":") >= 5, _ip_ok),
