@@ -122,6 +122,7 @@ class Detector:
     pattern: re.Pattern[str]
     prescan: Callable[[str], bool]
     verify: Callable[[re.Match[str]], bool] | None = None
+    needs_digit_run: bool = False  # skip unless the text has 7+ digits in a row (tested once per text)
     # How a verified match is rewritten; by default the whole match becomes <KIND>.
     render: Callable[[re.Match[str]], str] | None = None
 
@@ -138,24 +139,27 @@ def _ip_ok(m: re.Match[str]) -> bool:
     return not (ip.is_unspecified or (ip.version == 6 and m.group().count(":") < 3 and "." not in m.group()))
 
 
+_AWS_PREFIXES = ("AKIA", "ASIA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA")
+
+
 def build_detectors(regions: tuple[str, ...] = ("US", "GB", "DE", "FR"),
                     custom: dict[str, str] | None = None) -> list[Detector]:
-    has_digit_run = _DIGIT_RUN.search
+    anything = bool  # prescan for detectors gated only on the digit run
     detectors = [
         Detector("PRIVATE_KEY", _PRIVATE_KEY, lambda t: "PRIVATE KEY" in t),
         Detector("JWT", _JWT, lambda t: "eyJ" in t),
-        Detector("AWS_ACCESS_KEY", _AWS_KEY, lambda t: "A" in t and bool(re.search(r"A(?:KI|SI|GP|ID|RO|NP|NV|IP)A", t))),
+        Detector("AWS_ACCESS_KEY", _AWS_KEY, lambda t: any(p in t for p in _AWS_PREFIXES)),
         Detector("BEARER_TOKEN", _BEARER, lambda t: "earer" in t or "EARER" in t,
                  render=lambda m: f"{m.group(1)} <TOKEN>"),
         Detector("URL_CREDENTIALS", _URL_CREDS, lambda t: "://" in t and "@" in t,
                  render=lambda m: f"{m.group(1)}<CREDENTIALS>@"),
         Detector("EMAIL", _EMAIL, lambda t: "@" in t),
-        Detector("IBAN", _IBAN, lambda t: has_digit_run(t) is not None, lambda m: iban_ok(m.group())),
-        Detector("CARD", _CARD, lambda t: has_digit_run(t) is not None, lambda m: card_ok(_digits(m.group()))),
-        Detector("SSN", _SSN, lambda t: "-" in t),
-        Detector("IP_ADDRESS", _IPV4, lambda t: "." in t and has_digit_run(t) is not None, _ip_ok),
+        Detector("IBAN", _IBAN, anything, lambda m: iban_ok(m.group()), needs_digit_run=True),
+        Detector("CARD", _CARD, anything, lambda m: card_ok(_digits(m.group())), needs_digit_run=True),
+        Detector("SSN", _SSN, lambda t: "-" in t, needs_digit_run=True),
+        Detector("IP_ADDRESS", _IPV4, lambda t: "." in t, _ip_ok, needs_digit_run=True),
         Detector("IP_ADDRESS", _IPV6, lambda t: "::" in t or t.count(":") >= 5, _ip_ok),
-        Detector("PHONE", _PHONE, lambda t: has_digit_run(t) is not None, lambda m: phone_ok(m.group(), regions)),
+        Detector("PHONE", _PHONE, anything, lambda m: phone_ok(m.group(), regions), needs_digit_run=True),
     ]
     for name, pattern in (custom or {}).items():
         detectors.append(Detector(name.upper(), re.compile(pattern), lambda t: True))
@@ -168,7 +172,13 @@ _DEFAULT = build_detectors()
 def redact(text: str, detectors: list[Detector] | None = None) -> tuple[str, Counter[str]]:
     """Return the text with PII and secrets replaced by typed placeholders, and counts by type."""
     counts: Counter[str] = Counter()
+    digit_run: bool | None = None
     for det in detectors or _DEFAULT:
+        if det.needs_digit_run:
+            if digit_run is None:
+                digit_run = _DIGIT_RUN.search(text) is not None
+            if not digit_run:
+                continue
         if not det.prescan(text):
             continue
 
