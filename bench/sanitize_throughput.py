@@ -149,6 +149,18 @@ def bench_throughput(mb: float) -> list[str]:
     return rows
 
 
+def bench_memory(mb: float) -> str:
+    """Peak RSS of the full stage (exact + near dedup) on a large file: memory must not follow file size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        n = make_corpus(corpus, mb, seed=1)
+        size = corpus.stat().st_size / 1e6
+        secs, rss, out = _run_in_child(_ours, corpus, Path(tmp) / "o", True)
+    return (f"| {date.today()} | {_machine()} | `python bench/sanitize_throughput.py --memory-mb {mb:g}` | "
+            f"{size:,.0f} MB, {n:,} records | exact + near dedup, PII: {size / secs:.1f} MB/s | "
+            f"**peak RSS {rss:.0f} MB** ({rss / size * 100:.1f}% of the input size) | - |")
+
+
 def bench_near_dedup(n: int = 20_000, seed: int = 0) -> str:
     """docs/s of Deduplicator.check+add alone, and agreement with exact word-trigram Jaccard."""
     rng = random.Random(seed)
@@ -245,7 +257,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=120)
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--memory-mb", type=float, default=0, help="only the peak-RSS run on a corpus this large")
     args = ap.parse_args()
+    if args.memory_mb:
+        print(bench_memory(args.memory_mb))
+        return
     rows = bench_pii() + [bench_near_dedup()]
     if not args.skip_throughput:
         rows += bench_throughput(args.mb)
