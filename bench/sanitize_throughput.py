@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 from pipeline import pii  # noqa: E402
 from pipeline.config import SanitizeConfig  # noqa: E402
 from pipeline.dedup import Deduplicator  # noqa: E402
-from pipeline.records import to_messages  # noqa: E402
 from pipeline.sanitize import sanitize_files  # noqa: E402
 
 WORDS = ("the order parcel invoice account password login refund delivery tracking app crashes settings "

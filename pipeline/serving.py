@@ -50,6 +50,7 @@ class VLLMServer:
 
     cfg: ServeConfig
     process: subprocess.Popen | None = None
+    _log: object = None  # the log file handle the process writes to, closed on stop
 
     @property
     def url(self) -> str:
@@ -73,7 +74,7 @@ class VLLMServer:
         fh = open(log, "ab")
         proc = subprocess.Popen(launch_command(cfg, base_dir), stdout=fh, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-        return cls(cfg, proc)
+        return cls(cfg, proc, fh)
 
     @classmethod
     def attach(cls, cfg: ServeConfig) -> "VLLMServer":
@@ -105,14 +106,16 @@ class VLLMServer:
             time.sleep(1)
 
     def stop(self, timeout_s: float = 30) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def models(self) -> list[str]:
         r = httpx.get(f"{self.url}/v1/models", timeout=10)
