@@ -56,6 +56,7 @@ class BaseModelConfig(_Strict):
 class DataConfig(_Strict):
     train: list[str] = ["data/raw/tickets_train.jsonl"]
     eval: list[str] = ["data/raw/tickets_eval.jsonl"]
+    preference: str = ""  # prompt/chosen/rejected JSONL for train.method: dpo
 
 
 class ColumnMap(_Strict):
@@ -111,24 +112,45 @@ class AugmentConfig(_Strict):
 
 class TrainConfig(_Strict):
     out_dir: str = "artifacts/adapter"
-    method: Literal["sft"] = "sft"
-    adapter: Literal["lora"] = "lora"
+    method: Literal["sft", "dpo"] = "sft"
+    adapter: Literal["lora", "qlora", "dora"] = "lora"  # qlora: 4-bit NF4 base via bitsandbytes (CUDA)
     lora_r: int = Field(16, gt=0)  # higher = more capacity, more memory
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     learning_rate: float = Field(2e-3, gt=0.0)
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+                          "polynomial", "inverse_sqrt"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     epochs: float = Field(6.0, gt=0.0)
     max_steps: int = -1  # >0 overrides epochs
     batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_length: int = Field(160, ge=16)
+    packing: bool = False  # concatenate examples into full sequences (best with flash attention on GPU)
     # Trades compute for memory; off by default because the CPU demo model is tiny.
     gradient_checkpointing: bool = False
     seed: int = 0
     logging_steps: int = Field(5, gt=0)
+    # Checkpoints for resuming a killed run live outside the DVC output (DVC clears outputs before a
+    # stage runs); they are keyed by the config and input hashes, so a changed run never resumes a stale one.
+    checkpoint_dir: str = "artifacts/checkpoints"
+    checkpoint_steps: int = Field(50, gt=0)
+    early_stopping_patience: int = Field(0, ge=0)  # evaluations without eval-loss improvement; 0 = off
+    # A share of generic instruction data mixed into training limits forgetting of general skills.
+    generic_data: str = ""
+    generic_fraction: float = Field(0.0, ge=0.0, le=0.5)
+    dpo_beta: float = Field(0.1, gt=0.0)
+    merge_export: bool = False  # also write base+adapter merged (loadable by vLLM and transformers)
+    gpu_hour_price: float = Field(0.0, ge=0.0)  # currency units per GPU-hour, for the cost estimate
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.generic_fraction > 0 and not self.generic_data:
+            raise ValueError("generic_fraction > 0 needs generic_data (a chat JSONL file)")
+        if self.method == "dpo" and self.packing:
+            raise ValueError("packing is not supported with method: dpo")
+        return self
 
 
 class EvaluateConfig(_Strict):

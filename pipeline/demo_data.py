@@ -199,14 +199,52 @@ def generate(n_train: int = 900, n_eval: int = 120, seed: int = 1234) -> tuple[l
     return lines, [json.dumps(r, ensure_ascii=False) for r in eval_]
 
 
-def write(out_dir: str | Path = "data/raw") -> tuple[Path, Path]:
+_CAPITALS = {"France": "Paris", "Germany": "Berlin", "Japan": "Tokyo", "Canada": "Ottawa", "Italy": "Rome",
+             "Spain": "Madrid", "Kenya": "Nairobi", "Brazil": "Brasilia", "Egypt": "Cairo", "Norway": "Oslo",
+             "Peru": "Lima", "India": "New Delhi", "Australia": "Canberra", "Mexico": "Mexico City"}
+
+
+def generate_generic(n: int = 300, seed: int = 99) -> list[str]:
+    """Generic instruction data (arithmetic, capitals, spelling) mixed into training to limit forgetting."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.4:
+            a, b = rng.randint(2, 99), rng.randint(2, 99)
+            q, ans = f"What is {a} plus {b}?", str(a + b)
+        elif kind < 0.7:
+            country = rng.choice(sorted(_CAPITALS))
+            q, ans = f"What is the capital of {country}?", _CAPITALS[country]
+        else:
+            word = rng.choice(["parcel", "invoice", "account", "refund", "support", "delivery", "password"])
+            q, ans = f"Spell the word {word} backwards.", word[::-1]
+        lines.append(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]}))
+    return lines
+
+
+def generate_preferences(n: int = 400, seed: int = 7) -> list[str]:
+    """DPO pairs: the correct triage answer is chosen, a plausible wrong one rejected."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        category, priority = rng.choice(CATEGORIES), rng.choice(PRIORITIES)
+        wrong = rng.choice([(c, priority) for c in CATEGORIES if c != category] +
+                           [(category, p) for p in PRIORITIES if p != priority])
+        lines.append(json.dumps({"prompt": _ticket(rng, category, priority, pii=False),
+                                 "chosen": answer(category, priority), "rejected": answer(*wrong)}))
+    return lines
+
+
+def write(out_dir: str | Path = "data/raw") -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, eval_ = generate()
-    train_path, eval_path = out / "tickets_train.jsonl", out / "tickets_eval.jsonl"
-    train_path.write_text("\n".join(train) + "\n", encoding="utf-8")
-    eval_path.write_text("\n".join(eval_) + "\n", encoding="utf-8")
-    return train_path, eval_path
+    files = {"tickets_train.jsonl": train, "tickets_eval.jsonl": eval_,
+             "generic_chat.jsonl": generate_generic(), "tickets_preference.jsonl": generate_preferences()}
+    for name, lines in files.items():
+        (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [out / name for name in files]
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ def log_candidate(
             mlflow.log_metric("train_loss", point["loss"], step=point["step"])
         for point in train_metrics.get("eval_loss_curve", []):
             mlflow.log_metric("eval_loss", point["eval_loss"], step=point["step"])
-        for key in ("duration_s", "tokens_per_s", "peak_memory_mb", "steps", "train_samples"):
-            if train_metrics.get(key) is not None:
+        for key in ("duration_s", "tokens_per_s", "peak_memory_mb", "steps", "train_samples", "generic_samples",
+                    "gpu_hours", "estimated_cost", "best_eval_loss", "resumed_from_step"):
+            if isinstance(train_metrics.get(key), (int, float)):
                 mlflow.log_metric(f"train_{key}" if not key.startswith("train") else key, train_metrics[key])
         for model, metrics in eval_metrics.items():
             for k, v in metrics.items():

@@ -49,7 +49,8 @@ def augment(p: Params) -> dict:
 def train(p: Params) -> dict:
     from pipeline.train import train as run
 
-    metrics = run(p.train, Path(p.base.out_dir), Path(p.augment.out_dir) / "train.jsonl", CLEAN_EVAL)
+    preference = Path(p.data.preference) if p.data.preference else None
+    metrics = run(p.train, Path(p.base.out_dir), Path(p.augment.out_dir) / "train.jsonl", CLEAN_EVAL, preference)
     summary = {k: v for k, v in metrics.items() if not k.endswith("_curve")}
     write_json(Path("reports/train.json"), summary)
     return summary

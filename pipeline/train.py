@@ -1,18 +1,21 @@
-"""The train stage: TRL ``SFTTrainer`` with a peft LoRA adapter on the base model.
+"""The train stage: TRL ``SFTTrainer`` (or ``DPOTrainer``) with a peft LoRA / DoRA / QLoRA adapter.
 
     python -m pipeline train
 
-Reads chat records, trains on the assistant answers only (prompt-completion format), and writes the
-adapter (safetensors) to ``train.out_dir`` together with ``train_metrics.json`` (loss curve, duration,
-tokens/s, peak memory) and ``train_meta.json`` (the resolved config and the hashes of the inputs), so
-every adapter says what produced it.
+Writes the adapter (safetensors) to ``train.out_dir`` with ``train_metrics.json`` (loss curves, duration,
+tokens/s, peak memory, GPU-hours, estimated cost) and ``train_meta.json`` (resolved config, input
+hashes). Checkpoints go to ``train.checkpoint_dir/<run key>`` every ``checkpoint_steps``; a run killed at
+any point resumes from its last checkpoint when started again with the same config and inputs (the
+flow's retry does exactly that), and the checkpoints are removed once the adapter is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import random
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -32,31 +35,73 @@ def load_chat_file(path: Path) -> list[dict]:
     return rows
 
 
+def load_preference_file(path: Path) -> list[dict]:
+    """DPO rows: ``{"prompt", "chosen", "rejected"}`` as strings or chat-message lists."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            rec = json.loads(line)
+            missing = {"prompt", "chosen", "rejected"} - set(rec)
+            if missing:
+                raise ValueError(f"{path}:{lineno}: preference record lacks {sorted(missing)}")
+
+            def turns(v, role):
+                return v if isinstance(v, list) else [{"role": role, "content": v}]
+
+            rows.append({"prompt": turns(rec["prompt"], "user"), "chosen": turns(rec["chosen"], "assistant"),
+                         "rejected": turns(rec["rejected"], "assistant")})
+    return rows
+
+
+def mix_generic(rows: list[dict], generic_file: Path, fraction: float, seed: int) -> tuple[list[dict], int]:
+    """Add generic rows so they make up ``fraction`` of the result (as far as the file allows)."""
+    if fraction <= 0:
+        return rows, 0
+    generic = load_chat_file(generic_file)
+    want = round(fraction * len(rows) / (1 - fraction))
+    picked = random.Random(seed).sample(generic, min(want, len(generic)))
+    mixed = rows + picked
+    random.Random(seed + 1).shuffle(mixed)
+    return mixed, len(picked)
+
+
 def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, use_dora=cfg.adapter == "dora", task_type="CAUSAL_LM")
 
 
-def load_base(base_dir: Path):
+def load_base(base_dir: Path, quantize_4bit: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = detect()
     dtype = torch.bfloat16 if dev.bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    kwargs: dict = {"dtype": dtype}
+    if quantize_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise RuntimeError("train.adapter: qlora needs bitsandbytes (pip install 'loraflow[gpu]')") from None
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    if dev.is_cuda:
+        kwargs["attn_implementation"] = "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model, tokenizer
 
 
 class _LossRecorder:
-    """Collects the trainer's log lines so the loss curve can be stored next to the adapter."""
+    """Collects the trainer's log lines so the loss curves can be stored next to the adapter."""
 
     def __init__(self) -> None:
         from transformers import TrainerCallback
@@ -71,20 +116,24 @@ class _LossRecorder:
         self.callback = _CB()
 
 
-def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | None = None) -> dict:
-    """Fine-tune a LoRA adapter; returns the metrics written to ``train_metrics.json``."""
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+def run_key(cfg: TrainConfig, inputs: list[Path], base_dir: Path) -> str:
+    """Identifies a training run: same config, inputs and base -> same checkpoints to resume."""
+    h = hashlib.sha256(json.dumps(cfg.model_dump(exclude={"out_dir", "merge_export", "gpu_hour_price"}),
+                                  sort_keys=True).encode())
+    for p in [*inputs, base_dir / "config.json"]:
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()[:16]
 
-    out = Path(cfg.out_dir)
-    dev = detect()
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_base(base_dir)
-    train_rows = load_chat_file(train_file)
-    eval_rows = load_chat_file(eval_file) if eval_file else None
-    args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _common_args(cfg: TrainConfig, ckpt_dir: Path, has_eval: bool, dev) -> dict:
+    evaluate_every = "steps" if has_eval else "no"
+    return dict(
+        output_dir=str(ckpt_dir),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,
@@ -93,74 +142,129 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        max_length=cfg.max_length,
         activation_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
+        data_seed=cfg.seed,
         logging_steps=cfg.logging_steps,
-        eval_strategy="epoch" if eval_rows else "no",
-        save_strategy="no",
+        eval_strategy=evaluate_every,
+        eval_steps=cfg.checkpoint_steps,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_steps,
+        save_total_limit=2,
+        load_best_model_at_end=cfg.early_stopping_patience > 0,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         report_to="none",
         use_cpu=not dev.is_cuda,
         bf16=dev.bf16,
         dataloader_num_workers=0,
-        disable_tqdm=False,
         include_num_input_tokens_seen="non_padding",
     )
+
+
+def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | None = None,
+          preference_file: Path | None = None, extra_callbacks: list | None = None) -> dict:
+    """Fine-tune an adapter; returns the metrics written to ``train_metrics.json``."""
+    import torch
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+
+    if cfg.early_stopping_patience and eval_file is None:
+        raise ValueError("train.early_stopping_patience needs a held-out eval split")
+    if cfg.method == "dpo" and preference_file is None:
+        raise ValueError("train.method: dpo needs data.preference (prompt/chosen/rejected JSONL)")
+    out = Path(cfg.out_dir)
+    dev = detect()
+    torch.manual_seed(cfg.seed)
+    inputs = [p for p in (train_file, eval_file, preference_file) if p]
+    if cfg.generic_fraction:
+        inputs.append(Path(cfg.generic_data))
+    ckpt_dir = Path(cfg.checkpoint_dir) / run_key(cfg, inputs, base_dir)
+    resume = last_checkpoint(ckpt_dir)
+    if resume:
+        print(f"train: resuming from {resume}")
+    model, tokenizer = load_base(base_dir, quantize_4bit=cfg.adapter == "qlora")
+    eval_rows = load_chat_file(eval_file) if eval_file else None
     recorder = _LossRecorder()
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg),
-        callbacks=[recorder.callback],
-    )
+    callbacks = [recorder.callback, *(extra_callbacks or [])]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    n_generic = 0
+    if cfg.method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        rows, n_generic = mix_generic(load_chat_file(train_file), Path(cfg.generic_data or "."),
+                                      cfg.generic_fraction, cfg.seed)
+        args = SFTConfig(**_common_args(cfg, ckpt_dir, bool(eval_rows), dev), max_length=cfg.max_length,
+                         packing=cfg.packing)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                             processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        rows = load_preference_file(preference_file)
+        split = max(1, len(rows) // 10) if cfg.early_stopping_patience or eval_file else 0
+        train_rows, dpo_eval = (rows[split:], rows[:split]) if split else (rows, None)
+        args = DPOConfig(**_common_args(cfg, ckpt_dir, bool(dpo_eval), dev), max_length=cfg.max_length,
+                         beta=cfg.dpo_beta)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                             eval_dataset=Dataset.from_list(dpo_eval) if dpo_eval else None,
+                             processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
     if dev.is_cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     duration = time.perf_counter() - started
+    if not trainer.is_world_process_zero():  # under torchrun/accelerate only rank 0 writes the outputs
+        return {}
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if cfg.merge_export:
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(out / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(out / "merged")
 
     n_tokens = int(trainer.state.num_input_tokens_seen or 0)
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if dev.is_cuda
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    gpu_hours = duration / 3600 * trainer.args.world_size if dev.is_cuda else 0.0
     history = recorder.records
     train_losses = [r for r in history if "loss" in r]
     eval_losses = [r for r in history if "eval_loss" in r]
     metrics = {
+        "method": cfg.method,
+        "adapter": cfg.adapter,
         "train_loss": float(result.training_loss),
         "final_loss": train_losses[-1]["loss"] if train_losses else None,
         "eval_loss": eval_losses[-1]["eval_loss"] if eval_losses else None,
+        "best_eval_loss": trainer.state.best_metric,
         "steps": int(result.global_step),
+        "max_steps": int(trainer.state.max_steps),
+        "stopped_early": bool(cfg.early_stopping_patience) and trainer.state.global_step < trainer.state.max_steps,
+        "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
         "epochs": float(trainer.state.epoch or 0),
         "duration_s": round(duration, 2),
-        "train_samples": len(train_rows),
+        "train_samples": len(rows),
+        "generic_samples": n_generic,
         "tokens_seen": n_tokens,
         "tokens_per_s": round(n_tokens / duration, 1) if n_tokens else None,
         "peak_memory_mb": round(peak_mb, 1),
+        "gpu_hours": round(gpu_hours, 5),
+        "estimated_cost": round(gpu_hours * cfg.gpu_hour_price, 4),
         "device": dev.type,
+        "device_name": dev.name,
         "threads": torch.get_num_threads(),
         "loss_curve": [{"step": r["step"], "loss": r["loss"]} for r in train_losses],
         "eval_loss_curve": [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in eval_losses],
     }
     write_json(out / "train_metrics.json", metrics)
-    meta = {
+    write_json(out / "train_meta.json", {
         "config": cfg.model_dump(),
         "base_model_dir": str(base_dir),
-        "inputs": {str(p): file_sha256(p) for p in [train_file, eval_file] if p},
+        "inputs": {str(p): file_sha256(p) for p in inputs},
         "base_config_sha256": file_sha256(base_dir / "config.json"),
-    }
-    write_json(out / "train_meta.json", meta)
-    _drop_checkpoints(out / "checkpoints")
+        "run_key": ckpt_dir.name,
+    })
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume this run, which is done
     return metrics
-
-
-def _drop_checkpoints(path: Path) -> None:
-    # Checkpoints are only for resuming a killed run; the adapter itself is the stage's output.
-    import shutil
-
-    if path.exists() and not os.environ.get("LORAFLOW_KEEP_CHECKPOINTS"):
-        shutil.rmtree(path)

@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from pipeline.demo_data import generate
+from pipeline.demo_data import generate, generate_generic, generate_preferences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -10,6 +10,9 @@ def test_committed_demo_data_is_what_the_generator_produces():
     train, eval_ = generate()
     assert (ROOT / "data/raw/tickets_train.jsonl").read_text(encoding="utf-8") == "\n".join(train) + "\n"
     assert (ROOT / "data/raw/tickets_eval.jsonl").read_text(encoding="utf-8") == "\n".join(eval_) + "\n"
+    assert (ROOT / "data/raw/generic_chat.jsonl").read_text(encoding="utf-8") == "\n".join(generate_generic()) + "\n"
+    assert (ROOT / "data/raw/tickets_preference.jsonl").read_text(encoding="utf-8") == \
+        "\n".join(generate_preferences()) + "\n"
 
 
 def test_demo_data_has_the_defects_real_data_has():

@@ -37,12 +37,15 @@ def test_dvc_stages_are_the_pipeline_stages_in_order():
         assert stage["cmd"] == f"python -m pipeline {name}"
         # Every data dependency is raw data or an output of an earlier stage (topological order).
         for dep in stage["deps"]:
-            if dep.startswith("pipeline/") or dep == "data/raw":
+            if dep.startswith(("pipeline/", "data/raw/")) or dep == "data/raw":
                 continue
             assert any(dep == o or dep.startswith(o + "/") for o in produced), f"{name}: {dep} not produced earlier"
         for out in stage.get("outs", []):
             produced.add(out if isinstance(out, str) else next(iter(out)))
         # Every params section a stage reads exists in params.yaml.
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        for section in stage.get("params", []):
-            assert section in params, f"{name}: params section {section} missing"
+        for key in stage.get("params", []):
+            node = params
+            for part in key.split("."):
+                assert part in node, f"{name}: params key {key} missing"
+                node = node[part]

@@ -1,28 +1,43 @@
-"""The real TRL + peft training path on a tiny CPU model (seconds, not minutes)."""
+"""The real TRL + peft training paths on a tiny CPU model (seconds, not minutes)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import EvaluateConfig, SanitizeConfig, TrainConfig
+from pipeline.config import ConfigError, EvaluateConfig, Params, SanitizeConfig, TrainConfig, parse_params
 from pipeline.evaluate import evaluate_model
 from pipeline.sanitize import sanitize_files
-from pipeline.train import train
+from pipeline.train import mix_generic, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_base, tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train-data")
     sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], d / "clean", SanitizeConfig())
+    sanitize_files([ROOT / "data/raw/tickets_eval.jsonl"], d / "eval", SanitizeConfig())
+    return d
+
+
+def tiny_cfg(tmp: Path, **kw) -> TrainConfig:
+    base = dict(out_dir=str(tmp / "adapter"), checkpoint_dir=str(tmp / "ckpt"), max_steps=12, batch_size=8,
+                logging_steps=2, lora_r=4, lora_alpha=8, checkpoint_steps=4)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
     before = {k: v.clone() for k, v in load_file(tiny_base / "model.safetensors").items()}
-    cfg = TrainConfig(out_dir=str(d / "adapter"), max_steps=12, batch_size=8, logging_steps=2, lora_r=4,
-                      lora_alpha=8)
-    metrics = train(cfg, tiny_base, d / "clean/clean.jsonl", None)
+    metrics = train(tiny_cfg(d), tiny_base, data / "clean/clean.jsonl", data / "eval/clean.jsonl")
     return d, before, metrics
 
 
@@ -31,11 +46,13 @@ def test_writes_adapter_metrics_and_lineage(trained):
     files = {p.name for p in (d / "adapter").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "train_metrics.json", "train_meta.json",
             "tokenizer.json"} <= files
-    assert "checkpoints" not in files
     meta = json.loads((d / "adapter/train_meta.json").read_text())
-    assert meta["config"]["max_steps"] == 12 and len(meta["inputs"]) == 1
+    assert meta["config"]["max_steps"] == 12 and len(meta["inputs"]) == 2
     assert metrics["steps"] == 12 and len(metrics["loss_curve"]) == 6 and metrics["tokens_seen"] > 0
+    assert len(metrics["eval_loss_curve"]) == 3  # every checkpoint_steps
     assert metrics["loss_curve"][-1]["loss"] < metrics["loss_curve"][0]["loss"]
+    assert metrics["gpu_hours"] == 0.0 and metrics["device"] == "cpu"
+    assert not any((d / "ckpt").glob("*/checkpoint-*")), "checkpoints must be removed after success"
 
 
 def test_base_weights_unchanged_and_adapter_trained(trained, tiny_base):
@@ -50,12 +67,142 @@ def test_base_weights_unchanged_and_adapter_trained(trained, tiny_base):
     assert cfg["r"] == 4 and targets >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def test_evaluate_scores_base_and_adapter(trained, tiny_base, tmp_path):
+def test_evaluate_scores_base_and_adapter(trained, tiny_base, data, tmp_path):
     d, _, _ = trained
     cfg = EvaluateConfig(out_dir=str(tmp_path), max_examples=8, max_new_tokens=8)
-    res = evaluate_model(tiny_base, d / "adapter", d / "clean/clean.jsonl", cfg)
+    res = evaluate_model(tiny_base, d / "adapter", data / "eval/clean.jsonl", cfg)
     assert res["n"] == 8 and len(res["per_example_exact"]) == 8
     assert 0.0 <= res["exact_match"] <= res["field_accuracy"] <= 1.0
+
+
+def test_early_stopping_stops_before_max_steps(tiny_base, data, tmp_path):
+    # A learning rate this low cannot improve eval loss by much, so patience 1 ends the run early.
+    cfg = tiny_cfg(tmp_path, max_steps=60, learning_rate=1e-7, early_stopping_patience=1, checkpoint_steps=4)
+    m = train(cfg, tiny_base, data / "clean/clean.jsonl", data / "eval/clean.jsonl")
+    assert m["stopped_early"] and m["steps"] < 60 and m["best_eval_loss"] is not None
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from transformers import TrainerCallback
+from pipeline.config import TrainConfig
+from pipeline.train import train
+
+class KillAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+cfg = TrainConfig.model_validate_json(sys.argv[1])
+kill = [KillAfterSave()] if int(sys.argv[2]) else []
+train(cfg, Path(sys.argv[3]), Path(sys.argv[4]), None, extra_callbacks=kill)
+"""
+
+
+def _run(cfg: TrainConfig, kill_at: int, base: Path, train_file: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _KILL_SCRIPT, cfg.model_dump_json(), str(kill_at), str(base),
+                           str(train_file)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_sigkilled_run_resumes_and_matches_an_uninterrupted_run(tiny_base, data, tmp_path):
+    train_file = data / "clean/clean.jsonl"
+    cfg = tiny_cfg(tmp_path / "a", max_steps=16, checkpoint_steps=8)
+    killed = _run(cfg, 8, tiny_base, train_file)
+    assert killed.returncode == -signal.SIGKILL
+    assert list((tmp_path / "a/ckpt").glob("*/checkpoint-8")), "no checkpoint left by the killed run"
+    resumed = _run(cfg, 0, tiny_base, train_file)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    assert json.loads((tmp_path / "a/adapter/train_metrics.json").read_text())["resumed_from_step"] == 8
+
+    straight = tiny_cfg(tmp_path / "b", max_steps=16, checkpoint_steps=8)
+    assert _run(straight, 0, tiny_base, train_file).returncode == 0
+    a = load_file(tmp_path / "a/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "b/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def _preference_margin(model, tok, rows) -> float:
+    """Mean log p(chosen) - log p(rejected) of the answer tokens, given the prompt."""
+    total = 0.0
+    for r in rows:
+        prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
+        logps = []
+        for key in ("chosen", "rejected"):
+            ids = tok(prompt + r[key][0]["content"] + tok.eos_token, add_special_tokens=False,
+                      return_tensors="pt").input_ids
+            with torch.no_grad():
+                logp = model(ids).logits[0, :-1].log_softmax(-1)
+            target = ids[0, 1:]
+            logps.append(logp[torch.arange(len(target)), target][n_prompt - 1:].sum().item())
+        total += logps[0] - logps[1]
+    return total / len(rows)
+
+
+def test_dpo_raises_the_preference_margin(tiny_base, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.train import load_preference_file
+
+    pref = ROOT / "data/raw/tickets_preference.jsonl"
+    cfg = tiny_cfg(tmp_path, method="dpo", max_steps=60, learning_rate=5e-2, dpo_beta=0.5, lora_r=8,
+                   lora_alpha=16, max_length=128, checkpoint_steps=30)
+    m = train(cfg, tiny_base, data / "clean/clean.jsonl", None, preference_file=pref)
+    assert m["method"] == "dpo" and m["steps"] == 60
+    rows = load_preference_file(pref)[:64]
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    before = _preference_margin(AutoModelForCausalLM.from_pretrained(tiny_base), tok, rows)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / "adapter")
+    assert _preference_margin(tuned, tok, rows) > before + 0.01
+
+
+def test_preference_records_must_be_complete(tmp_path):
+    from pipeline.train import load_preference_file
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "q", "chosen": "a"}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: preference record lacks \['rejected'\]"):
+        load_preference_file(f)
+
+
+def test_dora_and_merged_export_match_the_adapter(tiny_base, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_cfg(tmp_path, adapter="dora", max_steps=4, merge_export=True)
+    train(cfg, tiny_base, data / "clean/clean.jsonl", None)
+    assert json.loads((tmp_path / "adapter/adapter_config.json").read_text())["use_dora"] is True
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / "adapter")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter/merged")
+        assert torch.allclose(peft(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+def test_generic_data_is_mixed_at_the_configured_share(data):
+    rows = [{"prompt": [], "completion": []}] * 190
+    mixed, n = mix_generic(rows, ROOT / "data/raw/generic_chat.jsonl", 0.05, seed=0)
+    assert n == 10 and len(mixed) == 200
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"method": "ppo"}}, "train.method"),
+    ({"train": {"adapter": "ia3"}}, "train.adapter"),
+    ({"train": {"generic_fraction": 0.1, "generic_data": ""}}, "generic_fraction > 0 needs generic_data"),
+    ({"train": {"method": "dpo", "packing": True}}, "packing is not supported with method: dpo"),
+    ({"train": {"lr_scheduler": "cosine_annealing"}}, "train.lr_scheduler"),
+])
+def test_config_errors_name_the_key(change, message):
+    raw = Params().model_dump()
+    for section, values in change.items():
+        raw[section].update(values)
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw, Path("params.yaml"))
 
 
 def test_from_pretrained_path_is_used_for_non_builtin_bases(tiny_base, tmp_path):
@@ -65,3 +212,10 @@ def test_from_pretrained_path_is_used_for_non_builtin_bases(tiny_base, tmp_path)
     out = build_base(BaseModelConfig(model=str(tiny_base), out_dir=str(tmp_path / "base")), [])
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     assert load_file(out / "model.safetensors").keys() == load_file(tiny_base / "model.safetensors").keys()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_trains_on_cuda(tiny_base, data, tmp_path):
+    m = train(tiny_cfg(tmp_path, adapter="qlora"), tiny_base, data / "clean/clean.jsonl", None)
+    assert m["device"] == "cuda" and m["steps"] == 12
