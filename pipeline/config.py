@@ -127,7 +127,9 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_length: int = Field(160, ge=16)
-    packing: bool = False  # concatenate examples into full sequences (best with flash attention on GPU)
+    packing: bool = False  # best-fit packing into full sequences, padding-free (block-diagonal attention)
+    liger_kernels: bool = False  # Liger's fused RMSNorm/RoPE/SwiGLU Triton kernels (CUDA)
+    torch_compile: bool = False
     # Trades compute for memory; off by default because the CPU demo model is tiny.
     gradient_checkpointing: bool = False
     seed: int = 0

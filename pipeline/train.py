@@ -159,6 +159,8 @@ def _common_args(cfg: TrainConfig, ckpt_dir: Path, has_eval: bool, dev) -> dict:
         bf16=dev.bf16,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        use_liger_kernel=cfg.liger_kernels,
+        torch_compile=cfg.torch_compile,
     )
 
 

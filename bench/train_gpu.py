@@ -1,0 +1,189 @@
+"""GPU training throughput: loraflow's train stage in several configurations against a plain baseline.
+
+    python bench/train_gpu.py --model qwen2.5-0.5b --variants baseline,packed,packed_liger --steps 40
+
+No weights can be downloaded, so each model is the real architecture (Qwen2.5-0.5B or Llama-3.2-1B
+config) with random bf16 weights, and the tokenizer is the project's own BPE (token ids only feed the
+embedding; speed does not depend on which ids they are). The data are chat records whose lengths follow
+a log-normal distribution (median ~350 tokens, clipped to 32..max_length), like real SFT sets.
+
+Every variant runs ``pipeline.train.train`` in its own process, with the same model, data, sequence
+length and effective batch (micro-batch x accumulation) as the baseline:
+  baseline      plain TRL SFTTrainer + peft LoRA, padded batches, gradient checkpointing (TRL's default)
+  packed        + best-fit packing into max_length rows, padding-free (block-diagonal attention)
+  packed_liger  + Liger RMSNorm/RoPE/SwiGLU kernels
+  ...           see VARIANTS
+Reported: non-padding tokens/s, peak CUDA memory, MFU = 4 * N * tokens/s / 989e12 (LoRA: forward 2N,
+backward 2N, no weight gradients; N = parameters, H100 dense bf16 peak), ratios against the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+H100_BF16_PEAK = 989e12
+
+MODELS = {
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True, hidden_act="silu"),
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, hidden_act="silu", head_dim=64,
+                         rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+}
+
+# micro-batch x accumulation is kept at EFFECTIVE rows of data per optimizer step for every variant.
+VARIANTS = {
+    "baseline": dict(gradient_checkpointing=True),
+    "no_gc": dict(gradient_checkpointing=False),
+    "packed": dict(gradient_checkpointing=True, packing=True),
+    "packed_liger": dict(gradient_checkpointing=True, packing=True, liger_kernels=True),
+    "packed_liger_nogc": dict(gradient_checkpointing=False, packing=True, liger_kernels=True),
+    "packed_liger_compile": dict(gradient_checkpointing=True, packing=True, liger_kernels=True, torch_compile=True),
+    "qlora": dict(gradient_checkpointing=True, adapter="qlora"),
+    "qlora_packed_liger": dict(gradient_checkpointing=True, packing=True, liger_kernels=True, adapter="qlora"),
+}
+
+
+def build_model(name: str, out: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.base_model import build_tokenizer
+    from pipeline.config import BaseModelConfig
+
+    if (out / "config.json").is_file():
+        return out
+    tok = build_tokenizer(BaseModelConfig(vocab_size=2048), [ROOT / "data/raw/tickets_train.jsonl"])
+    spec = dict(MODELS[name])
+    cfg = AutoConfig.for_model(spec.pop("model_type"), **spec, pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id, bos_token_id=None, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_data(path: Path, rows: int, max_tokens: int, seed: int = 0) -> Path:
+    if path.is_file():
+        return path
+    rng = random.Random(seed)
+    words = (ROOT / "data/raw/tickets_train.jsonl").read_text().split()
+    with open(path, "w") as fh:
+        for _ in range(rows):
+            n = int(min(max(math.exp(rng.gauss(math.log(250), 0.8)), 24), max_tokens * 0.55))
+            m = int(min(max(math.exp(rng.gauss(math.log(60), 0.7)), 8), max_tokens * 0.2))
+            fh.write(json.dumps({"messages": [
+                {"role": "user", "content": " ".join(rng.choices(words, k=n))},
+                {"role": "assistant", "content": " ".join(rng.choices(words, k=m))}]}) + "\n")
+    return path
+
+
+def run_one(args) -> dict:
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    work = Path(args.work)
+    base = build_model(args.model, work / args.model)
+    data = build_data(work / "data.jsonl", args.rows, args.max_length)
+    opts = dict(VARIANTS[args.variant])
+    micro = args.micro_batch
+    if opts.get("packing"):
+        # A packed row holds max_length tokens; shrink the micro-batch so a step sees about the same
+        # number of tokens as the baseline's padded rows do.
+        micro = max(1, round(args.micro_batch * _mean_tokens(base, data) / args.max_length))
+    cfg = TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"),
+                      max_steps=args.steps, batch_size=micro, grad_accum=args.eff_batch // args.micro_batch,
+                      max_length=args.max_length, learning_rate=1e-4, lora_r=16, lora_alpha=32, logging_steps=5,
+                      checkpoint_steps=10_000, warmup_ratio=0.0, **opts)
+    m = train(cfg, base, data, None)
+    n_params = sum(p.numel() for p in torch.nn.Module.parameters(_load_meta(base)))
+    m["n_params"] = n_params
+    m["mfu"] = 4 * n_params * (m["tokens_per_s"] or 0) / H100_BF16_PEAK
+    m["variant"] = args.variant
+    m["micro_batch"] = micro
+    m["tokens_per_step"] = m["tokens_seen"] / max(m["steps"], 1)
+    return m
+
+
+def _mean_tokens(base: Path, data: Path, sample: int = 400) -> float:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    lengths = []
+    with open(data) as fh:
+        for _, line in zip(range(sample), fh):
+            ids = tok.apply_chat_template(json.loads(line)["messages"], tokenize=True)
+            lengths.append(len(ids["input_ids"] if isinstance(ids, dict) else ids))
+    return sum(lengths) / len(lengths)
+
+
+def _load_meta(base: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-0.5b", choices=sorted(MODELS))
+    ap.add_argument("--variants", default="baseline,packed,packed_liger")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--eff-batch", type=int, default=32)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--rows", type=int, default=4000)
+    ap.add_argument("--work", default="/tmp/loraflow-bench")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    if args.variant:
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+    results = {}
+    for v in args.variants.split(","):
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--variant", v, *sys.argv[1:]], capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            print(f"{v}: FAILED after {time.perf_counter() - t:.0f}s\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        results[v] = json.loads(line[7:])
+        r = results[v]
+        print(f"{v}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_memory_mb']:.0f} MB, MFU {r['mfu']:.3f}, "
+              f"loss {r['final_loss']:.3f}, micro-batch {r['micro_batch']}, {r['tokens_per_step']:.0f} tok/step "
+              f"({time.perf_counter() - t:.0f}s)", flush=True)
+    Path(args.out, f"train_gpu_{args.model}.json").write_text(json.dumps(results, indent=2))
+    b = results.get("baseline")
+    print(f"\n| model | variant | tokens/s | x baseline | peak MB | x baseline | MFU | final loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v, r in results.items():
+        sp = r["tokens_per_s"] / b["tokens_per_s"] if b else float("nan")
+        mem = r["peak_memory_mb"] / b["peak_memory_mb"] if b else float("nan")
+        print(f"| {args.model} | {v} | {r['tokens_per_s']:.0f} | {sp:.2f} | {r['peak_memory_mb']:.0f} | {mem:.2f} | "
+              f"{r['mfu']:.3f} | {r['final_loss']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
