@@ -176,7 +176,7 @@ def main() -> None:
               f"({time.perf_counter() - t:.0f}s)", flush=True)
     Path(args.out, f"train_gpu_{args.model}.json").write_text(json.dumps(results, indent=2))
     b = results.get("baseline")
-    print(f"\n| model | variant | tokens/s | x baseline | peak MB | x baseline | MFU | final loss |")
+    print("\n| model | variant | tokens/s | x baseline | peak MB | x baseline | MFU | final loss |")
     print("|---|---|---|---|---|---|---|---|")
     for v, r in results.items():
         sp = r["tokens_per_s"] / b["tokens_per_s"] if b else float("nan")
