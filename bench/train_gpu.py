@@ -50,6 +50,7 @@ MODELS = {
 # micro-batch x accumulation is kept at EFFECTIVE rows of data per optimizer step for every variant.
 VARIANTS = {
     "baseline": dict(gradient_checkpointing=True),
+    "baseline_mb32": dict(gradient_checkpointing=True, batch_size=32),
     "no_gc": dict(gradient_checkpointing=False),
     "packed": dict(gradient_checkpointing=True, packing=True),
     "packed_liger": dict(gradient_checkpointing=True, packing=True, liger_kernels=True),
@@ -69,7 +70,8 @@ def build_model(name: str, out: Path) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    tok = build_tokenizer(BaseModelConfig(vocab_size=2048), [ROOT / "data/raw/tickets_train.jsonl"])
+    tok = build_tokenizer(BaseModelConfig(vocab_size=2048, max_position_embeddings=4096),
+                          [ROOT / "data/raw/tickets_train.jsonl"])
     spec = dict(MODELS[name])
     cfg = AutoConfig.for_model(spec.pop("model_type"), **spec, pad_token_id=tok.pad_token_id,
                                eos_token_id=tok.eos_token_id, bos_token_id=None, torch_dtype="bfloat16")
@@ -106,13 +108,13 @@ def run_one(args) -> dict:
     base = build_model(args.model, work / args.model)
     data = build_data(work / "data.jsonl", args.rows, args.max_length)
     opts = dict(VARIANTS[args.variant])
-    micro = args.micro_batch
+    micro = opts.pop("batch_size", args.micro_batch)
     if opts.get("packing"):
         # A packed row holds max_length tokens; shrink the micro-batch so a step sees about the same
         # number of tokens as the baseline's padded rows do.
         micro = max(1, round(args.micro_batch * _mean_tokens(base, data) / args.max_length))
     cfg = TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"),
-                      max_steps=args.steps, batch_size=micro, grad_accum=args.eff_batch // args.micro_batch,
+                      max_steps=args.steps, batch_size=micro, grad_accum=max(1, args.eff_batch // max(micro, args.micro_batch)),
                       max_length=args.max_length, learning_rate=1e-4, lora_r=16, lora_alpha=32, logging_steps=5,
                       checkpoint_steps=10_000, warmup_ratio=0.0, **opts)
     m = train(cfg, base, data, None)
@@ -132,8 +134,8 @@ def _mean_tokens(base: Path, data: Path, sample: int = 400) -> float:
     lengths = []
     with open(data) as fh:
         for _, line in zip(range(sample), fh):
-            ids = tok.apply_chat_template(json.loads(line)["messages"], tokenize=True)
-            lengths.append(len(ids["input_ids"] if isinstance(ids, dict) else ids))
+            text = tok.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+            lengths.append(len(tok(text, add_special_tokens=False).input_ids))
     return sum(lengths) / len(lengths)
 
 
