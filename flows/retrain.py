@@ -1,7 +1,7 @@
 """The ``retrain`` flow: DVC stages -> gate -> MLflow registry -> (optional) serving sync.
 
     loraflow run                                  # embedded defaults, ephemeral Prefect
-    prefect deployment run retrain/scheduled      # once deployed (prefect.yaml)
+    prefect deployment run retrain/production     # once deployed (prefect.yaml)
 
 Each DVC stage is one task, so the Prefect UI shows which stages ran and which DVC skipped as unchanged.
 Logic lives in ``pipeline/``; this module only wires it, adds retries and emits events.
@@ -16,7 +16,7 @@ from prefect.events import emit_event
 
 from pipeline import dvc_runner, registry, release
 from pipeline.config import Params, load_params
-from pipeline.gate import Decision
+from pipeline.gate import Decision, ModelScore
 from pipeline.hashing import dir_sha256
 from pipeline.serving import VLLMServer
 
@@ -37,18 +37,16 @@ def push_outputs() -> int:
 @task(name="gate")
 def gate(p: Params) -> dict:
     candidate, base = release.candidate_score(p)
+    scores = {"candidate": candidate, "base": base}
     existing = registry.find_version_by_adapter(p.registry, p.project.name, dir_sha256(Path(p.train.out_dir)))
     if existing is not None:
-        return {"existing_version": existing.version, "decision": None,
-                "candidate": candidate.metrics, "base": base.metrics}
+        return {"existing_version": existing.version, "decision": None, **scores}
     decision, champion = release.gate(p, candidate, base)
-    return {"existing_version": None, "decision": decision, "champion": champion,
-            "candidate": candidate.metrics, "base": base.metrics}
+    return {"existing_version": None, "decision": decision, "champion": champion, **scores}
 
 
 @task(name="register")
-def register(p: Params, decision: Decision) -> registry.VersionInfo:
-    candidate, base = release.candidate_score(p)
+def register(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore) -> registry.VersionInfo:
     info = release.register_candidate(p, decision, candidate, base)
     emit_event("loraflow.model.registered", resource={"prefect.resource.id": f"mlflow.model.{info.name}"},
                payload={"version": info.version, "promote": decision.promote})
@@ -79,7 +77,8 @@ def retrain(params_file: str = "params.yaml", sync_server: bool = False) -> dict
     stages = {name: run_stage(name) for name in dvc_runner.stage_names()}
     pushed = push_outputs() if p.dvc.push else None
     g = gate(p)
-    summary: dict = {"stages": stages, "dvc_pushed_files": pushed, "candidate": g["candidate"], "base": g["base"]}
+    summary: dict = {"stages": stages, "dvc_pushed_files": pushed, "candidate": g["candidate"].metrics,
+                     "base": g["base"].metrics}
     if g["existing_version"] is not None:
         logger.info("adapter unchanged: already registered as version %s; nothing to register",
                     g["existing_version"])
@@ -89,7 +88,7 @@ def retrain(params_file: str = "params.yaml", sync_server: bool = False) -> dict
         decision = g["decision"]
         for reason in decision.reasons:
             logger.info("gate: %s", reason)
-        info = register(p, decision)
+        info = register(p, decision, g["candidate"], g["base"])
         summary.update(registered_version=info.version, newly_registered=True, decision=decision.to_dict())
         if decision.promote:
             promote(p, info.version)
