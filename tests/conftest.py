@@ -62,3 +62,15 @@ def tiny_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-base")
     cfg = BaseModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1, vocab_size=512)
     return build_builtin(cfg, [ROOT / "data/raw/tickets_train.jsonl"], out)
+
+
+@pytest.fixture(scope="session")
+def clean_demo(tmp_path_factory) -> Path:
+    """The committed demo data sanitized with default settings: ``<dir>/{train,eval}/clean.jsonl``."""
+    from pipeline.config import SanitizeConfig
+    from pipeline.sanitize import sanitize_files
+
+    d = tmp_path_factory.mktemp("clean-demo")
+    for split in ("train", "eval"):
+        sanitize_files([ROOT / f"data/raw/tickets_{split}.jsonl"], d / split, SanitizeConfig())
+    return d

@@ -5,18 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import MonitorConfig, SanitizeConfig
-from pipeline.sanitize import sanitize_files
-
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline.config import MonitorConfig
 
 
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mon")
-    sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], d / "train", SanitizeConfig())
-    sanitize_files([ROOT / "data/raw/tickets_eval.jsonl"], d / "eval", SanitizeConfig())
-    return d
+
+@pytest.fixture
+def clean(clean_demo):
+    return clean_demo
 
 
 def _log(path: Path, rows):

@@ -11,20 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import ConfigError, EvaluateConfig, Params, SanitizeConfig, TrainConfig, parse_params
+from pipeline.config import ConfigError, EvaluateConfig, Params, TrainConfig, parse_params
 from pipeline.evaluate import evaluate_model
-from pipeline.sanitize import sanitize_files
 from pipeline.train import mix_generic, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train-data")
-    sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], d / "clean", SanitizeConfig())
-    sanitize_files([ROOT / "data/raw/tickets_eval.jsonl"], d / "eval", SanitizeConfig())
-    return d
+def data(clean_demo):
+    return clean_demo
 
 
 def tiny_cfg(tmp: Path, **kw) -> TrainConfig:
@@ -37,7 +33,7 @@ def tiny_cfg(tmp: Path, **kw) -> TrainConfig:
 def trained(tiny_base, data, tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     before = {k: v.clone() for k, v in load_file(tiny_base / "model.safetensors").items()}
-    metrics = train(tiny_cfg(d), tiny_base, data / "clean/clean.jsonl", data / "eval/clean.jsonl")
+    metrics = train(tiny_cfg(d), tiny_base, data / "train/clean.jsonl", data / "eval/clean.jsonl")
     return d, before, metrics
 
 
@@ -78,7 +74,7 @@ def test_evaluate_scores_base_and_adapter(trained, tiny_base, data, tmp_path):
 def test_early_stopping_stops_before_max_steps(tiny_base, data, tmp_path):
     # A learning rate this low cannot improve eval loss by much, so patience 1 ends the run early.
     cfg = tiny_cfg(tmp_path, max_steps=60, learning_rate=1e-7, early_stopping_patience=1, checkpoint_steps=4)
-    m = train(cfg, tiny_base, data / "clean/clean.jsonl", data / "eval/clean.jsonl")
+    m = train(cfg, tiny_base, data / "train/clean.jsonl", data / "eval/clean.jsonl")
     assert m["stopped_early"] and m["steps"] < 60 and m["best_eval_loss"] is not None
 
 
@@ -107,7 +103,7 @@ def _run(cfg: TrainConfig, kill_at: int, base: Path, train_file: Path) -> subpro
 
 
 def test_sigkilled_run_resumes_and_matches_an_uninterrupted_run(tiny_base, data, tmp_path):
-    train_file = data / "clean/clean.jsonl"
+    train_file = data / "train/clean.jsonl"
     cfg = tiny_cfg(tmp_path / "a", max_steps=16, checkpoint_steps=8)
     killed = _run(cfg, 8, tiny_base, train_file)
     assert killed.returncode == -signal.SIGKILL
@@ -152,7 +148,7 @@ def test_dpo_raises_the_preference_margin(tiny_base, data, tmp_path):
     pref = ROOT / "data/raw/tickets_preference.jsonl"
     cfg = tiny_cfg(tmp_path, method="dpo", max_steps=60, learning_rate=5e-2, dpo_beta=0.5, lora_r=8,
                    lora_alpha=16, max_length=128, checkpoint_steps=30)
-    m = train(cfg, tiny_base, data / "clean/clean.jsonl", None, preference_file=pref)
+    m = train(cfg, tiny_base, data / "train/clean.jsonl", None, preference_file=pref)
     assert m["method"] == "dpo" and m["steps"] == 60
     rows = load_preference_file(pref)[:64]
     tok = AutoTokenizer.from_pretrained(tiny_base)
@@ -175,7 +171,7 @@ def test_dora_and_merged_export_match_the_adapter(tiny_base, data, tmp_path):
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_cfg(tmp_path, adapter="dora", max_steps=4, merge_export=True)
-    train(cfg, tiny_base, data / "clean/clean.jsonl", None)
+    train(cfg, tiny_base, data / "train/clean.jsonl", None)
     assert json.loads((tmp_path / "adapter/adapter_config.json").read_text())["use_dora"] is True
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     with torch.no_grad():
@@ -217,5 +213,5 @@ def test_from_pretrained_path_is_used_for_non_builtin_bases(tiny_base, tmp_path)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_trains_on_cuda(tiny_base, data, tmp_path):
-    m = train(tiny_cfg(tmp_path, adapter="qlora"), tiny_base, data / "clean/clean.jsonl", None)
+    m = train(tiny_cfg(tmp_path, adapter="qlora"), tiny_base, data / "train/clean.jsonl", None)
     assert m["device"] == "cuda" and m["steps"] == 12
