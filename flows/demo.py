@@ -8,13 +8,13 @@ hot-loads the champion adapter into it. The summary is printed and written to re
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import dvc_runner
 from pipeline.config import load_params
+from pipeline.evaluate import score
 from pipeline.jsonio import read_json, write_json
 from pipeline.serving import VLLMServer
 from pipeline.stages import CLEAN_EVAL
@@ -68,7 +68,7 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         t = time.perf_counter()
         answers = send_sample_traffic(server, serving["served"], requests, traffic_log)
         timings["traffic_s"] = round(time.perf_counter() - t, 1)
-        correct = sum(json.loads(a["expected"]) == _safe_json(a["answer"]) for a in answers)
+        correct = sum(score(a["answer"], a["expected"])["exact_match"] for a in answers)
         progress("[demo] running the Prefect flow `drift-check`")
         t = time.perf_counter()
         drift = drift_check(params_file=params_file)
@@ -95,13 +95,6 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
     }
     write_json(SUMMARY_FILE, report)
     return report, server
-
-
-def _safe_json(text: str):
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, ValueError):
-        return None
 
 
 def _record_counts(p) -> dict:

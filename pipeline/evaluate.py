@@ -86,4 +86,4 @@ def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: Path, cfg: Eval
     metrics = {"base": {k: base[k] for k in keys}, "candidate": {k: cand[k] for k in keys}}
     write_json(out / "metrics.json", metrics)
     write_json(out / "details.json", {"base": base, "candidate": cand})
-    return {"base": base, "candidate": cand}
+    return metrics

@@ -15,7 +15,6 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import phonenumbers
 
@@ -88,11 +87,6 @@ def _digits(s: str) -> str:
     return "".join(c for c in s if c.isdigit())
 
 
-@lru_cache(maxsize=64)
-def _region_list(regions: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(r.upper() for r in regions)
-
-
 def phone_ok(candidate: str, regions: tuple[str, ...]) -> bool:
     digits = _digits(candidate.split("x")[0].split("ext")[0])
     if not 7 <= len(digits) <= 15 or _DATE.match(candidate) or _SSN_SHAPE.match(candidate) or isbn13_ok(digits):
@@ -103,7 +97,7 @@ def phone_ok(candidate: str, regions: tuple[str, ...]) -> bool:
     text = candidate
     if text.startswith("00") and not text.startswith("001-"):
         text = "+" + text[2:]
-    for region in _region_list(regions):
+    for region in regions:
         try:
             num = phonenumbers.parse(text, region)
         except phonenumbers.NumberParseException:
@@ -144,6 +138,7 @@ _AWS_PREFIXES = ("AKIA", "ASIA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA")
 
 def build_detectors(regions: tuple[str, ...] = ("US", "GB", "DE", "FR"),
                     custom: dict[str, str] | None = None) -> list[Detector]:
+    regions = tuple(r.upper() for r in regions)
     anything = bool  # prescan for detectors gated only on the digit run
     detectors = [
         Detector("PRIVATE_KEY", _PRIVATE_KEY, lambda t: "PRIVATE KEY" in t),

@@ -120,9 +120,10 @@ def to_messages(obj: Any, max_chars: int, max_depth: int) -> list[dict[str, str]
     total = 0
     for i, m in enumerate(messages):
         content = normalise_text(m["content"])
-        if _CONTROL.search(content):
-            ch = _CONTROL.search(content).group()
-            raise RecordError("control_characters", f"messages[{i}] contains control character U+{ord(ch):04X}")
+        control = _CONTROL.search(content)
+        if control:
+            raise RecordError("control_characters",
+                              f"messages[{i}] contains control character U+{ord(control.group()):04X}")
         content = content.strip()
         if not content:
             raise RecordError("blank_content", f"messages[{i}] ({m['role']}) has no text")

@@ -59,9 +59,7 @@ def train(p: Params) -> dict:
 def evaluate(p: Params) -> dict:
     from pipeline.evaluate import evaluate_stage
 
-    res = evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), CLEAN_EVAL, p.evaluate)
-    keys = ("n", "json_valid", "exact_match", "field_accuracy")
-    return {m: {k: res[m][k] for k in keys} for m in ("base", "candidate")}
+    return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), CLEAN_EVAL, p.evaluate)
 
 
 STAGES: dict[str, Callable[[Params], dict]] = {
