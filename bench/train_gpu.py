@@ -47,17 +47,29 @@ MODELS = {
                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
 }
 
-# micro-batch x accumulation is kept at EFFECTIVE rows of data per optimizer step for every variant.
+# Every variant sees about the same tokens per optimizer step as the baseline (EFFECTIVE padded rows =
+# micro-batch 8 x accumulation 4). Packed variants hold max_length-token rows, so their rows per step are
+# scaled by mean example length / max_length; "accum" sets how those rows split into micro-batches.
 VARIANTS = {
-    "baseline": dict(gradient_checkpointing=True),
-    "baseline_mb32": dict(gradient_checkpointing=True, batch_size=32),
-    "no_gc": dict(gradient_checkpointing=False),
-    "packed": dict(gradient_checkpointing=True, packing=True),
-    "packed_liger": dict(gradient_checkpointing=True, packing=True, liger_kernels=True),
-    "packed_liger_nogc": dict(gradient_checkpointing=False, packing=True, liger_kernels=True),
-    "packed_liger_compile": dict(gradient_checkpointing=True, packing=True, liger_kernels=True, torch_compile=True),
-    "qlora": dict(gradient_checkpointing=True, adapter="qlora"),
-    "qlora_packed_liger": dict(gradient_checkpointing=True, packing=True, liger_kernels=True, adapter="qlora"),
+    "baseline": dict(gradient_checkpointing=True, attention="sdpa"),
+    "baseline_mb32": dict(gradient_checkpointing=True, attention="sdpa", batch_size=32),
+    "no_gc": dict(gradient_checkpointing=False, attention="sdpa"),
+    "packed_sdpa": dict(gradient_checkpointing=True, packing=True, attention="sdpa"),
+    "packed": dict(gradient_checkpointing=True, packing=True, attention="varlen"),
+    "packed_a1": dict(gradient_checkpointing=True, packing=True, attention="varlen", accum=1),
+    "packed_liger": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True),
+    "packed_liger_a1": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
+                            accum=1),
+    "packed_liger_a2": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
+                            accum=2),
+    "packed_liger_nogc": dict(gradient_checkpointing=False, packing=True, attention="varlen", liger_kernels=True),
+    "packed_liger_compile": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
+                                 torch_compile=True),
+    "qlora": dict(gradient_checkpointing=True, attention="sdpa", adapter="qlora"),
+    "qlora_packed_liger": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
+                               adapter="qlora"),
+    "qlora_packed_liger_a1": dict(gradient_checkpointing=True, packing=True, attention="varlen",
+                                  liger_kernels=True, adapter="qlora", accum=1),
 }
 
 
@@ -98,6 +110,54 @@ def build_data(path: Path, rows: int, max_tokens: int, seed: int = 0) -> Path:
     return path
 
 
+class StepTimer:
+    """Per-optimizer-step wall time (device synchronised) and tokens, for steady-state throughput."""
+
+    def __init__(self, profile_dir: Path | None = None, profile_at: int = 0) -> None:
+        import torch
+        from transformers import TrainerCallback
+
+        self.steps: list[tuple[float, int]] = []  # (seconds, tokens) per step
+        timer = self
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                timer._t, timer._n = time.perf_counter(), state.num_input_tokens_seen
+                if profile_dir and state.global_step == profile_at:
+                    timer._prof = torch.profiler.profile(
+                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                    timer._prof.__enter__()
+                    timer._prof_t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                timer.steps.append((time.perf_counter() - timer._t, state.num_input_tokens_seen - timer._n))
+                if profile_dir and state.global_step == profile_at + 2:
+                    timer._prof.__exit__(None, None, None)
+                    timer.profile_summary = _summarise(timer._prof, time.perf_counter() - timer._prof_t, profile_dir)
+
+        self.callback = _CB()
+
+    def steady(self, skip: int) -> dict:
+        tail = self.steps[skip:] or self.steps
+        secs, toks = sum(s for s, _ in tail), sum(n for _, n in tail)
+        return {"steady_tokens_per_s": round(toks / secs, 1), "steady_step_s": round(secs / len(tail), 4),
+                "steady_steps": len(tail)}
+
+
+def _summarise(prof, wall: float, out_dir: Path) -> dict:
+    """Share of the profiled wall time the GPU spent in kernels, and the top kernels, written to out_dir."""
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    table = events.table(sort_by="self_device_time_total", row_limit=30)
+    cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=20)
+    (out_dir / "profile.txt").write_text(table + "\n\n" + cpu_table)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    return {"profiled_wall_s": round(wall, 3), "gpu_kernel_s": round(kernel_us / 1e6, 3),
+            "gpu_busy": round(kernel_us / 1e6 / wall, 3), "kernel_launches": launches}
+
+
 def run_one(args) -> dict:
     import torch
 
@@ -109,21 +169,33 @@ def run_one(args) -> dict:
     data = build_data(work / "data.jsonl", args.rows, args.max_length)
     opts = dict(VARIANTS[args.variant])
     micro = opts.pop("batch_size", args.micro_batch)
+    accum = opts.pop("accum", None)
     if opts.get("packing"):
-        # A packed row holds max_length tokens; shrink the micro-batch so a step sees about the same
-        # number of tokens as the baseline's padded rows do.
-        micro = max(1, round(args.micro_batch * _mean_tokens(base, data) / args.max_length))
+        # A packed row holds up to max_length tokens: keep the tokens per optimizer step equal to the baseline's.
+        rows_per_step = args.micro_batch * args.accum * _mean_tokens(base, data) / args.max_length
+        accum = accum or args.accum
+        micro = max(1, round(rows_per_step / accum))
+    else:
+        accum = accum or max(1, args.micro_batch * args.accum // micro)
     cfg = TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"),
-                      max_steps=args.steps, batch_size=micro, grad_accum=max(1, args.eff_batch // max(micro, args.micro_batch)),
-                      max_length=args.max_length, learning_rate=1e-4, lora_r=16, lora_alpha=32, logging_steps=5,
+                      max_steps=args.steps, batch_size=micro, grad_accum=accum,
+                      max_length=args.max_length, learning_rate=1e-4, lora_r=16, lora_alpha=32, logging_steps=1,
                       checkpoint_steps=10_000, warmup_ratio=0.0, **opts)
-    m = train(cfg, base, data, None)
+    prof_dir = Path(args.out) / f"profile_{args.variant}" if args.profile else None
+    if prof_dir:
+        prof_dir.mkdir(parents=True, exist_ok=True)
+    timer = StepTimer(prof_dir, profile_at=args.warmup)
+    m = train(cfg, base, data, None, extra_callbacks=[timer.callback])
     n_params = sum(p.numel() for p in torch.nn.Module.parameters(_load_meta(base)))
+    m.update(timer.steady(args.warmup))
+    m["profile"] = getattr(timer, "profile_summary", None)
     m["n_params"] = n_params
-    m["mfu"] = 4 * n_params * (m["tokens_per_s"] or 0) / H100_BF16_PEAK
+    m["mfu"] = 4 * n_params * m["steady_tokens_per_s"] / H100_BF16_PEAK
     m["variant"] = args.variant
     m["micro_batch"] = micro
+    m["grad_accum"] = accum
     m["tokens_per_step"] = m["tokens_seen"] / max(m["steps"], 1)
+    m["step_times"] = [round(s, 4) for s, _ in timer.steps]
     return m
 
 
@@ -153,8 +225,10 @@ def main() -> None:
     ap.add_argument("--variants", default="baseline,packed,packed_liger")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--eff-batch", type=int, default=32)
     ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--accum", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state throughput")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over two steps after the warm-up")
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--work", default="/tmp/loraflow-bench")
@@ -167,25 +241,30 @@ def main() -> None:
     for v in args.variants.split(","):
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--variant", v, *sys.argv[1:]], capture_output=True, text=True)
+        Path(args.out, f"{v}.log").write_text(proc.stderr[-200_000:])
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode or line is None:
-            print(f"{v}: FAILED after {time.perf_counter() - t:.0f}s\n{proc.stderr[-3000:]}", flush=True)
+            print(f"{v}: FAILED after {time.perf_counter() - t:.0f}s\n{proc.stderr[-2500:]}", flush=True)
             continue
-        results[v] = json.loads(line[7:])
-        r = results[v]
-        print(f"{v}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_memory_mb']:.0f} MB, MFU {r['mfu']:.3f}, "
-              f"loss {r['final_loss']:.3f}, micro-batch {r['micro_batch']}, {r['tokens_per_step']:.0f} tok/step "
+        results[v] = r = json.loads(line[7:])
+        Path(args.out, f"train_gpu_{args.model}.json").write_text(json.dumps(results, indent=2))
+        print(f"{v}: {r['steady_tokens_per_s']:.0f} tok/s steady ({r['tokens_per_s']:.0f} whole run), peak "
+              f"{r['peak_memory_mb']:.0f} MB, MFU {r['mfu']:.3f}, loss {_tail_loss(r):.3f}, micro-batch "
+              f"{r['micro_batch']} x {r['grad_accum']}, {r['tokens_per_step']:.0f} tok/step, profile {r['profile']} "
               f"({time.perf_counter() - t:.0f}s)", flush=True)
-    Path(args.out, f"train_gpu_{args.model}.json").write_text(json.dumps(results, indent=2))
     b = results.get("baseline")
-    print("\n| model | variant | tokens/s | x baseline | peak MB | x baseline | MFU | final loss |")
+    print("\n| model | variant | tokens/s | x baseline | peak MB | x baseline | MFU | loss, last 5 steps |")
     print("|---|---|---|---|---|---|---|---|")
     for v, r in results.items():
-        sp = r["tokens_per_s"] / b["tokens_per_s"] if b else float("nan")
+        sp = r["steady_tokens_per_s"] / b["steady_tokens_per_s"] if b else float("nan")
         mem = r["peak_memory_mb"] / b["peak_memory_mb"] if b else float("nan")
-        print(f"| {args.model} | {v} | {r['tokens_per_s']:.0f} | {sp:.2f} | {r['peak_memory_mb']:.0f} | {mem:.2f} | "
-              f"{r['mfu']:.3f} | {r['final_loss']:.3f} |")
+        print(f"| {args.model} | {v} | {r['steady_tokens_per_s']:.0f} | {sp:.2f} | {r['peak_memory_mb']:.0f} | "
+              f"{mem:.2f} | {r['mfu']:.3f} | {_tail_loss(r):.3f} |")
 
+
+def _tail_loss(r: dict, n: int = 5) -> float:
+    curve = [p["loss"] for p in r.get("loss_curve", [])][-n:]
+    return sum(curve) / len(curve) if curve else float("nan")
 
 if __name__ == "__main__":
     main()

@@ -128,6 +128,9 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, gt=0)
     max_length: int = Field(160, ge=16)
     packing: bool = False  # best-fit packing into full sequences, padding-free (block-diagonal attention)
+    # auto: on CUDA with packing, PyTorch's varlen flash attention (attends within each packed document
+    # instead of over a dense block-diagonal mask); otherwise sdpa.
+    attention: Literal["auto", "sdpa", "varlen", "eager"] = "auto"
     liger_kernels: bool = False  # Liger's fused RMSNorm/RoPE/SwiGLU Triton kernels (CUDA)
     torch_compile: bool = False
     # Trades compute for memory; off by default because the CPU demo model is tiny.

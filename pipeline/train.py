@@ -72,7 +72,22 @@ def lora_config(cfg: TrainConfig):
                       target_modules=cfg.target_modules, use_dora=cfg.adapter == "dora", task_type="CAUSAL_LM")
 
 
-def load_base(base_dir: Path, quantize_4bit: bool = False):
+def attention_implementation(cfg: TrainConfig) -> str:
+    """The transformers ``attn_implementation`` for this run (``train.attention``, resolved for the device)."""
+    from pipeline import attention
+
+    dev = detect()
+    choice = cfg.attention
+    if choice == "auto":
+        choice = "varlen" if dev.is_cuda and cfg.packing and attention.varlen_available() else "sdpa"
+    if choice == "varlen":
+        if not attention.varlen_available():
+            raise ValueError("train.attention: varlen needs CUDA and torch >= 2.10 (torch.nn.attention.varlen)")
+        return attention.register()
+    return choice
+
+
+def load_base(base_dir: Path, quantize_4bit: bool = False, attn_implementation: str = "sdpa"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,8 +105,7 @@ def load_base(base_dir: Path, quantize_4bit: bool = False):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-    if dev.is_cuda:
-        kwargs["attn_implementation"] = "sdpa"
+    kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if quantize_4bit:
         from peft import prepare_model_for_kbit_training
@@ -185,7 +199,8 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     resume = last_checkpoint(ckpt_dir)
     if resume:
         print(f"train: resuming from {resume}")
-    model, tokenizer = load_base(base_dir, quantize_4bit=cfg.adapter == "qlora")
+    model, tokenizer = load_base(base_dir, quantize_4bit=cfg.adapter == "qlora",
+                                 attn_implementation=attention_implementation(cfg))
     eval_rows = load_chat_file(eval_file) if eval_file else None
     recorder = _LossRecorder()
     callbacks = [recorder.callback, *(extra_callbacks or [])]
