@@ -7,12 +7,15 @@ config) with random bf16 weights, and the tokenizer is the project's own BPE (to
 embedding; speed does not depend on which ids they are). The data are chat records whose lengths follow
 a log-normal distribution (median ~350 tokens, clipped to 32..max_length), like real SFT sets.
 
-Every variant runs ``pipeline.train.train`` in its own process, with the same model, data, sequence
-length and effective batch (micro-batch x accumulation) as the baseline:
-  baseline      plain TRL SFTTrainer + peft LoRA, padded batches, gradient checkpointing (TRL's default)
-  packed        + best-fit packing into max_length rows, padding-free (block-diagonal attention)
-  packed_liger  + Liger RMSNorm/RoPE/SwiGLU kernels
+Every variant runs in its own process with the same model, data, max length and tokens per optimizer
+step as the baseline:
+  baseline      a hand-written TRL script: SFTTrainer + peft LoRA with TRL's defaults (padded batches,
+                gradient checkpointing), micro-batch 8 x accumulation 4
+  packed_sdpa   loraflow's train stage: best-fit packing, padding-free, sdpa (dense block-diagonal mask)
+  packed        + varlen flash attention within each packed document (train.attention: auto)
+  packed_liger  + Liger RMSNorm/RoPE/SwiGLU kernels; _a1/_a2: fewer, larger micro-batches
   ...           see VARIANTS
+Throughput is steady state: optimizer steps after --warmup, timed with the device synchronised.
 Reported: non-padding tokens/s, peak CUDA memory, MFU = 4 * N * tokens/s / 989e12 (LoRA: forward 2N,
 backward 2N, no weight gradients; N = parameters, H100 dense bf16 peak), ratios against the baseline.
 """
@@ -65,7 +68,11 @@ VARIANTS = {
     "packed_liger_nogc": dict(gradient_checkpointing=False, packing=True, attention="varlen", liger_kernels=True),
     "packed_liger_compile": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
                                  torch_compile=True),
+    "packed_liger_a2_compile": dict(gradient_checkpointing=True, packing=True, attention="varlen",
+                                    liger_kernels=True, accum=2, torch_compile=True),
     "qlora": dict(gradient_checkpointing=True, attention="sdpa", adapter="qlora"),
+    "qlora_packed_liger_a2": dict(gradient_checkpointing=True, packing=True, attention="varlen",
+                                  liger_kernels=True, adapter="qlora", accum=2),
     "qlora_packed_liger": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
                                adapter="qlora"),
     "qlora_packed_liger_a1": dict(gradient_checkpointing=True, packing=True, attention="varlen",
@@ -158,6 +165,36 @@ def _summarise(prof, wall: float, out_dir: Path) -> dict:
             "gpu_busy": round(kernel_us / 1e6 / wall, 3), "kernel_launches": launches}
 
 
+def run_plain_trl(args, base: Path, data: Path, timer: StepTimer) -> dict:
+    """The baseline: a hand-written TRL script (SFTTrainer + peft LoRA, TRL's defaults, padded batches)."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(base)
+    ds = load_dataset("json", data_files=str(data), split="train")
+    ds = ds.map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}, remove_columns=["messages"])
+    sft = SFTConfig(output_dir=str(Path(args.work) / "out" / "baseline"), max_steps=args.steps,
+                    per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.accum,
+                    learning_rate=1e-4, max_length=args.max_length, bf16=True, logging_steps=1, save_strategy="no",
+                    report_to="none", seed=0, include_num_input_tokens_seen="non_padding")
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok, callbacks=[timer.callback],
+                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train()
+    duration = time.perf_counter() - started
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"steps": trainer.state.global_step, "tokens_seen": tokens, "tokens_per_s": tokens / duration,
+            "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "gradient_checkpointing": sft.gradient_checkpointing,
+            "loss_curve": [{"step": r["step"], "loss": r["loss"]} for r in trainer.state.log_history if "loss" in r]}
+
+
 def run_one(args) -> dict:
     import torch
 
@@ -167,25 +204,30 @@ def run_one(args) -> dict:
     work = Path(args.work)
     base = build_model(args.model, work / args.model)
     data = build_data(work / "data.jsonl", args.rows, args.max_length)
-    opts = dict(VARIANTS[args.variant])
-    micro = opts.pop("batch_size", args.micro_batch)
-    accum = opts.pop("accum", None)
-    if opts.get("packing"):
-        # A packed row holds up to max_length tokens: keep the tokens per optimizer step equal to the baseline's.
-        rows_per_step = args.micro_batch * args.accum * _mean_tokens(base, data) / args.max_length
-        accum = accum or args.accum
-        micro = max(1, round(rows_per_step / accum))
-    else:
-        accum = accum or max(1, args.micro_batch * args.accum // micro)
-    cfg = TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"),
-                      max_steps=args.steps, batch_size=micro, grad_accum=accum,
-                      max_length=args.max_length, learning_rate=1e-4, lora_r=16, lora_alpha=32, logging_steps=1,
-                      checkpoint_steps=10_000, warmup_ratio=0.0, **opts)
     prof_dir = Path(args.out) / f"profile_{args.variant}" if args.profile else None
     if prof_dir:
         prof_dir.mkdir(parents=True, exist_ok=True)
     timer = StepTimer(prof_dir, profile_at=args.warmup)
-    m = train(cfg, base, data, None, extra_callbacks=[timer.callback])
+    if args.variant == "baseline":
+        m = run_plain_trl(args, base, data, timer)
+        micro, accum = args.micro_batch, args.accum
+    else:
+        opts = dict(VARIANTS[args.variant])
+        micro = opts.pop("batch_size", args.micro_batch)
+        accum = opts.pop("accum", None)
+        if opts.get("packing"):
+            # A packed row holds up to max_length tokens: keep the tokens per optimizer step equal to the
+            # baseline's (measured by its run when it ran first, else estimated from the data).
+            tokens = args.tokens_per_step or args.micro_batch * args.accum * _mean_tokens(base, data)
+            accum = accum or args.accum
+            micro = max(1, round(tokens / (0.99 * args.max_length) / accum))
+        else:
+            accum = accum or max(1, args.micro_batch * args.accum // micro)
+        cfg = TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"),
+                          max_steps=args.steps, batch_size=micro, grad_accum=accum,
+                          max_length=args.max_length, learning_rate=1e-4, lora_r=16, lora_alpha=32,
+                          logging_steps=1, checkpoint_steps=10_000, warmup_ratio=0.0, **opts)
+        m = train(cfg, base, data, None, extra_callbacks=[timer.callback])
     n_params = sum(p.numel() for p in torch.nn.Module.parameters(_load_meta(base)))
     m.update(timer.steady(args.warmup))
     m["profile"] = getattr(timer, "profile_summary", None)
@@ -230,7 +272,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state throughput")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over two steps after the warm-up")
     ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--rows", type=int, default=4000)
+    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--tokens-per-step", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--work", default="/tmp/loraflow-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -240,7 +283,9 @@ def main() -> None:
     results = {}
     for v in args.variants.split(","):
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--variant", v, *sys.argv[1:]], capture_output=True, text=True)
+        extra = ["--tokens-per-step", str(results["baseline"]["tokens_per_step"])] if "baseline" in results else []
+        proc = subprocess.run([sys.executable, __file__, "--variant", v, *extra, *sys.argv[1:]], capture_output=True,
+                              text=True)
         Path(args.out, f"{v}.log").write_text(proc.stderr[-200_000:])
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode or line is None:

@@ -231,7 +231,12 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     if dev.is_cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # peft casts every LoRA input to the adapter's float32 before its matmuls, and bf16 autocast (on in
+    # the trainer's forward) casts it straight back: two full copies of each projection input for nothing.
+    from peft.helpers import disable_input_dtype_casting
+
+    with disable_input_dtype_casting(trainer.model, active=dev.bf16 and cfg.adapter != "qlora"):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     duration = time.perf_counter() - started
     if not trainer.is_world_process_zero():  # under torchrun/accelerate only rank 0 writes the outputs
         return {}
