@@ -69,8 +69,15 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                                       is_causal=is_causal, **kwargs)
     if dropout:
         raise ValueError("attention: varlen does not support attention dropout")
+    import torch
+
     varlen_attn, causal, native_gqa = _varlen_call()
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    out_dtype = q.dtype
+    if out_dtype not in (torch.float16, torch.bfloat16):
+        # QLoRA keeps norms in float32, so q/k/v can arrive in float32; flash kernels take half precision only.
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(half), k.to(half), v.to(half)
     gqa = {}
     if k.shape[1] != q.shape[1]:
         if native_gqa:
@@ -79,7 +86,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **causal, **gqa)
-    return out.unsqueeze(0), None
+    return out.to(out_dtype).unsqueeze(0), None
 
 
 def _mask(*args, attention_mask=None, **kwargs):
