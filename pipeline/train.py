@@ -106,12 +106,10 @@ def load_base(base_dir: Path, quantize_4bit: bool = False, attn_implementation: 
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
     kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    if quantize_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model, tokenizer
+    # No peft.prepare_model_for_kbit_training for QLoRA: it upcasts every non-quantized weight (norms and
+    # the tied embedding/LM head) to float32, which made 4-bit Llama-3.2-1B use more memory than bf16 LoRA
+    # (docs/benchmarks.md); bf16 norms are what bf16 LoRA trains with anyway, and peft freezes the base.
+    return AutoModelForCausalLM.from_pretrained(base_dir, **kwargs), tokenizer
 
 
 class _LossRecorder:
