@@ -192,6 +192,7 @@ def test_generic_data_is_mixed_at_the_configured_share(data):
     ({"train": {"generic_fraction": 0.1, "generic_data": ""}}, "generic_fraction > 0 needs generic_data"),
     ({"train": {"method": "dpo", "packing": True}}, "packing is not supported with method: dpo"),
     ({"train": {"lr_scheduler": "cosine_annealing"}}, "train.lr_scheduler"),
+    ({"train": {"attention": "flash"}}, "train.attention"),
 ])
 def test_config_errors_name_the_key(change, message):
     raw = Params().model_dump()
@@ -215,3 +216,16 @@ def test_from_pretrained_path_is_used_for_non_builtin_bases(tiny_base, tmp_path)
 def test_qlora_trains_on_cuda(tiny_base, data, tmp_path):
     m = train(tiny_cfg(tmp_path, adapter="qlora"), tiny_base, data / "train/clean.jsonl", None)
     assert m["device"] == "cuda" and m["steps"] == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_base_keeps_unquantized_weights_in_bf16(tiny_base):
+    # peft's prepare_model_for_kbit_training would upcast these to float32 (more memory than bf16 LoRA).
+    from pipeline.train import load_base
+
+    model, _ = load_base(tiny_base, quantize_4bit=True)
+    float_params = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point()}
+    assert float_params and set(float_params.values()) == {torch.bfloat16}
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
