@@ -30,21 +30,18 @@ def candidate_score(p: Params) -> tuple[ModelScore, ModelScore]:
             ModelScore("base", {k: base[k] for k in METRIC_KEYS}, base["per_example_exact"]))
 
 
-def champion_score(p: Params, champion: registry.VersionInfo) -> tuple[ModelScore, bool]:
-    """Re-evaluate the champion on the current eval split (paired), when it shares today's base model.
+def champion_score(p: Params, champion: registry.VersionInfo) -> ModelScore | None:
+    """Re-evaluate the champion on the current eval split (paired with the candidate's outcomes).
 
-    Returns the score and whether it is paired with the candidate's per-example outcomes.
+    None when the champion was trained on another base: its adapter cannot run on today's base.
     """
     base_dir = Path(p.base.out_dir)
-    name = f"champion v{champion.version}"
-    if champion.tags.get("base_sha256") == file_sha256(base_dir / "config.json") and \
-            champion.tags.get("base_weights_sha256") == _weights_sha(base_dir):
-        adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
-        res = evaluate_model(base_dir, adapter, CLEAN_EVAL, p.evaluate)
-        return ModelScore(name, {k: res[k] for k in METRIC_KEYS}, res["per_example_exact"]), True
-    # A different base: the adapter cannot run on it, so compare with the champion's recorded numbers.
-    recorded = registry.metric_history(p.registry, champion.run_id)
-    return ModelScore(name, {k: recorded.get(f"candidate_{k}", 0.0) for k in METRIC_KEYS}), False
+    if champion.tags.get("base_sha256") != file_sha256(base_dir / "config.json") or \
+            champion.tags.get("base_weights_sha256") != _weights_sha(base_dir):
+        return None
+    adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
+    res = evaluate_model(base_dir, adapter, CLEAN_EVAL, p.evaluate)
+    return ModelScore(f"champion v{champion.version}", {k: res[k] for k in METRIC_KEYS}, res["per_example_exact"])
 
 
 def _weights_sha(base_dir: Path) -> str:
@@ -54,14 +51,16 @@ def _weights_sha(base_dir: Path) -> str:
 
 def gate(p: Params, candidate: ModelScore, base: ModelScore) -> tuple[Decision, registry.VersionInfo | None]:
     champion = registry.get_alias(p.registry, p.project.name)
-    if champion is None:
-        return decide(candidate, base, p.gate, reference_is_champion=False), None
-    reference, paired = champion_score(p, champion)
-    decision = decide(candidate, reference, p.gate, reference_is_champion=paired)
-    if not paired:
-        decision = Decision(decision.promote, decision.reference,
-                            decision.reasons + ["champion was trained on another base: compared on its "
-                                                "recorded metrics, no paired test"], None)
+    reference = champion_score(p, champion) if champion else None
+    if reference is not None:
+        return decide(candidate, reference, p.gate, reference_is_champion=True), champion
+    decision = decide(candidate, base, p.gate, reference_is_champion=False)
+    if champion is not None:
+        # Serving puts the alias's adapter on today's base, where an adapter of another base produces
+        # garbage: such a champion is no reference, and the candidate clears the first-version bar.
+        decision = Decision(decision.promote, decision.reference, decision.reasons + [
+            f"champion v{champion.version} was trained on another base and cannot be served on this one: "
+            "judged against the base model"], None)
     return decision, champion
 
 

@@ -59,3 +59,29 @@ def test_promoting_a_missing_version_fails(cfg, tmp_path):
     _register(cfg, tmp_path, "one")
     with pytest.raises(Exception, match="(?i)not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
         registry.promote(cfg, "m", 7)
+
+
+def test_champion_of_another_base_is_no_reference(cfg, tmp_path):
+    # Serving would put that champion's adapter on today's base: the candidate must clear the
+    # first-version bar against the base model, not tie with the champion's old numbers.
+    from pipeline import release
+    from pipeline.config import BaseModelConfig, Params
+    from pipeline.gate import ModelScore
+
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    (base_dir / "config.json").write_text('{"hidden_size": 64}')
+    (base_dir / "model.safetensors").write_bytes(b"today's weights")
+    v1, _ = _register(cfg, tmp_path, "old-base")  # tagged without today's base hashes
+    registry.promote(cfg, "m", v1.version)
+    p = Params(project={"name": "m"}, registry=cfg, base=BaseModelConfig(out_dir=str(base_dir)))
+
+    candidate = ModelScore("candidate", {"exact_match": 0.9, "json_valid": 1.0}, [1] * 9 + [0])
+    base = ModelScore("base", {"exact_match": 0.0, "json_valid": 0.0}, [0] * 10)
+    decision, champion = release.gate(p, candidate, base)
+    assert champion.version == 1
+    assert decision.promote and decision.reference == "base" and decision.p_value is None
+    assert "champion v1 was trained on another base" in decision.reasons[-1]
+
+    worse = ModelScore("candidate", {"exact_match": 0.01, "json_valid": 1.0}, [0] * 10)
+    assert not release.gate(p, worse, base)[0].promote
