@@ -272,7 +272,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state throughput")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler over two steps after the warm-up")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over two steps after the warm-up (slows them: not for the tables)")
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--tokens-per-step", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -312,6 +313,7 @@ def main() -> None:
 def _tail_loss(r: dict, n: int = 5) -> float:
     curve = [p["loss"] for p in r.get("loss_curve", [])][-n:]
     return sum(curve) / len(curve) if curve else float("nan")
+
 
 if __name__ == "__main__":
     main()

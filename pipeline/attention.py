@@ -59,6 +59,7 @@ def _boundaries(kwargs: dict, position_ids):
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers attention function: ``query``/``key``/``value`` are ``(batch, heads, tokens, head_dim)``."""
+    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu, max_len = (None, 0)
@@ -69,13 +70,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                                       is_causal=is_causal, **kwargs)
     if dropout:
         raise ValueError("attention: varlen does not support attention dropout")
-    import torch
-
     varlen_attn, causal, native_gqa = _varlen_call()
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
     out_dtype = q.dtype
     if out_dtype not in (torch.float16, torch.bfloat16):
-        # QLoRA keeps norms in float32, so q/k/v can arrive in float32; flash kernels take half precision only.
+        # Models that keep norms in float32 (peft's k-bit preparation, _keep_in_fp32_modules) hand over
+        # float32 q/k/v; the flash kernels take half precision only.
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         q, k, v = q.to(half), k.to(half), v.to(half)
     gqa = {}
