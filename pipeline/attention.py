@@ -15,18 +15,21 @@ from __future__ import annotations
 import inspect
 from functools import lru_cache
 
+from pipeline.device import detect
+
 NAME = "loraflow_varlen"
 
 
 @lru_cache(maxsize=1)
 def varlen_available() -> bool:
-    import torch
-
+    """CUDA and a torch with ``torch.nn.attention.varlen``."""
+    if not detect().is_cuda:
+        return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return True
 
 
 @lru_cache(maxsize=1)

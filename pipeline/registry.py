@@ -147,10 +147,6 @@ def rollback(cfg: RegistryConfig, name: str) -> VersionInfo:
     return promote(cfg, name, int(previous))
 
 
-def metric_history(cfg: RegistryConfig, run_id: str) -> dict[str, float]:
-    return dict(client(cfg).get_run(run_id).data.metrics)
-
-
 def download_adapter(cfg: RegistryConfig, info: VersionInfo, dst: Path) -> Path:
     """Materialise a version's adapter under ``dst/<name>-v<version>`` (reused when already there)."""
     import mlflow.artifacts

@@ -76,10 +76,9 @@ def attention_implementation(cfg: TrainConfig) -> str:
     """The transformers ``attn_implementation`` for this run (``train.attention``, resolved for the device)."""
     from pipeline import attention
 
-    dev = detect()
     choice = cfg.attention
     if choice == "auto":
-        choice = "varlen" if dev.is_cuda and cfg.packing and attention.varlen_available() else "sdpa"
+        choice = "varlen" if cfg.packing and attention.varlen_available() else "sdpa"
     if choice == "varlen":
         if not attention.varlen_available():
             raise ValueError("train.attention: varlen needs CUDA and torch >= 2.10 (torch.nn.attention.varlen)")
@@ -233,7 +232,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     # the trainer's forward) casts it straight back: two full copies of each projection input for nothing.
     from peft.helpers import disable_input_dtype_casting
 
-    with disable_input_dtype_casting(trainer.model, active=dev.bf16 and cfg.adapter != "qlora"):
+    with disable_input_dtype_casting(trainer.model, active=dev.bf16):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     duration = time.perf_counter() - started
     if not trainer.is_world_process_zero():  # under torchrun/accelerate only rank 0 writes the outputs

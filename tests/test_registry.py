@@ -51,7 +51,7 @@ def test_register_promote_rollback_and_download(cfg, tmp_path):
     assert registry.find_version_by_adapter(cfg, "m", dir_sha256(a1)).version == 1
     assert registry.find_version_by_adapter(cfg, "m", "0" * 64) is None
 
-    metrics = registry.metric_history(cfg, v1.run_id)
+    metrics = registry.client(cfg).get_run(v1.run_id).data.metrics
     assert metrics["train_loss"] == 1.0 and metrics["candidate_exact_match"] == 0.9
 
 
