@@ -86,7 +86,7 @@ def build_model(name: str, out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.base_model import build_tokenizer
+    from pipeline.train.base_model import build_tokenizer
     from pipeline.config import BaseModelConfig
 
     if (out / "config.json").is_file():
@@ -201,7 +201,7 @@ def run_one(args) -> dict:
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.train import train
+    from pipeline.train.trainer import train
 
     work = Path(args.work)
     base = build_model(args.model, work / args.model)

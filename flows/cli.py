@@ -72,16 +72,26 @@ def run(params: str = ParamsOpt,
 @app.command()
 def sanitize(inputs: list[Path] = typer.Argument(..., help="JSONL, CSV/TSV, Parquet files or datasets folders"),
              out: Path = typer.Option(..., "--out", help="output directory"),
-             params: str = ParamsOpt,
+             params: str | None = typer.Option(
+                 None, "--params", "-p", envvar="LORAFLOW_PARAMS",
+                 help="parameters file for the sanitize and task settings; default: ./params.yaml if there "
+                      "is one, else built-in defaults (any answer accepted)"),
              reference: Path | None = typer.Option(None, help="clean train file to check contamination against")) -> None:
     """Validate, redact and deduplicate INPUTS into OUT (clean, quarantine, report, data card)."""
-    from pipeline.ingest import UnsupportedInput
-    from pipeline.sanitize import NoValidRecords, index_from_file, sanitize_files
+    from pipeline.config import Params
+    from pipeline.data.ingest import UnsupportedInput
+    from pipeline.data.sanitize import NoValidRecords, index_from_file, sanitize_files
+    from pipeline.tasks import build_task
 
-    cfg = _params(params).sanitize
+    if params is None and not Path("params.yaml").is_file():
+        _say("no params.yaml here: built-in sanitize defaults, answers are not checked against a task")
+        p = Params()
+    else:
+        p = _params(params or "params.yaml")
+    cfg = p.sanitize
     try:
         ref = index_from_file(reference, cfg) if reference else None
-        report = sanitize_files(list(inputs), out, cfg, reference=ref, progress=_say)
+        report = sanitize_files(list(inputs), out, cfg, task=build_task(p.task), reference=ref, progress=_say)
     except (NoValidRecords, FileNotFoundError, UnsupportedInput) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -96,11 +106,11 @@ def serve(params: str = ParamsOpt,
           once: bool = typer.Option(False, help="sync the champion into a running server (serve.url) and exit")) -> None:
     """Serve the registry's champion with vLLM and follow the alias (promotions in the MLflow UI included)."""
     p = _params(params)
-    from pipeline import release
-    from pipeline.serving import VLLMServer
+    from pipeline.release import promotion
+    from pipeline.serve.vllm import VLLMServer
 
     def sync(server: VLLMServer, current: int | None) -> int | None:
-        result = release.serve_champion(p, server)
+        result = promotion.serve_champion(p, server)
         version = result.get("version", 0)  # 0: nothing to serve yet, said once
         if version != current:
             _say(f"serving {result['served']} (@{p.registry.alias}); unloaded {result['unloaded'] or 'nothing'}"
@@ -134,7 +144,7 @@ def serve(params: str = ParamsOpt,
 def promote(version: int, params: str = ParamsOpt) -> None:
     """Move the champion alias to VERSION (serving follows it)."""
     p = _params(params)
-    from pipeline import registry
+    from pipeline.release import registry
 
     info = registry.promote(p.registry, p.project.name, version)
     typer.echo(f"{info.name}@{p.registry.alias} -> v{info.version}")
@@ -144,7 +154,7 @@ def promote(version: int, params: str = ParamsOpt) -> None:
 def rollback(params: str = ParamsOpt) -> None:
     """Move the champion alias back to the version it pointed at before."""
     p = _params(params)
-    from pipeline import registry
+    from pipeline.release import registry
 
     try:
         info = registry.rollback(p.registry, p.project.name)
@@ -167,7 +177,7 @@ def drift(params: str = ParamsOpt) -> None:
 def status(params: str = ParamsOpt) -> None:
     """Registered versions, their gate result and which one holds the alias."""
     p = _params(params)
-    from pipeline import registry
+    from pipeline.release import registry
 
     champ = registry.get_alias(p.registry, p.project.name)
     c = registry.client(p.registry)

@@ -14,21 +14,22 @@ from pathlib import Path
 
 from pipeline import dvc_runner
 from pipeline.config import load_params
-from pipeline.evaluate import score
-from pipeline.jsonio import read_json, write_json
-from pipeline.serving import VLLMServer
-from pipeline.stages import CLEAN_EVAL
-from pipeline.train import load_chat_file
+from pipeline.config import Params
+from pipeline.io import load_chat_file, read_json, write_json
+from pipeline.serve.vllm import VLLMServer
+from pipeline.stages import clean_split
+from pipeline.tasks import build_task
 
 SUMMARY_FILE = Path("reports/last-run.json")
 
 
-def send_sample_traffic(server: VLLMServer, model: str, n: int, traffic_log: Path) -> list[dict]:
-    """Send ``n`` held-out tickets through the OpenAI API; every exchange lands in the traffic log."""
-    rows = load_chat_file(CLEAN_EVAL)[:n]
+def send_sample_traffic(server: VLLMServer, model: str, n: int, p: Params) -> list[dict]:
+    """Send ``n`` held-out prompts through the OpenAI API with the task's generation defaults; every
+    exchange lands in the traffic log."""
+    rows = load_chat_file(clean_split(p, "eval"))[:n]
     answers = []
     for row in rows:
-        answer = server.chat(model, row["prompt"], traffic_log=traffic_log)
+        answer = server.chat(model, row["prompt"], task=p.task, traffic_log=Path(p.serve.traffic_log))
         answers.append({"prompt": row["prompt"][-1]["content"], "answer": answer,
                         "expected": row["completion"][0]["content"]})
     return answers
@@ -63,12 +64,12 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         serving = summary.get("serving") or {}
         if not serving.get("served"):
             raise RuntimeError(f"no champion could be served: {serving}")
-        traffic_log = Path(p.serve.traffic_log)
         progress(f"[demo] sending {requests} requests to {serving['served']} via /v1/chat/completions")
         t = time.perf_counter()
-        answers = send_sample_traffic(server, serving["served"], requests, traffic_log)
+        answers = send_sample_traffic(server, serving["served"], requests, p)
         timings["traffic_s"] = round(time.perf_counter() - t, 1)
-        correct = sum(score(a["answer"], a["expected"])["exact_match"] for a in answers)
+        task = build_task(p.task)
+        correct = sum(task.score(a["answer"], a["expected"]).values[p.task.primary_metric] for a in answers)
         progress("[demo] running the Prefect flow `drift-check`")
         t = time.perf_counter()
         drift = drift_check(params_file=params_file)
@@ -86,7 +87,8 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
                   "newly_registered": summary["newly_registered"], "champion": summary["champion"]},
         "serving": {**serving, "url": server.url if server else p.serve.base_url,
                     "sample": answers[0] if answers else None,
-                    "served_exact_match": round(correct / max(len(answers), 1), 4), "requests": len(answers)},
+                    "served_metric": p.task.primary_metric,
+                    "served_score": round(correct / max(len(answers), 1), 4), "requests": len(answers)},
         "drift": {k: drift.get(k) for k in ("status", "drift", "drift_share", "threshold", "requests", "html")},
         "where": {"mlflow_ui": f"mlflow ui --backend-store-uri {p.registry.tracking_uri} --port 5000",
                   "model_card": "reports/model_card.md", "drift_report": drift.get("html"),
@@ -129,8 +131,7 @@ def format_summary(r: dict) -> str:
         lines.append(f"  augment: {rec['augment']['synthetic']} synthetic + {rec['augment']['real']} real")
     for m in ("base", "candidate"):
         v = r["metrics"][m]
-        lines.append(f"  {m:<9} exact_match {v['exact_match']:.3f}  field_accuracy {v['field_accuracy']:.3f}  "
-                     f"json_valid {v['json_valid']:.3f}")
+        lines.append(f"  {m:<9} " + "  ".join(f"{k} {x:.3f}" for k, x in v.items() if k != "n"))
     g = r["gate"]
     lines.append(f"  gate: {'PROMOTE' if g['promote'] else 'keep champion'}")
     lines.extend(f"    - {reason}" for reason in g["reasons"])
@@ -141,9 +142,9 @@ def format_summary(r: dict) -> str:
                  f"@{champ['alias']} -> v{champ['version']}" if champ else "  registry: no champion")
     s = r["serving"]
     lines.append(f"  served adapter: {s.get('served')} at {s['url']} ({s['requests']} requests, "
-                 f"exact match {s['served_exact_match']:.3f})")
+                 f"{s['served_metric']} {s['served_score']:.3f})")
     if s.get("sample"):
-        lines.append(f"    ticket: {s['sample']['prompt'][:90]}")
+        lines.append(f"    prompt: {s['sample']['prompt'][:90]}")
         lines.append(f"    answer: {s['sample']['answer']}")
     d = r["drift"]
     if d.get("status") == "ok":

@@ -15,22 +15,23 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 
-from pipeline import registry
+from pipeline.release import registry
 from pipeline.config import load_params
-from pipeline.monitor import check_drift
-from pipeline.serving import VLLMServer
+from pipeline.monitor.drift import check_drift
+from pipeline.serve.vllm import VLLMServer
+from pipeline.stages import augmented_file
 
 
 @task(name="evidently-drift")
-def drift_report(train_file: str, traffic_log: str, cfg) -> dict:
-    return check_drift(Path(train_file), Path(traffic_log), cfg)
+def drift_report(train_file: str, traffic_log: str, cfg, task_cfg) -> dict:
+    return check_drift(Path(train_file), Path(traffic_log), cfg, task_cfg)
 
 
 @flow(name="drift-check", log_prints=True)
 def drift_check(params_file: str = "params.yaml") -> dict:
     p = load_params(params_file)
     logger = get_run_logger()
-    result = drift_report(str(Path(p.augment.out_dir) / "train.jsonl"), p.serve.traffic_log, p.monitor)
+    result = drift_report(str(augmented_file(p)), p.serve.traffic_log, p.monitor, p.task)
     if result["status"] != "ok":
         logger.warning("drift check skipped: %s requests < min_requests %s", result["requests"],
                        result["min_requests"])

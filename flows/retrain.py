@@ -14,11 +14,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 
-from pipeline import dvc_runner, registry, release
+from pipeline import dvc_runner
+from pipeline.release import promotion, registry
 from pipeline.config import Params, load_params
-from pipeline.gate import Decision, ModelScore
+from pipeline.release.gate import Decision, ModelScore
 from pipeline.hashing import dir_sha256
-from pipeline.serving import VLLMServer
+from pipeline.serve.vllm import VLLMServer
 
 
 @task(name="dvc-stage", retries=1, retry_delay_seconds=5, task_run_name="dvc-{stage}")
@@ -36,18 +37,18 @@ def push_outputs() -> int:
 
 @task(name="gate")
 def gate(p: Params) -> dict:
-    candidate, base = release.candidate_score(p)
+    candidate, base = promotion.candidate_score(p)
     scores = {"candidate": candidate, "base": base}
     existing = registry.find_version_by_adapter(p.registry, p.project.name, dir_sha256(Path(p.train.out_dir)))
     if existing is not None:
         return {"existing_version": existing.version, "decision": None, **scores}
-    decision, champion = release.gate(p, candidate, base)
+    decision, champion = promotion.gate(p, candidate, base)
     return {"existing_version": None, "decision": decision, "champion": champion, **scores}
 
 
 @task(name="register")
 def register(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore) -> registry.VersionInfo:
-    info = release.register_candidate(p, decision, candidate, base)
+    info = promotion.register_candidate(p, decision, candidate, base)
     emit_event("loraflow.model.registered", resource={"prefect.resource.id": f"mlflow.model.{info.name}"},
                payload={"version": info.version, "promote": decision.promote})
     return info
@@ -66,7 +67,7 @@ def sync_serving(p: Params) -> dict:
     """Point a running vLLM at the current champion (no restart: runtime LoRA loading)."""
     server = VLLMServer.attach(p.serve)
     server.wait_ready(progress=get_run_logger().info)
-    return release.serve_champion(p, server)
+    return promotion.serve_champion(p, server)
 
 
 @flow(name="retrain", log_prints=True)

@@ -8,6 +8,7 @@ names the file and the dotted key, e.g. ``params.yaml: train.learning_rate: must
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,10 +54,88 @@ class BaseModelConfig(_Strict):
         return self.model.startswith("builtin:")
 
 
+# Metrics each answer kind scores per example; ``valid`` is always "the task's parser accepted the answer".
+# Aggregate-only metrics (not a mean of per-example values) are listed separately.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "json": ("valid", "json_valid", "schema_valid", "exact_match", "field_accuracy"),
+    "text": ("valid", "exact_match", "rouge_l", "chrf"),
+    "label": ("valid", "accuracy"),
+    "sql": ("valid", "execution_accuracy", "exact_match"),
+    "custom": ("valid",),
+}
+TASK_AGGREGATE_METRICS: dict[str, tuple[str, ...]] = {"label": ("macro_f1",)}
+
+
+class TaskConfig(_Strict):
+    """What a good answer is: the answer kind, how it is parsed and scored, how it is generated.
+
+    The engine has no task-specific code; a new task is a new ``task:`` section (README, "Your own task").
+    """
+
+    name: str = "task"
+    kind: Literal["json", "text", "label", "sql", "custom"] = "text"
+    description: str = ""  # intended use, for the model card
+    limitations: str = ""  # known limits, for the model card
+    # json: an inline JSON Schema, or the path of a schema file; answers must validate against it.
+    json_schema: dict[str, Any] | str | None = None
+    # json: answer fields whose value distribution drift monitoring compares (categorical fields only).
+    fields: list[str] = []
+    # label: the closed set of answers.
+    labels: list[str] = []
+    # sql: the SQLite database queries run against (opened read-only), and each query's time limit.
+    database: str = ""
+    query_timeout_s: float = Field(2.0, gt=0.0)
+    # custom: a scorer "module:function" (prediction, reference, prompt) -> {metric: value}, and its metrics.
+    scorer: str = ""
+    metrics: list[str] = []
+    # Generation: evaluation and the served endpoint's defaults use these.
+    max_new_tokens: int = Field(64, gt=0)
+    stop: list[str] = []
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    # Rewrites of free-text chat prompts (new greeting, closing, sentence order). They keep the meaning of
+    # a support message but not of a question over a schema or a program, so they are opt-in.
+    chat_rewrites: bool = False
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> "TaskConfig":
+        if self.kind == "label" and len(set(self.labels)) < 2:
+            raise ValueError("kind label needs at least two distinct labels in task.labels")
+        if self.kind == "sql" and not self.database:
+            raise ValueError("kind sql needs task.database (a SQLite file to execute queries against)")
+        if self.kind == "custom":
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.scorer):
+                raise ValueError(f"kind custom needs task.scorer as 'module:function' (got {self.scorer!r})")
+            if not self.metrics:
+                raise ValueError("kind custom needs task.metrics: the metric names the scorer returns")
+        if self.json_schema is not None and self.kind != "json":
+            raise ValueError("json_schema is only used with kind json")
+        if self.fields and self.kind != "json":
+            raise ValueError("fields is only used with kind json")
+        return self
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Per-example metrics this task produces."""
+        extra = tuple(m for m in self.metrics if m != "valid") if self.kind == "custom" else ()
+        return TASK_METRICS[self.kind] + extra
+
+    @property
+    def all_metric_names(self) -> tuple[str, ...]:
+        return self.metric_names + TASK_AGGREGATE_METRICS.get(self.kind, ())
+
+    @property
+    def primary_metric(self) -> str:
+        return {"json": "exact_match", "text": "exact_match", "label": "accuracy", "sql": "execution_accuracy",
+                "custom": (self.metrics or ["valid"])[0]}[self.kind]
+
+
 class DataConfig(_Strict):
     train: list[str] = ["data/raw/tickets_train.jsonl"]
-    eval: list[str] = ["data/raw/tickets_eval.jsonl"]
+    eval: list[str] = ["data/raw/tickets_eval.jsonl"]  # the held-out split the gate scores
     preference: str = ""  # prompt/chosen/rejected JSONL for train.method: dpo
+    # Share of the training records set aside (deterministically, by prompt hash) for early stopping and
+    # checkpoint selection, so the held-out split stays untouched until the gate.
+    validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
 
 
 class ColumnMap(_Strict):
@@ -160,18 +239,18 @@ class TrainConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     out_dir: str = "reports/eval"
-    max_new_tokens: int = Field(32, gt=0)
     batch_size: int = Field(32, gt=0)
     max_examples: int = Field(0, ge=0)  # 0 = all
 
 
 class GateConfig(_Strict):
-    metric: Literal["exact_match", "field_accuracy", "json_valid"] = "exact_match"
+    metric: str = ""  # one the task produces (checked at start); empty = the task's primary metric
     # The candidate must beat the reference by at least this much (absolute) ...
     min_improvement: float = Field(0.02, ge=0.0, le=1.0)
     # ... and, against an existing champion, the win must be significant (exact McNemar test).
     significance: float = Field(0.05, gt=0.0, lt=1.0)
-    min_json_valid: float = Field(0.9, ge=0.0, le=1.0)
+    # Share of answers the task's parser must accept (metric ``valid``) for any promotion.
+    min_valid: float = Field(0.9, ge=0.0, le=1.0)
 
 
 class RegistryConfig(_Strict):
@@ -217,6 +296,7 @@ class DvcConfig(_Strict):
 
 class Params(_Strict):
     project: ProjectConfig = ProjectConfig()
+    task: TaskConfig = TaskConfig()
     base: BaseModelConfig = BaseModelConfig()
     data: DataConfig = DataConfig()
     sanitize: SanitizeConfig = SanitizeConfig()
@@ -228,6 +308,17 @@ class Params(_Strict):
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
     dvc: DvcConfig = DvcConfig()
+
+    @model_validator(mode="after")
+    def _gate_metric_is_the_tasks(self) -> "Params":
+        if self.gate.metric and self.gate.metric not in self.task.all_metric_names:
+            raise ValueError(f"gate.metric {self.gate.metric!r} is not produced by task kind "
+                             f"{self.task.kind!r} (its metrics: {', '.join(self.task.all_metric_names)})")
+        return self
+
+    @property
+    def gate_metric(self) -> str:
+        return self.gate.metric or self.task.primary_metric
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:

@@ -3,8 +3,9 @@
     python -m pipeline <stage>      # what each dvc.yaml stage runs
     python -m pipeline --list
 
-Paths are relative to the project root (the directory holding ``dvc.yaml``); each stage reads and
-writes exactly the deps and outs that ``dvc.yaml`` declares for it.
+Paths are relative to the project root (the directory holding ``dvc.yaml``). Every folder comes from a
+``<stage>.out_dir`` parameter, and dvc.yaml names the same parameters (``${sanitize.out_dir}``), so the
+params and the DVC outs are one source; the file names inside each folder are fixed here.
 """
 
 from __future__ import annotations
@@ -13,53 +14,88 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Params
-from pipeline.jsonio import write_json
+from pipeline.io import write_json
 
-CLEAN_TRAIN = Path("data/clean/train/clean.jsonl")
-CLEAN_EVAL = Path("data/clean/eval/clean.jsonl")
+
+def clean_split(p: Params, split: str) -> Path:
+    """``train``, ``eval``, ``preference`` or ``generic``: the sanitized records of that input."""
+    return Path(p.sanitize.out_dir) / split / "clean.jsonl"
+
+
+def validation_file(p: Params) -> Path:
+    return Path(p.sanitize.out_dir) / "train" / "validation.jsonl"
+
+
+def augmented_file(p: Params) -> Path:
+    return Path(p.augment.out_dir) / "train.jsonl"
 
 
 def sanitize(p: Params) -> dict:
-    from pipeline.sanitize import new_index, sanitize_files
+    from pipeline.data.sanitize import new_index, sanitize_files
+    from pipeline.tasks import build_task
 
     root = Path(p.sanitize.out_dir)
+    task = build_task(p.task)
     train_index = new_index(p.sanitize)
-    train = sanitize_files([Path(f) for f in p.data.train], root / "train", p.sanitize,
-                           index=train_index, progress=print)
-    eval_ = sanitize_files([Path(f) for f in p.data.eval], root / "eval", p.sanitize,
-                           reference=train_index, progress=print)
-    summary = {"train": train, "eval": eval_}
+    summary = {"train": sanitize_files([Path(f) for f in p.data.train], root / "train", p.sanitize, task=task,
+                                       index=train_index, validation_fraction=p.data.validation_fraction,
+                                       progress=print)}
+    summary["eval"] = sanitize_files([Path(f) for f in p.data.eval], root / "eval", p.sanitize, task=task,
+                                     reference=train_index, progress=print)
+    # Preference pairs and generic chat data reach training too, so they pass the same checks (generic
+    # answers are not the task's, so only their form is checked).
+    # An input that is not configured still gets its (empty) file: dvc.yaml declares them for train.
+    if p.data.preference:
+        summary["preference"] = sanitize_files([Path(p.data.preference)], root / "preference", p.sanitize,
+                                               task=task, shape="preference", progress=print)
+    else:
+        _empty(clean_split(p, "preference"))
+    if p.train.generic_data:
+        summary["generic"] = sanitize_files([Path(p.train.generic_data)], root / "generic", p.sanitize,
+                                            progress=print)
+    else:
+        _empty(clean_split(p, "generic"))
     write_json(Path("reports/sanitize.json"), summary)
     return summary
 
 
-def base(p: Params) -> dict:
-    from pipeline.base_model import build_base
+def _empty(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("", encoding="utf-8")
 
-    out = build_base(p.base, [CLEAN_TRAIN])
+
+def _nonempty(path: Path) -> Path | None:
+    return path if path.is_file() and path.stat().st_size else None
+
+
+def base(p: Params) -> dict:
+    from pipeline.train.base_model import build_base
+
+    out = build_base(p.base, [clean_split(p, "train")])
     return {"base_dir": str(out), "model": p.base.model}
 
 
 def augment(p: Params) -> dict:
-    from pipeline.augment import augment as run
+    from pipeline.augment.synthesize import augment as run
 
-    return run(CLEAN_TRAIN, p.augment)
+    return run(clean_split(p, "train"), p.augment, p.task)
 
 
 def train(p: Params) -> dict:
-    from pipeline.train import train as run
+    from pipeline.train.trainer import train as run
 
-    preference = Path(p.data.preference) if p.data.preference else None
-    metrics = run(p.train, Path(p.base.out_dir), Path(p.augment.out_dir) / "train.jsonl", CLEAN_EVAL, preference)
+    metrics = run(p.train, Path(p.base.out_dir), augmented_file(p), _nonempty(validation_file(p)),
+                  preference_file=_nonempty(clean_split(p, "preference")),
+                  generic_file=_nonempty(clean_split(p, "generic")))
     summary = {k: v for k, v in metrics.items() if not k.endswith("_curve")}
     write_json(Path("reports/train.json"), summary)
     return summary
 
 
 def evaluate(p: Params) -> dict:
-    from pipeline.evaluate import evaluate_stage
+    from pipeline.evaluate.scoring import evaluate_stage
 
-    return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), CLEAN_EVAL, p.evaluate)
+    return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), clean_split(p, "eval"), p.evaluate, p.task)
 
 
 STAGES: dict[str, Callable[[Params], dict]] = {

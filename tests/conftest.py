@@ -56,7 +56,7 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 1-layer, hidden-64 Llama with the project's tokenizer, built from the committed demo data."""
-    from pipeline.base_model import build_builtin
+    from pipeline.train.base_model import build_builtin
     from pipeline.config import BaseModelConfig
 
     out = tmp_path_factory.mktemp("tiny-base")
@@ -68,7 +68,7 @@ def tiny_base(tmp_path_factory) -> Path:
 def clean_demo(tmp_path_factory) -> Path:
     """The committed demo data sanitized with default settings: ``<dir>/{train,eval}/clean.jsonl``."""
     from pipeline.config import SanitizeConfig
-    from pipeline.sanitize import sanitize_files
+    from pipeline.data.sanitize import sanitize_files
 
     d = tmp_path_factory.mktemp("clean-demo")
     for split in ("train", "eval"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.train import attention_implementation
+from pipeline.train.trainer import attention_implementation
 
 
 def test_cpu_resolves_to_sdpa_and_rejects_varlen():
@@ -31,7 +31,7 @@ def _tiny_qwen(attn: str):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_varlen_packed_row_equals_separate_documents():
-    from pipeline import attention
+    from pipeline.train import attention
 
     if not attention.varlen_available():
         pytest.skip("torch without torch.nn.attention.varlen")

@@ -1,9 +1,9 @@
 import json
 from pathlib import Path
 
-from pipeline.augment import augment
+from pipeline.augment.synthesize import augment
 from pipeline.config import AugmentConfig, SanitizeConfig
-from pipeline.sanitize import record_text, sanitize_files
+from pipeline.data.sanitize import record_text, sanitize_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from pipeline.demo_data import generate, generate_generic, generate_preferences
+from pipeline.data.demo import generate, generate_generic, generate_preferences
 
 ROOT = Path(__file__).resolve().parents[1]
 

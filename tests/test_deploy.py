@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import load_params
-from pipeline.serving import launch_command
+from pipeline.serve.vllm import launch_command
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

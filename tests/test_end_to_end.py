@@ -33,9 +33,10 @@ def _set_params(**sections):
 def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefect_server):
     from flows.demo import run_demo
     from flows.retrain import retrain
-    from pipeline import registry, release
+    from pipeline.release import registry
+    from pipeline.release import promotion as release
     from pipeline.config import load_params
-    from pipeline.lineage import dvc_lock_hashes
+    from pipeline.release.lineage import dvc_lock_hashes
 
     _set_params(train={"epochs": 4}, serve={"python": str(VLLM_PYTHON), "port": _free_port()})
     p = load_params("params.yaml")

@@ -1,8 +1,8 @@
 import pytest
 
 from pipeline.config import GateConfig
-from pipeline.evaluate import aggregate, score
-from pipeline.gate import ModelScore, decide, mcnemar_exact
+from pipeline.evaluate.scoring import aggregate, score
+from pipeline.release.gate import ModelScore, decide, mcnemar_exact
 
 GATE = GateConfig()
 

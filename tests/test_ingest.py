@@ -5,9 +5,9 @@ import json
 import pytest
 
 from pipeline.config import ColumnMap, SanitizeConfig
-from pipeline.ingest import UnsupportedInput, read_records
-from pipeline.records import RecordError, to_messages
-from pipeline.sanitize import sanitize_files
+from pipeline.data.ingest import UnsupportedInput, read_records
+from pipeline.data.records import RecordError, to_messages
+from pipeline.data.sanitize import sanitize_files
 
 EXPECTED = [{"role": "user", "content": "Where is my parcel?"}, {"role": "assistant", "content": "On its way."}]
 

@@ -21,7 +21,7 @@ def _log(path: Path, rows):
 
 
 def test_in_distribution_traffic_does_not_drift(clean, tmp_path):
-    from pipeline.monitor import check_drift
+    from pipeline.monitor.drift import check_drift
 
     rows = [json.loads(x)["messages"] for x in (clean / "eval/clean.jsonl").read_text().splitlines()]
     _log(tmp_path / "t.jsonl", [(m[0]["content"], m[1]["content"]) for m in rows[:60]])
@@ -31,7 +31,7 @@ def test_in_distribution_traffic_does_not_drift(clean, tmp_path):
 
 
 def test_shifted_traffic_drifts(clean, tmp_path):
-    from pipeline.monitor import check_drift
+    from pipeline.monitor.drift import check_drift
 
     long_question = "Could you explain in detail how to configure the enterprise single sign on integration " * 3
     _log(tmp_path / "t.jsonl", [(long_question, '{"category": "technical", "priority": "low"}')] * 40)
@@ -41,7 +41,7 @@ def test_shifted_traffic_drifts(clean, tmp_path):
 
 
 def test_too_little_traffic_is_reported_not_judged(clean, tmp_path):
-    from pipeline.monitor import check_drift
+    from pipeline.monitor.drift import check_drift
 
     _log(tmp_path / "t.jsonl", [("hi", "{}")] * 3)
     r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")))
@@ -49,7 +49,7 @@ def test_too_little_traffic_is_reported_not_judged(clean, tmp_path):
 
 
 def test_corrupt_traffic_log_names_file_and_line(clean, tmp_path):
-    from pipeline.monitor import check_drift
+    from pipeline.monitor.drift import check_drift
 
     (tmp_path / "t.jsonl").write_text('{"prompt": "a", "response": "b"}\nnot json\n')
     with pytest.raises(ValueError, match=r"t\.jsonl:2: not a traffic record"):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import registry
+from pipeline.release import registry
 from pipeline.config import RegistryConfig
 from pipeline.hashing import dir_sha256
 
@@ -64,9 +64,9 @@ def test_promoting_a_missing_version_fails(cfg, tmp_path):
 def test_champion_of_another_base_is_no_reference(cfg, tmp_path):
     # Serving would put that champion's adapter on today's base: the candidate must clear the
     # first-version bar against the base model, not tie with the champion's old numbers.
-    from pipeline import release
+    from pipeline.release import promotion as release
     from pipeline.config import BaseModelConfig, Params
-    from pipeline.gate import ModelScore
+    from pipeline.release.gate import ModelScore
 
     base_dir = tmp_path / "base"
     base_dir.mkdir()

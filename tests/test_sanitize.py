@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import SanitizeConfig
-from pipeline.sanitize import NoValidRecords, index_from_file, sanitize_files
+from pipeline.data.sanitize import NoValidRecords, index_from_file, sanitize_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = SanitizeConfig(max_chars=200, max_depth=8)

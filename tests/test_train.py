@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, EvaluateConfig, Params, TrainConfig, parse_params
-from pipeline.evaluate import evaluate_model
-from pipeline.train import mix_generic, train
+from pipeline.evaluate.scoring import evaluate_model
+from pipeline.train.trainer import mix_generic, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ import os, signal, sys
 from pathlib import Path
 from transformers import TrainerCallback
 from pipeline.config import TrainConfig
-from pipeline.train import train
+from pipeline.train.trainer import train
 
 class KillAfterSave(TrainerCallback):
     def on_save(self, args, state, control, **kw):
@@ -143,7 +143,7 @@ def test_dpo_raises_the_preference_margin(tiny_base, data, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.train import load_preference_file
+    from pipeline.train.trainer import load_preference_file
 
     pref = ROOT / "data/raw/tickets_preference.jsonl"
     cfg = tiny_cfg(tmp_path, method="dpo", max_steps=60, learning_rate=5e-2, dpo_beta=0.5, lora_r=8,
@@ -158,7 +158,7 @@ def test_dpo_raises_the_preference_margin(tiny_base, data, tmp_path):
 
 
 def test_preference_records_must_be_complete(tmp_path):
-    from pipeline.train import load_preference_file
+    from pipeline.train.trainer import load_preference_file
 
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "q", "chosen": "a"}\n')
@@ -203,7 +203,7 @@ def test_config_errors_name_the_key(change, message):
 
 
 def test_from_pretrained_path_is_used_for_non_builtin_bases(tiny_base, tmp_path):
-    from pipeline.base_model import build_base
+    from pipeline.train.base_model import build_base
     from pipeline.config import BaseModelConfig
 
     out = build_base(BaseModelConfig(model=str(tiny_base), out_dir=str(tmp_path / "base")), [])
@@ -222,7 +222,7 @@ def test_qlora_trains_on_cuda(tiny_base, data, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_base_keeps_unquantized_weights_in_bf16(tiny_base):
     # peft's prepare_model_for_kbit_training would upcast these to float32 (more memory than bf16 LoRA).
-    from pipeline.train import load_base
+    from pipeline.train.trainer import load_base
 
     model, _ = load_base(tiny_base, quantize_4bit=True)
     float_params = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point()}

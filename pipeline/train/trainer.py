@@ -22,34 +22,18 @@ from pathlib import Path
 from pipeline.config import TrainConfig
 from pipeline.device import detect
 from pipeline.hashing import file_sha256
-from pipeline.jsonio import write_json
-
-
-def load_chat_file(path: Path) -> list[dict]:
-    """Prompt-completion rows from a clean chat JSONL (last assistant turn = completion)."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            msgs = json.loads(line)["messages"]
-            rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
-    return rows
+from pipeline.io import load_chat_file, write_json
+from pipeline.modeling import load_base
 
 
 def load_preference_file(path: Path) -> list[dict]:
-    """DPO rows: ``{"prompt", "chosen", "rejected"}`` as strings or chat-message lists."""
+    """DPO rows from the sanitized preference split (``{"prompt": [...], "chosen": str, "rejected": str}``)."""
     rows = []
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+        for line in fh:
             rec = json.loads(line)
-            missing = {"prompt", "chosen", "rejected"} - set(rec)
-            if missing:
-                raise ValueError(f"{path}:{lineno}: preference record lacks {sorted(missing)}")
-
-            def turns(v, role):
-                return v if isinstance(v, list) else [{"role": role, "content": v}]
-
-            rows.append({"prompt": turns(rec["prompt"], "user"), "chosen": turns(rec["chosen"], "assistant"),
-                         "rejected": turns(rec["rejected"], "assistant")})
+            rows.append({"prompt": rec["prompt"], "chosen": [{"role": "assistant", "content": rec["chosen"]}],
+                         "rejected": [{"role": "assistant", "content": rec["rejected"]}]})
     return rows
 
 
@@ -74,7 +58,7 @@ def lora_config(cfg: TrainConfig):
 
 def attention_implementation(cfg: TrainConfig) -> str:
     """The transformers ``attn_implementation`` for this run (``train.attention``, resolved for the device)."""
-    from pipeline import attention
+    from pipeline.train import attention
 
     choice = cfg.attention
     if choice == "auto":
@@ -84,31 +68,6 @@ def attention_implementation(cfg: TrainConfig) -> str:
             raise ValueError("train.attention: varlen needs CUDA and torch >= 2.10 (torch.nn.attention.varlen)")
         return attention.register()
     return choice
-
-
-def load_base(base_dir: Path, quantize_4bit: bool = False, attn_implementation: str = "sdpa"):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dev = detect()
-    dtype = torch.bfloat16 if dev.bf16 else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    kwargs: dict = {"dtype": dtype}
-    if quantize_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise RuntimeError("train.adapter: qlora needs bitsandbytes (pip install 'loraflow[gpu]')") from None
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-    kwargs["attn_implementation"] = attn_implementation
-    # No peft.prepare_model_for_kbit_training for QLoRA: it upcasts every non-quantized weight (norms and
-    # the tied embedding/LM head) to float32, which made 4-bit Llama-3.2-1B use more memory than bf16 LoRA
-    # (docs/benchmarks.md); bf16 norms are what bf16 LoRA trains with anyway, and peft freezes the base.
-    return AutoModelForCausalLM.from_pretrained(base_dir, **kwargs), tokenizer
 
 
 class _LossRecorder:
@@ -176,22 +135,29 @@ def _common_args(cfg: TrainConfig, ckpt_dir: Path, has_eval: bool, dev) -> dict:
 
 
 def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | None = None,
-          preference_file: Path | None = None, extra_callbacks: list | None = None) -> dict:
-    """Fine-tune an adapter; returns the metrics written to ``train_metrics.json``."""
+          preference_file: Path | None = None, extra_callbacks: list | None = None,
+          generic_file: Path | None = None) -> dict:
+    """Fine-tune an adapter; returns the metrics written to ``train_metrics.json``.
+
+    ``eval_file`` is the validation split carved from the training data (early stopping, checkpoint
+    selection); the held-out split the gate scores never reaches training. ``generic_file``: sanitized
+    generic chat mixed in at ``cfg.generic_fraction`` (defaults to ``cfg.generic_data`` as given).
+    """
     import torch
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
 
     if cfg.early_stopping_patience and eval_file is None:
-        raise ValueError("train.early_stopping_patience needs a held-out eval split")
+        raise ValueError("train.early_stopping_patience needs a validation split (data.validation_fraction > 0)")
     if cfg.method == "dpo" and preference_file is None:
         raise ValueError("train.method: dpo needs data.preference (prompt/chosen/rejected JSONL)")
     out = Path(cfg.out_dir)
     dev = detect()
     torch.manual_seed(cfg.seed)
+    generic_file = generic_file or (Path(cfg.generic_data) if cfg.generic_data else None)
     inputs = [p for p in (train_file, eval_file, preference_file) if p]
-    if cfg.generic_fraction:
-        inputs.append(Path(cfg.generic_data))
+    if cfg.generic_fraction and generic_file:
+        inputs.append(generic_file)
     ckpt_dir = Path(cfg.checkpoint_dir) / run_key(cfg, inputs, base_dir)
     resume = last_checkpoint(ckpt_dir)
     if resume:
@@ -207,7 +173,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     if cfg.method == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        rows, n_generic = mix_generic(load_chat_file(train_file), Path(cfg.generic_data or "."),
+        rows, n_generic = mix_generic(load_chat_file(train_file), generic_file or Path("."),
                                       cfg.generic_fraction, cfg.seed)
         args = SFTConfig(**_common_args(cfg, ckpt_dir, bool(eval_rows), dev), max_length=cfg.max_length,
                          packing=cfg.packing)

@@ -9,25 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import registry
 from pipeline.config import Params
-from pipeline.evaluate import evaluate_model
-from pipeline.gate import Decision, ModelScore, decide
+from pipeline.evaluate.scoring import evaluate_model
+from pipeline.release.gate import Decision, ModelScore, decide
 from pipeline.hashing import dir_sha256, file_sha256
-from pipeline.jsonio import read_json, write_json
-from pipeline.lineage import dvc_lock_hashes, git_commit, params_sha256
-from pipeline.serving import VLLMServer, sync_adapter
-from pipeline.stages import CLEAN_EVAL
-
-METRIC_KEYS = ("json_valid", "exact_match", "field_accuracy")
+from pipeline.io import read_json, write_json
+from pipeline.release import registry
+from pipeline.release.lineage import dvc_lock_hashes, git_commit, params_sha256
+from pipeline.serve.vllm import VLLMServer, sync_adapter
+from pipeline.stages import augmented_file, clean_split
 
 
 def candidate_score(p: Params) -> tuple[ModelScore, ModelScore]:
     """The candidate's and the base model's scores, as the evaluate stage recorded them."""
     details = read_json(Path(p.evaluate.out_dir) / "details.json")
-    cand, base = details["candidate"], details["base"]
-    return (ModelScore("candidate", {k: cand[k] for k in METRIC_KEYS}, cand["per_example_exact"]),
-            ModelScore("base", {k: base[k] for k in METRIC_KEYS}, base["per_example_exact"]))
+    return ModelScore.from_details("candidate", details["candidate"]), ModelScore.from_details("base", details["base"])
 
 
 def champion_score(p: Params, champion: registry.VersionInfo) -> ModelScore | None:
@@ -40,8 +36,8 @@ def champion_score(p: Params, champion: registry.VersionInfo) -> ModelScore | No
             champion.tags.get("base_weights_sha256") != _weights_sha(base_dir):
         return None
     adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
-    res = evaluate_model(base_dir, adapter, CLEAN_EVAL, p.evaluate)
-    return ModelScore(f"champion v{champion.version}", {k: res[k] for k in METRIC_KEYS}, res["per_example_exact"])
+    res = evaluate_model(base_dir, adapter, clean_split(p, "eval"), p.evaluate, p.task)
+    return ModelScore.from_details(f"champion v{champion.version}", res)
 
 
 def _weights_sha(base_dir: Path) -> str:
@@ -53,14 +49,14 @@ def gate(p: Params, candidate: ModelScore, base: ModelScore) -> tuple[Decision, 
     champion = registry.get_alias(p.registry, p.project.name)
     reference = champion_score(p, champion) if champion else None
     if reference is not None:
-        return decide(candidate, reference, p.gate, reference_is_champion=True), champion
-    decision = decide(candidate, base, p.gate, reference_is_champion=False)
+        return decide(candidate, reference, p.gate, True, p.gate_metric), champion
+    decision = decide(candidate, base, p.gate, False, p.gate_metric)
     if champion is not None:
         # Serving puts the alias's adapter on today's base, where an adapter of another base produces
         # garbage: such a champion is no reference, and the candidate clears the first-version bar.
         decision = Decision(decision.promote, decision.reference, decision.reasons + [
             f"champion v{champion.version} was trained on another base and cannot be served on this one: "
-            "judged against the base model"], None)
+            "judged against the base model"], decision.metric)
     return decision, champion
 
 
@@ -73,8 +69,10 @@ def lineage_tags(p: Params) -> dict[str, str]:
         "base_model": p.base.model,
         "base_sha256": file_sha256(base_dir / "config.json"),
         "base_weights_sha256": _weights_sha(base_dir),
-        "train_data_sha256": file_sha256(Path(p.augment.out_dir) / "train.jsonl"),
-        "eval_data_sha256": file_sha256(CLEAN_EVAL),
+        "train_data_sha256": file_sha256(augmented_file(p)),
+        "eval_data_sha256": file_sha256(clean_split(p, "eval")),
+        "task": p.task.name,
+        "task_kind": p.task.kind,
     })
     return tags
 
@@ -82,12 +80,12 @@ def lineage_tags(p: Params) -> dict[str, str]:
 def register_candidate(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore) -> registry.VersionInfo:
     adapter_dir = Path(p.train.out_dir)
     train_metrics = read_json(adapter_dir / "train_metrics.json")
-    eval_metrics = {"base": {**base.metrics, "n": len(base.per_example_exact)},
-                    "candidate": {**candidate.metrics, "n": len(candidate.per_example_exact)}}
+    n = len(next(iter(candidate.per_example.values()), []))
+    eval_metrics = {"base": {**base.metrics, "n": n}, "candidate": {**candidate.metrics, "n": n}}
     tags = {**lineage_tags(p), "adapter_sha256": dir_sha256(adapter_dir),
             "gate_promote": str(decision.promote).lower(), "gate_reference": decision.reference}
     data_card = Path(p.sanitize.out_dir, "train", "data_card.md").read_text(encoding="utf-8")
-    card = registry.model_card(name=p.project.name, params=p.model_dump(), eval_metrics=eval_metrics,
+    card = registry.model_card(name=p.project.name, params=p.model_dump(), task=p.task, eval_metrics=eval_metrics,
                                decision=decision.to_dict(), data_card=data_card,
                                lineage={k: v for k, v in tags.items() if not k.startswith("gate_")},
                                train_metrics=train_metrics)

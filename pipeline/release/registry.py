@@ -181,24 +181,31 @@ def log_report(cfg: RegistryConfig, run_name: str, files: dict[str, Path], metri
         return run.info.run_id
 
 
-def model_card(*, name: str, params: dict, eval_metrics: dict, decision: dict, data_card: str,
+def model_card(*, name: str, params: dict, task, eval_metrics: dict, decision: dict, data_card: str,
                lineage: dict[str, str], train_metrics: dict) -> str:
-    rows = "\n".join(
-        f"| {m} | {v['exact_match']:.3f} | {v['field_accuracy']:.3f} | {v['json_valid']:.3f} | {v['n']} |"
-        for m, v in eval_metrics.items())
+    """The version's card: evaluation on the task's own metrics, the gate's reasons, lineage, data card."""
+    metrics = list(next(iter(eval_metrics.values()), {}))
+    metrics = [m for m in metrics if m != "n"]
+    header = "| model | " + " | ".join(metrics) + " | n |\n|---|" + "---|" * (len(metrics) + 1)
+    rows = "\n".join(f"| {model} | " + " | ".join(f"{v.get(m, float('nan')):.3f}" for m in metrics) + f" | {v['n']} |"
+                     for model, v in eval_metrics.items())
     lin = "\n".join(f"- `{k}`: `{v}`" for k, v in sorted(lineage.items()))
     train = params.get("train", {})
+    use = task.description or f"The `{task.name}` task ({task.kind} answers)."
+    limits = task.limitations or "Evaluated only on the held-out split described below."
     return (
         f"# Model card: {name}\n\n"
         f"LoRA adapter (r={train.get('lora_r')}, alpha={train.get('lora_alpha')}, "
-        f"targets={train.get('target_modules')}) on `{params.get('base', {}).get('model')}`.\n\n"
-        "## Evaluation (held-out split)\n\n| model | exact match | field accuracy | JSON valid | n |\n"
-        f"|---|---|---|---|---|\n{rows}\n\n"
-        f"## Gate\n\npromote: {decision.get('promote')} (reference: {decision.get('reference')})\n\n"
+        f"targets={train.get('target_modules')}) on `{params.get('base', {}).get('model')}`, "
+        f"task `{task.name}` (answer kind `{task.kind}`).\n\n"
+        f"## Evaluation (held-out split)\n\n{header}\n{rows}\n\n"
+        f"## Gate\n\npromote: {decision.get('promote')} (reference: {decision.get('reference')}, "
+        f"metric: {decision.get('metric')})\n\n"
         + "\n".join(f"- {r}" for r in decision.get("reasons", [])) + "\n\n"
         f"## Training\n\n- steps: {train_metrics.get('steps')}, duration: {train_metrics.get('duration_s')} s, "
         f"final loss: {train_metrics.get('final_loss')}, device: {train_metrics.get('device')}\n\n"
         f"## Lineage\n\n{lin}\n\n{data_card}\n"
-        f"## Intended use and limits\n\nSupport-ticket triage into JSON (category, priority). "
-        f"Trained on redacted data; PII placeholders (`<EMAIL>`, `<PHONE>`, `<CARD>`) replace personal data.\n"
+        f"## Intended use and limits\n\n{use}\n\n{limits}\n\n"
+        "Trained on redacted data: typed placeholders (`<EMAIL>`, `<PHONE>`, `<CARD>`, ...) replace personal "
+        "data and secrets.\n"
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ColumnMap
-from pipeline.records import RecordError
+from pipeline.data.records import RecordError
 
 TABULAR = {".csv", ".tsv", ".parquet"}
 JSONL = {".jsonl", ".json", ".ndjson"}

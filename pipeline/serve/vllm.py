@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.config import ServeConfig
+from pipeline.config import ServeConfig, TaskConfig
 
 
 class ServingError(RuntimeError):
@@ -133,11 +133,13 @@ class VLLMServer:
         if r.status_code != 200:
             raise ServingError(f"unloading adapter {name} failed: HTTP {r.status_code}: {r.text[:500]}")
 
-    def chat(self, model: str, messages: list[dict], max_tokens: int = 32, traffic_log: Path | None = None) -> str:
-        """One OpenAI chat completion; the request and answer go to the traffic log."""
+    def chat(self, model: str, messages: list[dict], task: TaskConfig | None = None,
+             traffic_log: Path | None = None, **overrides) -> str:
+        """One OpenAI chat completion with the task's generation defaults (``overrides`` win); the
+        request and answer go to the traffic log."""
         started = time.perf_counter()
-        r = httpx.post(f"{self.url}/v1/chat/completions", timeout=120, json={
-            "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        body = {"model": model, "messages": messages, **generation_defaults(task or TaskConfig()), **overrides}
+        r = httpx.post(f"{self.url}/v1/chat/completions", timeout=120, json=body)
         if r.status_code != 200:
             raise ServingError(f"chat completion on {model} failed: HTTP {r.status_code}: {r.text[:500]}")
         answer = r.json()["choices"][0]["message"]["content"]
@@ -149,6 +151,14 @@ class VLLMServer:
                     "prompt": "\n".join(m["content"] for m in messages), "response": answer,
                     "latency_s": round(time.perf_counter() - started, 4)}, ensure_ascii=False) + "\n")
         return answer
+
+
+def generation_defaults(task: TaskConfig) -> dict:
+    """The OpenAI request fields that make a served answer match what the gate measured."""
+    out: dict = {"max_tokens": task.max_new_tokens, "temperature": task.temperature}
+    if task.stop:
+        out["stop"] = list(task.stop)
+    return out
 
 
 def adapter_name(model_name: str, version: int) -> str:

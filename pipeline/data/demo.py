@@ -5,7 +5,7 @@ that regenerating them gives the same bytes. Like real exports, the training fil
 phone numbers, card numbers), exact and near duplicates and a few malformed lines, so the sanitize stage
 has real work to do.
 
-    python -m pipeline.demo_data            # rewrites data/raw/tickets_{train,eval}.jsonl
+    python -m pipeline.data.demo            # rewrites data/raw/tickets_{train,eval}.jsonl
 """
 
 from __future__ import annotations

@@ -110,6 +110,25 @@ def canonical(obj: Any) -> list[dict[str, str]]:
                                         f"keys (found {keys})")
 
 
+def _clean(messages: list[dict[str, str]], max_chars: int, where: str = "messages") -> list[dict[str, str]]:
+    """Normalise each message's text; control characters, blank turns and oversize records are defects."""
+    total = 0
+    for i, m in enumerate(messages):
+        content = normalise_text(m["content"])
+        control = _CONTROL.search(content)
+        if control:
+            raise RecordError("control_characters",
+                              f"{where}[{i}] contains control character U+{ord(control.group()):04X}")
+        content = content.strip()
+        if not content:
+            raise RecordError("blank_content", f"{where}[{i}] ({m['role']}) has no text")
+        m["content"] = content
+        total += len(content)
+    if total > max_chars:
+        raise RecordError("too_long", f"{total} characters of content (limit {max_chars})")
+    return messages
+
+
 def to_messages(obj: Any, max_chars: int, max_depth: int) -> list[dict[str, str]]:
     """Validated, normalised chat messages of one parsed record."""
     if depth(obj, max_depth) > max_depth:
@@ -117,20 +136,7 @@ def to_messages(obj: Any, max_chars: int, max_depth: int) -> list[dict[str, str]
     messages = canonical(obj)
     if not messages:
         raise RecordError("empty_conversation", "no messages")
-    total = 0
-    for i, m in enumerate(messages):
-        content = normalise_text(m["content"])
-        control = _CONTROL.search(content)
-        if control:
-            raise RecordError("control_characters",
-                              f"messages[{i}] contains control character U+{ord(control.group()):04X}")
-        content = content.strip()
-        if not content:
-            raise RecordError("blank_content", f"messages[{i}] ({m['role']}) has no text")
-        m["content"] = content
-        total += len(content)
-    if total > max_chars:
-        raise RecordError("too_long", f"{total} characters of content (limit {max_chars})")
+    _clean(messages, max_chars)
     roles = [m["role"] for m in messages]
     if "user" not in roles:
         raise RecordError("no_user_turn", "conversation has no user message")
@@ -139,6 +145,29 @@ def to_messages(obj: Any, max_chars: int, max_depth: int) -> list[dict[str, str]
     return messages
 
 
-def prompt_text(messages: list[dict[str, str]]) -> str:
-    """The text the model is asked about: all turns but the final answer."""
-    return "\n".join(m["content"] for m in messages[:-1])
+def to_preference(obj: Any, max_chars: int, max_depth: int) -> list[dict[str, str]]:
+    """A preference record ``{"prompt", "chosen", "rejected"}`` as messages: the prompt turns, then the
+    chosen answer, then the rejected one (roles ``assistant``), validated like chat records."""
+    if depth(obj, max_depth) > max_depth:
+        raise RecordError("too_deep", f"nesting deeper than {max_depth} levels")
+    if not isinstance(obj, dict):
+        raise RecordError("not_an_object", f"top level is {type(obj).__name__}, expected an object")
+    missing = sorted({"prompt", "chosen", "rejected"} - set(obj))
+    if missing:
+        raise RecordError("unknown_format", f"preference record lacks {missing}")
+    prompt = _turns(obj["prompt"], "user", "prompt")
+    answers = []
+    for side in ("chosen", "rejected"):
+        turns = _turns(obj[side], "assistant", side)
+        if not turns or turns[-1]["role"] != "assistant":
+            raise RecordError("no_assistant_turn", f"{side} does not end with an assistant answer")
+        answers.append(turns[-1])
+    messages = _clean(prompt + answers, max_chars)
+    if "user" not in [m["role"] for m in prompt]:
+        raise RecordError("no_user_turn", "prompt has no user message")
+    return messages
+
+
+def prompt_text(messages: list[dict[str, str]], answers: int = 1) -> str:
+    """The text the model is asked about: all turns but the final answer(s)."""
+    return "\n".join(m["content"] for m in messages[:-answers])

@@ -1,0 +1,117 @@
+"""Drift monitoring of served traffic with Evidently, for any task.
+
+Compares the requests in the serving traffic log, and the answers the model gave, with the training data.
+Monitored columns are generic: prompt and response length and word count (Evidently text descriptors),
+the share of answers the task's parser accepts (``answer_valid``), and categorical answer distributions
+only where the task names them: the label for ``label`` tasks, the ``task.fields`` of ``json`` answers.
+Drift is declared when the share of drifted columns reaches ``monitor.drift_share``. Writes
+``drift.html`` and ``drift.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.config import MonitorConfig, TaskConfig
+from pipeline.io import write_json
+from pipeline.tasks import Task, build_task
+
+TEXT_COLUMNS = ["prompt_length", "prompt_words", "response_length", "response_words"]
+
+
+def answer_columns(task: Task, answer: str) -> dict[str, str]:
+    """The categorical columns of one answer: validity, and the label or the named JSON fields."""
+    valid = task.is_valid(answer)
+    cols = {"answer_valid": "valid" if valid else "invalid"}
+    cfg = task.cfg
+    if cfg.kind == "label":
+        cols["label"] = task.parse(answer) or "<invalid>"
+    for name in cfg.fields:
+        try:
+            obj = json.loads(answer)
+        except (json.JSONDecodeError, ValueError):
+            obj = None
+        cols[f"field.{name}"] = str(obj.get(name, "<missing>")) if isinstance(obj, dict) else "<invalid>"
+    return cols
+
+
+def reference_frame(train_file: Path, task: Task):
+    import pandas as pd
+
+    rows = []
+    with open(train_file, encoding="utf-8") as fh:
+        for line in fh:
+            msgs = json.loads(line)["messages"]
+            answer = msgs[-1]["content"]
+            rows.append({"prompt": "\n".join(m["content"] for m in msgs[:-1]), "response": answer,
+                         **answer_columns(task, answer)})
+    return pd.DataFrame(rows)
+
+
+def traffic_frame(traffic_log: Path, task: Task):
+    import pandas as pd
+
+    rows = []
+    with open(traffic_log, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                rec = json.loads(line)
+                rows.append({"prompt": rec["prompt"], "response": rec["response"],
+                             **answer_columns(task, rec["response"])})
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{traffic_log}:{lineno}: not a traffic record ({err})") from None
+    return pd.DataFrame(rows)
+
+
+def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cfg: TaskConfig) -> dict:
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.descriptors import TextLength, WordCount
+    from evidently.metrics import DriftedColumnsCount
+    from evidently.presets import DataDriftPreset
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not traffic_log.is_file():
+        raise FileNotFoundError(f"{traffic_log}: no served traffic logged yet")
+    task = build_task(task_cfg)
+    current = traffic_frame(traffic_log, task)
+    if len(current) < cfg.min_requests:
+        result = {"status": "insufficient_data", "requests": len(current), "min_requests": cfg.min_requests,
+                  "drift": False}
+        write_json(out / "drift.json", result)
+        return result
+    reference = reference_frame(train_file, task)
+    categorical = [c for c in reference.columns if c not in ("prompt", "response")]
+    columns = TEXT_COLUMNS + categorical
+    definition = DataDefinition(text_columns=["prompt", "response"], categorical_columns=categorical)
+    descriptors = [TextLength("prompt", alias="prompt_length"), WordCount("prompt", alias="prompt_words"),
+                   TextLength("response", alias="response_length"), WordCount("response", alias="response_words")]
+    ref_ds = Dataset.from_pandas(reference, data_definition=definition, descriptors=descriptors)
+    cur_ds = Dataset.from_pandas(current, data_definition=definition, descriptors=descriptors)
+    snapshot = Report([DriftedColumnsCount(columns=columns, drift_share=cfg.drift_share),
+                       DataDriftPreset(columns=columns)]).run(cur_ds, ref_ds)
+    snapshot.save_html(str(out / "drift.html"))
+    metrics = snapshot.dict()["metrics"]
+    count = next(m["value"] for m in metrics if m["metric_name"].startswith("DriftedColumnsCount"))
+    per_column = {}
+    for m in metrics:
+        name = m["metric_name"]
+        if name.startswith("ValueDrift(column="):
+            col = name.split("column=")[1].split(",")[0]
+            per_column[col] = {"p_value": m["value"], "method": m["config"].get("method")}
+    share = float(count["share"])
+    result = {
+        "status": "ok",
+        "requests": len(current),
+        "valid_answer_rate": round(float((current["answer_valid"] == "valid").mean()), 4),
+        "reference_rows": len(reference),
+        "drifted_columns": int(count["count"]),
+        "drift_share": round(share, 4),
+        "threshold": cfg.drift_share,
+        "drift": share >= cfg.drift_share,
+        "columns": per_column,
+        "html": str(out / "drift.html"),
+    }
+    write_json(out / "drift.json", result)
+    return result
