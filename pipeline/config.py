@@ -312,7 +312,7 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _gate_metric_is_the_tasks(self) -> "Params":
         if self.gate.metric and self.gate.metric not in self.task.all_metric_names:
-            raise ValueError(f"gate.metric {self.gate.metric!r} is not produced by task kind "
+            raise ValueError(f"gate.metric: {self.gate.metric!r} is not produced by task kind "
                              f"{self.task.kind!r} (its metrics: {', '.join(self.task.all_metric_names)})")
         return self
 
@@ -324,8 +324,12 @@ class Params(_Strict):
 def _format_errors(path: Path, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if not key:  # a cross-section check names its key at the start of its message
+            key, _, msg = msg.partition(": ") if re.match(r"[a-z_]+\.[a-z_.]+: ", msg) else ("<root>", "", msg)
+            lines.append(f"{path}: {key}: {msg}")
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see params.yaml for the valid keys)"
         got = e.get("input")

@@ -16,7 +16,8 @@ def test_sanitize_writes_the_contracted_files(tmp_path):
     res = runner.invoke(app, ["sanitize", str(ROOT / "data/raw/tickets_train.jsonl"), "--out", str(tmp_path),
                               "--params", str(ROOT / "params.yaml")])
     assert res.exit_code == 0, res.output
-    assert {p.name for p in tmp_path.iterdir()} == {"clean.jsonl", "quarantine.jsonl", "report.json", "data_card.md"}
+    assert {p.name for p in tmp_path.iterdir()} == {"clean.jsonl", "validation.jsonl", "quarantine.jsonl",
+                                                    "report.json", "data_card.md"}
     report = json.loads((tmp_path / "report.json").read_text())
     assert f"read {report['read']} = kept {report['kept']}" in res.output
 
@@ -53,3 +54,13 @@ def test_promote_and_rollback_through_the_cli(tmp_path, monkeypatch):
     assert res.output.strip().endswith("@champion -> v1")
     res = runner.invoke(app, ["status"])
     assert "v1" in res.output and "@champion" in res.output.splitlines()[0]
+
+
+def test_sanitize_works_from_any_directory_without_params(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"prompt": "Сколько стоит доставка?", "completion": "500 рублей"}\n'
+                    '{"prompt": "东京的人口是多少？", "completion": "约1400万"}\n')
+    res = runner.invoke(app, ["sanitize", str(data), "--out", "out"])
+    assert res.exit_code == 0, res.output
+    assert "built-in sanitize defaults" in res.output and "read 2 = kept 2" in res.output

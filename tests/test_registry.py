@@ -64,7 +64,7 @@ def test_promoting_a_missing_version_fails(cfg, tmp_path):
 def test_champion_of_another_base_is_no_reference(cfg, tmp_path):
     # Serving would put that champion's adapter on today's base: the candidate must clear the
     # first-version bar against the base model, not tie with the champion's old numbers.
-    from pipeline.release import promotion as release
+    from pipeline.release import promotion as release  # noqa: I001
     from pipeline.config import BaseModelConfig, Params
     from pipeline.release.gate import ModelScore
 
@@ -76,12 +76,12 @@ def test_champion_of_another_base_is_no_reference(cfg, tmp_path):
     registry.promote(cfg, "m", v1.version)
     p = Params(project={"name": "m"}, registry=cfg, base=BaseModelConfig(out_dir=str(base_dir)))
 
-    candidate = ModelScore("candidate", {"exact_match": 0.9, "json_valid": 1.0}, [1] * 9 + [0])
-    base = ModelScore("base", {"exact_match": 0.0, "json_valid": 0.0}, [0] * 10)
+    candidate = ModelScore("candidate", {"exact_match": 0.9, "valid": 1.0}, {"exact_match": [1] * 9 + [0]})
+    base = ModelScore("base", {"exact_match": 0.0, "valid": 0.0}, {"exact_match": [0] * 10})
     decision, champion = release.gate(p, candidate, base)
     assert champion.version == 1
     assert decision.promote and decision.reference == "base" and decision.p_value is None
     assert "champion v1 was trained on another base" in decision.reasons[-1]
 
-    worse = ModelScore("candidate", {"exact_match": 0.01, "json_valid": 1.0}, [0] * 10)
+    worse = ModelScore("candidate", {"exact_match": 0.01, "valid": 1.0}, {"exact_match": [0] * 10})
     assert not release.gate(p, worse, base)[0].promote

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import ConfigError, EvaluateConfig, Params, TrainConfig, parse_params
+from pipeline.config import ConfigError, EvaluateConfig, Params, TaskConfig, TrainConfig, parse_params
 from pipeline.evaluate.scoring import evaluate_model
 from pipeline.train.trainer import mix_generic, train
 
@@ -65,10 +65,14 @@ def test_base_weights_unchanged_and_adapter_trained(trained, tiny_base):
 
 def test_evaluate_scores_base_and_adapter(trained, tiny_base, data, tmp_path):
     d, _, _ = trained
-    cfg = EvaluateConfig(out_dir=str(tmp_path), max_examples=8, max_new_tokens=8)
-    res = evaluate_model(tiny_base, d / "adapter", data / "eval/clean.jsonl", cfg)
-    assert res["n"] == 8 and len(res["per_example_exact"]) == 8
-    assert 0.0 <= res["exact_match"] <= res["field_accuracy"] <= 1.0
+    cfg = EvaluateConfig(out_dir=str(tmp_path), max_examples=8)
+    task = TaskConfig(kind="json", max_new_tokens=8)
+    res = evaluate_model(tiny_base, d / "adapter", data / "eval/clean.jsonl", cfg, task)
+    assert res["n"] == 8 and len(res["per_example"]["exact_match"]) == 8 and len(res["reasons"]) == 8
+    s = res["summary"]
+    assert 0.0 <= s["exact_match"] <= s["field_accuracy"] <= s["json_valid"] <= 1.0
+    # An answer the parser rejects scores 0 with its reason; it does not stop the evaluation.
+    assert all(r.startswith("not valid JSON") for r, v in zip(res["reasons"], res["per_example"]["json_valid"]) if not v)
 
 
 def test_early_stopping_stops_before_max_steps(tiny_base, data, tmp_path):
@@ -145,7 +149,12 @@ def test_dpo_raises_the_preference_margin(tiny_base, data, tmp_path):
 
     from pipeline.train.trainer import load_preference_file
 
-    pref = ROOT / "data/raw/tickets_preference.jsonl"
+    from pipeline.config import SanitizeConfig
+    from pipeline.data.sanitize import sanitize_files
+
+    sanitize_files([ROOT / "data/raw/tickets_preference.jsonl"], tmp_path / "pref", SanitizeConfig(),
+                   shape="preference")
+    pref = tmp_path / "pref/clean.jsonl"
     cfg = tiny_cfg(tmp_path, method="dpo", max_steps=60, learning_rate=5e-2, dpo_beta=0.5, lora_r=8,
                    lora_alpha=16, max_length=128, checkpoint_steps=30)
     m = train(cfg, tiny_base, data / "train/clean.jsonl", None, preference_file=pref)
@@ -157,13 +166,22 @@ def test_dpo_raises_the_preference_margin(tiny_base, data, tmp_path):
     assert _preference_margin(tuned, tok, rows) > before + 0.01
 
 
-def test_preference_records_must_be_complete(tmp_path):
-    from pipeline.train.trainer import load_preference_file
+def test_preference_records_are_sanitized_like_training_data(tmp_path):
+    from pipeline.config import SanitizeConfig
+    from pipeline.data.sanitize import sanitize_files
+    from pipeline.tasks import build_task
 
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "q", "chosen": "a"}\n')
-    with pytest.raises(ValueError, match=r"p\.jsonl:1: preference record lacks \['rejected'\]"):
-        load_preference_file(f)
+    f.write_text('{"prompt": "q", "chosen": "a"}\n'
+                 '{"prompt": "mail me at jane@example.com", "chosen": "{\\"ok\\": 1}", "rejected": "no"}\n'
+                 '{"prompt": "q2", "chosen": "not json", "rejected": "{}"}\n')
+    r = sanitize_files([f], tmp_path / "out", SanitizeConfig(), task=build_task(TaskConfig(kind="json")),
+                       shape="preference")
+    assert r["kept"] == 1 and r["quarantined"]["by_reason"] == {"invalid_answer": 1, "unknown_format": 1}
+    q = [json.loads(x) for x in (tmp_path / "out/quarantine.jsonl").read_text().splitlines()]
+    assert q[0]["line"] == 1 and "lacks ['rejected']" in q[0]["detail"]
+    kept = json.loads((tmp_path / "out/clean.jsonl").read_text())
+    assert kept["prompt"] == [{"role": "user", "content": "mail me at <EMAIL>"}] and kept["chosen"] == '{"ok": 1}'
 
 
 def test_dora_and_merged_export_match_the_adapter(tiny_base, data, tmp_path):

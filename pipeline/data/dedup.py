@@ -5,8 +5,8 @@
 - **Near**: MinHash signatures of Unicode word shingles (pipeline/text.py: any script; characters of
   unspaced scripts such as Chinese and Japanese), banded for LSH. A band hit is only a *candidate*: it
   counts as a near-duplicate when the exact shingle Jaccard similarity reaches the threshold **and** the
-  two records carry the same values (numbers and ids, and capitalised names where both texts are in
-  mixed case) **and** the same answer. Records that share a template and differ in a value are distinct
+  two records carry the same values (numbers and ids; no capitalised name in one that the other lacks)
+  **and** the same answer. Records that share a template and differ in a value are distinct
   examples, so they are kept. Because every candidate is verified, the LSH bands are tuned below the
   threshold (more candidates, higher recall) without costing precision.
 
@@ -32,7 +32,6 @@ from pipeline.text import tokens
 _PRIME = np.uint64((1 << 31) - 1)  # Mersenne prime; a*x stays below 2**63 for 32-bit x
 _WORD = re.compile(r"[^\W_]+")
 _SPACE = re.compile(r"\s+")
-_PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
 # Records kept per LSH bucket. Templated data fills buckets with records that share most of their text
 # but differ in a value; more than one per bucket lets a true duplicate still meet its original.
 BUCKET_CAP = 4
@@ -87,13 +86,22 @@ class IntSet:
 
 
 class IntMap:
-    """int64 key -> int32 value(s): a map (``setdefault``, first writer wins) or a capped multimap
-    (``add``/``get_all``); same layout as IntSet plus a value array."""
+    """Integer key -> int32 value(s): a map (``setdefault``, first writer wins) or a capped multimap
+    (``add``/``get_all``); same layout as IntSet plus a value array. ``key_bits=32`` halves the key
+    array for keys whose rare collisions are harmless (LSH band keys: every candidate is verified)."""
 
-    def __init__(self, capacity: int = 1 << 12) -> None:
-        self._keys = np.zeros(capacity, dtype=np.int64)
+    def __init__(self, capacity: int = 1 << 12, key_bits: int = 64, max_load: float = 0.5) -> None:
+        self._dtype = np.int64 if key_bits == 64 else np.int32
+        self._fold = key_bits == 32
+        self._max_load = max_load
+        self._keys = np.zeros(capacity, dtype=self._dtype)
         self._vals = np.zeros(capacity, dtype=np.int32)
         self._size = 0
+
+    def _key(self, key: int) -> int:
+        if not self._fold:
+            return key
+        return ((key ^ (key >> 32)) & 0x7FFFFFFF) or 1
 
     def __len__(self) -> int:
         return self._size
@@ -103,11 +111,13 @@ class IntMap:
         return self._keys.nbytes + self._vals.nbytes
 
     def get(self, key: int) -> int | None:
+        key = self._key(key)
         i = _slot(self._keys, len(self._keys) - 1, key)
         return int(self._vals[i]) if self._keys[i] == key else None
 
     def get_all(self, key: int) -> list[int]:
         """Every value stored under ``key`` (``add`` keeps several)."""
+        key = self._key(key)
         keys, mask = self._keys, len(self._keys) - 1
         i, out = (key * 0x9E3779B1) & mask, []
         while keys[i] != 0:
@@ -118,6 +128,7 @@ class IntMap:
 
     def add(self, key: int, value: int, cap: int) -> None:
         """Store ``value`` under ``key`` unless ``cap`` values are stored there already (a multimap)."""
+        key = self._key(key)
         keys, mask = self._keys, len(self._keys) - 1
         i, n = (key * 0x9E3779B1) & mask, 0
         while keys[i] != 0:
@@ -127,13 +138,13 @@ class IntMap:
             return
         keys[i], self._vals[i] = key, value
         self._size += 1
-        if self._size * 2 > len(keys):
+        if self._size > self._max_load * len(keys):
             self._grow()
 
     def _grow(self) -> None:
         live = self._keys != 0
         keys, vals = self._keys[live], self._vals[live]
-        self._keys = np.zeros(len(self._keys) * 2, dtype=np.int64)
+        self._keys = np.zeros(len(self._keys) * 2, dtype=self._dtype)
         self._vals = np.zeros(len(self._keys), dtype=np.int32)
         mask = len(self._keys) - 1
         for k, v in zip(keys.tolist(), vals.tolist()):
@@ -143,12 +154,13 @@ class IntMap:
             self._keys[j], self._vals[j] = k, v
 
     def setdefault(self, key: int, value: int) -> int:
+        key = self._key(key)
         i = _slot(self._keys, len(self._keys) - 1, key)
         if self._keys[i] == key:
             return int(self._vals[i])
         self._keys[i], self._vals[i] = key, value
         self._size += 1
-        if self._size * 2 > len(self._keys):
+        if self._size > self._max_load * len(self._keys):
             self._grow()
         return value
 
@@ -213,25 +225,24 @@ def _sentence_initial(text: str, start: int) -> bool:
     return not before or before[-1] in ".!?:;\n"
 
 
-def values(text: str) -> tuple[list[str], list[str] | None]:
-    """The values a text carries: tokens with digits, and capitalised names (None if not in mixed case).
-
-    Two records that differ in a value (an id, a year, a number, a name) are different examples even
-    when the rest of their wording is the same.
-    """
-    numbers = sorted(t for t in tokens(text) if any(c.isdigit() for c in t))
-    cased = _PLACEHOLDER.sub("", text)  # redaction placeholders are upper case in any text
-    if cased == cased.upper() or cased == cased.lower():  # no case information (an all-caps re-send, say)
-        return numbers, None
-    names = sorted(m.group().casefold() for m in _WORD.finditer(text)
-                   if m.group()[0].isupper() and any(c.islower() for c in m.group()[1:])
-                   and not _sentence_initial(text, m.start()))
-    return numbers, names
+def names(text: str) -> set[str]:
+    """Capitalised words that do not start a sentence (case-folded): names, places, products."""
+    return {m.group().casefold() for m in _WORD.finditer(text)
+            if m.group()[0].isupper() and any(c.islower() for c in m.group()[1:])
+            and not _sentence_initial(text, m.start())}
 
 
 def same_values(a: str, b: str) -> bool:
-    (na, ma), (nb, mb) = values(a), values(b)
-    return na == nb and (ma is None or mb is None or ma == mb)
+    """Whether two texts carry the same values: the same numbers and ids (as a multiset), and no name in
+    one that the other lacks. Two records that differ in a value (an id, a year, a number, a name) are
+    different examples even when the rest of their wording is the same; a word that is only capitalised
+    differently ("monday"/"Monday", an all-caps re-send) is not a different value.
+    """
+    ta, tb = tokens(a), tokens(b)
+    if sorted(t for t in ta if any(c.isdigit() for c in t)) != sorted(t for t in tb if any(c.isdigit() for c in t)):
+        return False
+    sa, sb = set(ta), set(tb)
+    return names(a) <= sb and names(b) <= sa
 
 
 def answer_key(answer: str) -> int:
@@ -281,8 +292,8 @@ class Deduplicator:
         self.answers = _Column()
         self.hasher = MinHasher(num_perm, shingle)
         # Candidates are verified, so the S-curve sits below the threshold: recall without false positives.
-        self.bands, self.rows = choose_bands(num_perm, max(0.3, threshold - 0.15))
-        self.band_maps = [IntMap() for _ in range(self.bands)] if near else []
+        self.bands, self.rows = choose_bands(num_perm, max(0.3, threshold - 0.1))
+        self.band_maps = [IntMap(key_bits=32, max_load=0.75) for _ in range(self.bands)] if near else []
         self.store = PromptStore() if near else None
         self.verified_pairs = 0  # candidates checked against the stored prompt
         self.conflicts: set[int] = set()  # prompt digests seen with different answers (rare)
