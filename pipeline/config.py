@@ -133,6 +133,7 @@ class DataConfig(_Strict):
     train: list[str] = ["data/raw/tickets_train.jsonl"]
     eval: list[str] = ["data/raw/tickets_eval.jsonl"]  # the held-out split the gate scores
     preference: str = ""  # prompt/chosen/rejected JSONL for train.method: dpo
+    generic: str = ""  # generic chat JSONL mixed into training at train.generic_fraction (limits forgetting)
     # Share of the training records set aside (deterministically, by prompt hash) for early stopping and
     # checkpoint selection, so the held-out split stays untouched until the gate.
     validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
@@ -222,7 +223,6 @@ class TrainConfig(_Strict):
     checkpoint_steps: int = Field(50, gt=0)
     early_stopping_patience: int = Field(0, ge=0)  # evaluations without eval-loss improvement; 0 = off
     # A share of generic instruction data mixed into training limits forgetting of general skills.
-    generic_data: str = ""
     generic_fraction: float = Field(0.0, ge=0.0, le=0.5)
     dpo_beta: float = Field(0.1, gt=0.0)
     merge_export: bool = False  # also write base+adapter merged (loadable by vLLM and transformers)
@@ -230,8 +230,6 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
-        if self.generic_fraction > 0 and not self.generic_data:
-            raise ValueError("generic_fraction > 0 needs generic_data (a chat JSONL file)")
         if self.method == "dpo" and self.packing:
             raise ValueError("packing is not supported with method: dpo")
         return self
@@ -311,6 +309,8 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _gate_metric_is_the_tasks(self) -> "Params":
+        if self.train.generic_fraction > 0 and not self.data.generic:
+            raise ValueError("train.generic_fraction: > 0 needs data.generic (a chat JSONL file)")
         if self.gate.metric and self.gate.metric not in self.task.all_metric_names:
             raise ValueError(f"gate.metric: {self.gate.metric!r} is not produced by task kind "
                              f"{self.task.kind!r} (its metrics: {', '.join(self.task.all_metric_names)})")

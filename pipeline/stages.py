@@ -50,8 +50,8 @@ def sanitize(p: Params) -> dict:
                                                task=task, shape="preference", progress=print)
     else:
         _empty(clean_split(p, "preference"))
-    if p.train.generic_data:
-        summary["generic"] = sanitize_files([Path(p.train.generic_data)], root / "generic", p.sanitize,
+    if p.data.generic:
+        summary["generic"] = sanitize_files([Path(p.data.generic)], root / "generic", p.sanitize,
                                             progress=print)
     else:
         _empty(clean_split(p, "generic"))

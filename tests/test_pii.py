@@ -103,9 +103,24 @@ def test_structure_around_secrets_is_kept():
     "ISBN 978-3-16-148410-0", "at 13:45:00 UTC", "Card-like but fails Luhn: 4111 1111 1111 1112",
     "SSN-shaped but invalid: 000-12-3456 and 666-12-3456", "port 8080, pid 12345, 3.14159", "fe80::1 and ::1",
     "model gpt-4o-2024-08-06", "sha 9f8e7d6c5b4a3928", "room 4.102, floor 3",
+    # dates, times and timestamps
+    "deployed at 2026-03-02 14:05 UTC", "on 2026-03-02T14:05:33Z", "release 2026-03-02 14:05:33.123",
+    "log 2026/03/02 14:05", "at 14:05 on 02.03.2026", "timestamp 1709388300", "run 20260302-140533",
+    # build and version numbers
+    "build 20260302.1405 is green", "build 2026.03.02.1405", "version 10.0.19045.3803", "v2.14.3-rc1",
+    # ISBNs, tracking numbers, order and ticket ids
+    "ISBN 0-306-40615-2", "ISBN 978-0-306-40615-7", "tracking 1Z999AA10123456784", "FedEx 7489 2300 1234",
+    "USPS 9400 1000 0000 0000 0000 00", "order #123-4567890-1234567", "order ORD-2026-000123", "ref 4820119933",
+    "ticket INC0012345", "JIRA-12345", "invoice INV-2026-03-0042", "serial SN-4820-1199-3381",
 ])
 def test_look_alikes_survive(text):
     assert redact(text) == (text, {})
+
+
+@pytest.mark.parametrize("text", ["call me on 4155552671", "my phone: 02079460000", "+44 20 7946 0000",
+                                  "(415) 555-2671", "415.555.2671", "01 23 45 67 89"])
+def test_phones_still_found_next_to_those_shapes(text):
+    assert redact(text)[1] == {"PHONE": 1}, redact(text)
 
 
 def test_custom_detector():

@@ -166,3 +166,48 @@ def test_demo_data_sanitizes_with_reconciled_counts(tmp_path):
     assert r["duplicates"]["exact"] >= 30 and r["duplicates"]["near"] >= 25
     assert r["redactions"]["by_type"].keys() == {"EMAIL", "PHONE", "CARD"}
     assert (tmp_path / "data_card.md").read_text().startswith("# Data card")
+
+
+def test_label_conflicts_quarantine_every_record_naming_the_first(tmp_path):
+    lines = [rec("is my card charged twice?", "yes"), rec("other question", "x"),
+             rec("is my card charged twice?", "no"), rec("is my card charged twice?", "yes")]
+    report, f = run(tmp_path, lines)
+    assert report["kept"] == 1 and report["quarantined"]["by_reason"] == {"label_conflict": 3}
+    assert report["reconciles"] and report["per_source"][str(f)] == {"read": 4, "kept": 1, "quarantined": 3}
+    q = {e["line"]: e for e in map(json.loads, (tmp_path / "out/quarantine.jsonl").read_text().splitlines())}
+    assert set(q) == {1, 3, 4} and all(e["reason"] == "label_conflict" for e in q.values())
+    assert f"same prompt as {f}:1" in q[3]["detail"] and "2 later record(s)" in q[1]["detail"]
+    assert [json.loads(x)["source"]["line"] for x in (tmp_path / "out/clean.jsonl").read_text().splitlines()] == [2]
+
+
+def test_answers_that_do_not_fit_the_task_are_quarantined(tmp_path):
+    from pipeline.config import TaskConfig
+    from pipeline.tasks import build_task
+
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join([rec("a", "positive"), rec("b", "sort of"), rec("c", "negative")]) + "\n")
+    task = build_task(TaskConfig(kind="label", labels=["positive", "negative"]))
+    r = sanitize_files([f], tmp_path / "out", CFG, task=task)
+    assert r["kept"] == 2 and r["quarantined"]["by_reason"] == {"invalid_answer": 1}
+    entry = json.loads((tmp_path / "out/quarantine.jsonl").read_text())
+    assert entry["line"] == 2 and "not one of" in entry["detail"]
+
+
+def test_quarantine_never_stores_pii_unredacted(tmp_path):
+    report, _ = run(tmp_path, ['{"messages": [{"role": "user", "content": "mail jane.doe@example.com"}]}', rec("ok")])
+    assert report["quarantined"]["total"] == 1
+    text = (tmp_path / "out/quarantine.jsonl").read_text()
+    assert "jane.doe@example.com" not in text and "<EMAIL>" in text
+
+
+def test_validation_split_is_deterministic_and_disjoint(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join(rec(f"question number {i} about topic {i * 7}") for i in range(400)) + "\n")
+    outs = []
+    for run_ in ("a", "b"):
+        r = sanitize_files([f], tmp_path / run_, CFG, validation_fraction=0.1)
+        outs.append((tmp_path / run_ / "validation.jsonl").read_text())
+        assert r["kept"] == 400 and 20 <= r["validation"] <= 60 and r["train"] + r["validation"] == 400
+    assert outs[0] == outs[1]
+    train = set((tmp_path / "a/clean.jsonl").read_text().splitlines())
+    assert not train & set(outs[0].splitlines())

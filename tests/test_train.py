@@ -207,7 +207,7 @@ def test_generic_data_is_mixed_at_the_configured_share(data):
 @pytest.mark.parametrize("change, message", [
     ({"train": {"method": "ppo"}}, "train.method"),
     ({"train": {"adapter": "ia3"}}, "train.adapter"),
-    ({"train": {"generic_fraction": 0.1, "generic_data": ""}}, "generic_fraction > 0 needs generic_data"),
+    ({"train": {"generic_fraction": 0.1}, "data": {"generic": ""}}, "train.generic_fraction: > 0 needs data.generic"),
     ({"train": {"method": "dpo", "packing": True}}, "packing is not supported with method: dpo"),
     ({"train": {"lr_scheduler": "cosine_annealing"}}, "train.lr_scheduler"),
     ({"train": {"attention": "flash"}}, "train.attention"),

@@ -37,10 +37,19 @@ _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 # Phone-shaped: optional +/00 prefix, digit groups joined by space, dot, dash or parentheses, optional
 # extension. phonenumbers then decides whether it is a possible number.
-_PHONE = re.compile(r"(?<![\w+.-])(?:\+|00)?\(?\d{1,4}\)?(?:[ .-]?\(?\d{1,5}\)?){1,7}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w-]|\.\d)")
+# The look-ahead also refuses a following ":digit", so "2026-03-02 14:05" offers no "2026-03-02 14" candidate.
+_PHONE = re.compile(r"(?<![\w+.-])(?:\+|00)?\(?\d{1,4}\)?(?:[ .-]?\(?\d{1,5}\)?){1,7}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w:-]|[.:]\d)")
 _SSN_SHAPE = re.compile(r"^\d{3}-\d{2}-\d{4}$")
 _AREA_CODE = re.compile(r"^\(\d{2,5}\)\s?\d")
 _DATE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$")
+# A date at the start (2026-03-02 ..., 2026.03.02.1405) or a compact yyyymmdd first group (20260302.1405,
+# 20260302-140533): timestamps and build numbers, not phones.
+_DATE_PREFIX = re.compile(r"^(?:19|20)\d\d(?:[-./](?:0?[1-9]|1[0-2])[-./](?:0?[1-9]|[12]\d|3[01])|"
+                          r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))(?!\d)")
+_GROUPS = re.compile(r"\d+")
+# Words that make a bare digit run (no separators) a phone number; without one it is an id or a timestamp.
+_PHONE_CUE = re.compile(r"(?i)(?:phone|call|tel|mobile|cell|fax|whatsapp|sms|text me|reach me|dial)\W{0,3}"
+                        r"(?:\w+\W+){0,3}$")
 _DIGIT_RUN = re.compile(r"\d[\d ().-]{5,}\d")
 
 PLACEHOLDERS = {
@@ -87,13 +96,34 @@ def _digits(s: str) -> str:
     return "".join(c for c in s if c.isdigit())
 
 
-def phone_ok(candidate: str, regions: tuple[str, ...]) -> bool:
+def isbn10_ok(candidate: str) -> bool:
+    chars = [c for c in candidate if c.isdigit() or c in "xX"]
+    if len(chars) != 10 or not all(c.isdigit() for c in chars[:9]):
+        return False
+    values = [int(c) for c in chars[:9]] + [10 if chars[9] in "xX" else int(chars[9])]
+    return sum((10 - i) * v for i, v in enumerate(values)) % 11 == 0
+
+
+def phone_ok(candidate: str, regions: tuple[str, ...], before: str = "") -> bool:
+    """Whether a phone-shaped ``candidate`` is a phone number; ``before`` is the text preceding it."""
     digits = _digits(candidate.split("x")[0].split("ext")[0])
     if not 7 <= len(digits) <= 15 or _DATE.match(candidate) or _SSN_SHAPE.match(candidate) or isbn13_ok(digits):
         return False
-    # Bare digit runs without any phone punctuation are ids far more often than phone numbers.
-    if candidate.isdigit() and not candidate.startswith("00") and len(candidate) < 10:
-        return False
+    international = candidate.startswith(("+", "00"))
+    groups = _GROUPS.findall(candidate)
+    if not international:
+        # An ISBN-10 is hyphenated with a one-character check group at the end (0-306-40615-2).
+        if _DATE_PREFIX.match(candidate) or (candidate[-2:-1] == "-" and isbn10_ok(candidate)):
+            return False
+        # Dotted digit groups longer than a phone group: versions (10.0.19045.3803), decimals, builds.
+        if "." in candidate and set(candidate) <= set("0123456789.") and max(len(g) for g in groups) >= 5:
+            return False
+        # Blocks of four (7489 2300 1234): tracking, account and card-like ids, not phone groupings.
+        if len(groups) >= 3 and all(len(g) == 4 for g in groups):
+            return False
+        # A bare digit run is an id, a timestamp or an amount unless the words before it ask for a call.
+        if candidate.isdigit() and not _PHONE_CUE.search(before[-40:]):
+            return False
     text = candidate
     if text.startswith("00") and not text.startswith("001-"):
         text = "+" + text[2:]
@@ -154,7 +184,8 @@ def build_detectors(regions: tuple[str, ...] = ("US", "GB", "DE", "FR"),
         Detector("SSN", _SSN, lambda t: "-" in t, needs_digit_run=True),
         Detector("IP_ADDRESS", _IPV4, lambda t: "." in t, _ip_ok, needs_digit_run=True),
         Detector("IP_ADDRESS", _IPV6, lambda t: "::" in t or t.count(":") >= 5, _ip_ok),
-        Detector("PHONE", _PHONE, anything, lambda m: phone_ok(m.group(), regions), needs_digit_run=True),
+        Detector("PHONE", _PHONE, anything, lambda m: phone_ok(m.group(), regions, m.string[:m.start()]),
+                 needs_digit_run=True),
     ]
     for name, pattern in (custom or {}).items():
         detectors.append(Detector(name.upper(), re.compile(pattern), lambda t: True))

@@ -185,7 +185,8 @@ def sanitize_files(
                     validation.write(line)
                 else:
                     clean.write(line)
-        if conflicts:
+    if conflicts:  # after the clean files are closed: the first records of each conflict are in them
+        with open(out_dir / "quarantine.jsonl", "a", encoding="utf-8") as quarantine:
             _resolve_conflicts(out_dir, conflicts, report, quarantine)
     result = report.to_dict()
     result["seconds"] = round(time.perf_counter() - started, 3)

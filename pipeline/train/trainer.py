@@ -141,7 +141,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
 
     ``eval_file`` is the validation split carved from the training data (early stopping, checkpoint
     selection); the held-out split the gate scores never reaches training. ``generic_file``: sanitized
-    generic chat mixed in at ``cfg.generic_fraction`` (defaults to ``cfg.generic_data`` as given).
+    generic chat mixed in at ``cfg.generic_fraction``.
     """
     import torch
     from datasets import Dataset
@@ -154,7 +154,6 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     out = Path(cfg.out_dir)
     dev = detect()
     torch.manual_seed(cfg.seed)
-    generic_file = generic_file or (Path(cfg.generic_data) if cfg.generic_data else None)
     inputs = [p for p in (train_file, eval_file, preference_file) if p]
     if cfg.generic_fraction and generic_file:
         inputs.append(generic_file)
