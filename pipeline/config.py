@@ -25,7 +25,7 @@ class _Strict(BaseModel):
 
 
 class ProjectConfig(_Strict):
-    name: str = Field("loraflow-ticket-triage", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field("loraflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class BaseModelConfig(_Strict):
@@ -130,8 +130,8 @@ class TaskConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    train: list[str] = ["data/raw/tickets_train.jsonl"]
-    eval: list[str] = ["data/raw/tickets_eval.jsonl"]  # the held-out split the gate scores
+    train: list[str] = []  # JSONL/CSV/Parquet files or datasets folders (README, "Your own data")
+    eval: list[str] = []  # the held-out split the gate scores
     preference: str = ""  # prompt/chosen/rejected JSONL for train.method: dpo
     generic: str = ""  # generic chat JSONL mixed into training at train.generic_fraction (limits forgetting)
     # Share of the training records set aside (deterministically, by prompt hash) for early stopping and

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import Params
+from pipeline.config import ConfigError, Params
 from pipeline.io import write_json
 
 
@@ -34,6 +34,9 @@ def sanitize(p: Params) -> dict:
     from pipeline.data.sanitize import new_index, sanitize_files
     from pipeline.tasks import build_task
 
+    for key in ("train", "eval"):
+        if not getattr(p.data, key):
+            raise ConfigError(f"params.yaml: data.{key}: no input files listed")
     root = Path(p.sanitize.out_dir)
     task = build_task(p.task)
     train_index = new_index(p.sanitize)
