@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = STAGES[args.stage](params)
+    try:
+        result = STAGES[args.stage](params)
+    except ConfigError as err:  # a setting that only a stage can check (a missing database, no inputs)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({args.stage: result}, indent=2, default=str))
     return 0
 

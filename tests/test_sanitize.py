@@ -207,7 +207,7 @@ def test_validation_split_is_deterministic_and_disjoint(tmp_path):
     for run_ in ("a", "b"):
         r = sanitize_files([f], tmp_path / run_, CFG, validation_fraction=0.1)
         outs.append((tmp_path / run_ / "validation.jsonl").read_text())
-        assert r["kept"] == 400 and 20 <= r["validation"] <= 60 and r["train"] + r["validation"] == 400
+        assert r["kept"] == 400 and 20 <= r["validation"] <= 60 and r["clean"] + r["validation"] == 400
     assert outs[0] == outs[1]
     train = set((tmp_path / "a/clean.jsonl").read_text().splitlines())
     assert not train & set(outs[0].splitlines())

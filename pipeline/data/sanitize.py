@@ -71,7 +71,7 @@ class SanitizeReport:
             "inputs": self.inputs,
             "read": self.read,
             "kept": self.kept,
-            "train": self.kept - self.validation,
+            "clean": self.kept - self.validation,  # in clean.jsonl; the rest of ``kept`` in validation.jsonl
             "validation": self.validation,
             "quarantined": {"total": q, "by_reason": dict(sorted(self.quarantined.items()))},
             "duplicates": {"total": d, **{k: self.duplicates.get(k, 0) for k in ("exact", "near", "contamination")}},
@@ -259,8 +259,8 @@ def data_card(report: dict) -> str:
     return (
         "# Data card\n\n"
         f"Inputs: {', '.join(report['inputs'])}\n\n"
-        f"- records read: {report['read']}\n- kept: {report['kept']} (training {report['train']}, "
-        f"validation {report['validation']})\n"
+        f"- records read: {report['read']}\n- kept: {report['kept']} (clean.jsonl {report['clean']}, "
+        f"validation.jsonl {report['validation']})\n"
         f"- quarantined: {q['total']}\n"
         f"- duplicates removed: {d['total']} (exact {d['exact']}, near {d['near']}, "
         f"eval-vs-train contamination {d['contamination']})\n"
