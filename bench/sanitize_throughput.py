@@ -201,8 +201,8 @@ def bench_near_dedup(n: int = 20_000, seed: int = 0) -> list[str]:
     t = time.perf_counter()
     flags = []
     for i, d in enumerate(docs):
-        v = dd.check(f"{i}", d, "A")
-        flags.append(v.kind == "near")
+        v = dd.check(f"{d}\nA", d, "A")  # one answer for all: only the prompts tell records apart
+        flags.append(v.kind in ("near", "exact"))
         if v.token is not None:
             dd.add(v.token)
     secs = time.perf_counter() - t

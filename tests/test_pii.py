@@ -112,6 +112,7 @@ def test_structure_around_secrets_is_kept():
     "ISBN 0-306-40615-2", "ISBN 978-0-306-40615-7", "tracking 1Z999AA10123456784", "FedEx 7489 2300 1234",
     "USPS 9400 1000 0000 0000 0000 00", "order #123-4567890-1234567", "order ORD-2026-000123", "ref 4820119933",
     "ticket INC0012345", "JIRA-12345", "invoice INV-2026-03-0042", "serial SN-4820-1199-3381",
+    "order #279-4794634-4794634", "run 20120204-176350",
 ])
 def test_look_alikes_survive(text):
     assert redact(text) == (text, {})

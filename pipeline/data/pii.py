@@ -78,6 +78,15 @@ def card_ok(digits: str) -> bool:
     return 13 <= len(digits) <= 19 and luhn_ok(digits)
 
 
+def card_grouping_ok(text: str) -> bool:
+    """Card numbers are written whole or in blocks of four (Amex/Diners: 4-6-5, 4-6-4); other groupings
+    (order ids like 279-4794634-4794634, run ids like 20120204-176350) are not cards even when Luhn passes."""
+    groups = [len(g) for g in re.findall(r"\d+", text)]
+    if len(groups) == 1:
+        return True
+    return groups in ([4, 6, 5], [4, 6, 4]) or (all(g == 4 for g in groups[:-1]) and 1 <= groups[-1] <= 4)
+
+
 def iban_ok(value: str) -> bool:
     s = value.replace(" ", "")
     if not 15 <= len(s) <= 34:
@@ -104,6 +113,16 @@ def isbn10_ok(candidate: str) -> bool:
     return sum((10 - i) * v for i, v in enumerate(values)) % 11 == 0
 
 
+def _valid_somewhere(number: str, regions: tuple[str, ...]) -> bool:
+    for region in regions:
+        try:
+            if phonenumbers.is_valid_number(phonenumbers.parse(number, region)):
+                return True
+        except phonenumbers.NumberParseException:
+            continue
+    return False
+
+
 def phone_ok(candidate: str, regions: tuple[str, ...], before: str = "") -> bool:
     """Whether a phone-shaped ``candidate`` is a phone number; ``before`` is the text preceding it."""
     digits = _digits(candidate.split("x")[0].split("ext")[0])
@@ -121,9 +140,10 @@ def phone_ok(candidate: str, regions: tuple[str, ...], before: str = "") -> bool
         # Blocks of four (7489 2300 1234): tracking, account and card-like ids, not phone groupings.
         if len(groups) >= 3 and all(len(g) == 4 for g in groups):
             return False
-        # A bare digit run is an id, a timestamp or an amount unless the words before it ask for a call.
+        # A bare digit run is an id, a timestamp or an amount unless the words before it ask for a call,
+        # or it is written with a national trunk prefix (0...) and is a valid number of a configured region.
         if candidate.isdigit() and not _PHONE_CUE.search(before[-40:]):
-            return False
+            return candidate.startswith("0") and _valid_somewhere(candidate, regions)
     text = candidate
     if text.startswith("00") and not text.startswith("001-"):
         text = "+" + text[2:]
@@ -180,7 +200,8 @@ def build_detectors(regions: tuple[str, ...] = ("US", "GB", "DE", "FR"),
                  render=lambda m: f"{m.group(1)}<CREDENTIALS>@"),
         Detector("EMAIL", _EMAIL, lambda t: "@" in t),
         Detector("IBAN", _IBAN, anything, lambda m: iban_ok(m.group()), needs_digit_run=True),
-        Detector("CARD", _CARD, anything, lambda m: card_ok(_digits(m.group())), needs_digit_run=True),
+        Detector("CARD", _CARD, anything, lambda m: card_grouping_ok(m.group()) and card_ok(_digits(m.group())),
+                 needs_digit_run=True),
         Detector("SSN", _SSN, lambda t: "-" in t, needs_digit_run=True),
         Detector("IP_ADDRESS", _IPV4, lambda t: "." in t, _ip_ok, needs_digit_run=True),
         Detector("IP_ADDRESS", _IPV6, lambda t: "::" in t or t.count(":") >= 5, _ip_ok),
