@@ -28,12 +28,13 @@ def answer_columns(task: Task, answer: str) -> dict[str, str]:
     cfg = task.cfg
     if cfg.kind == "label":
         cols["label"] = task.parse(answer) or "<invalid>"
-    for name in cfg.fields:
+    if cfg.fields:
         try:
             obj = json.loads(answer)
         except (json.JSONDecodeError, ValueError):
             obj = None
-        cols[f"field.{name}"] = str(obj.get(name, "<missing>")) if isinstance(obj, dict) else "<invalid>"
+        for name in cfg.fields:
+            cols[f"field.{name}"] = str(obj.get(name, "<missing>")) if isinstance(obj, dict) else "<invalid>"
     return cols
 
 
