@@ -40,6 +40,14 @@ class BaseModelConfig(_Strict):
     vocab_size: int = Field(2048, ge=300)
     max_position_embeddings: int = Field(512, ge=64)
     seed: int = 0
+    # Pretraining of the builtin model (causal LM, full parameters) on the sanitized training text, the
+    # generic chat data and a synthetic copy/lookup curriculum; 0 steps = random weights. On 2 CPU cores
+    # 600 steps of 32 x 128 tokens take about 3-4 minutes (docs/benchmarks.md); DVC caches the result.
+    pretrain_steps: int = Field(600, ge=0)
+    pretrain_batch_size: int = Field(32, gt=0)
+    pretrain_seq_len: int = Field(128, ge=16)
+    pretrain_lr: float = Field(3e-3, gt=0.0)
+    curriculum_share: float = Field(0.5, ge=0.0, le=1.0)  # share of synthetic copy/lookup conversations
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "BaseModelConfig":

@@ -12,10 +12,15 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut].strip()
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, batch_size: int) -> list[str]:
-    """Greedy answers to chat ``prompts``: the gate's numbers must be reproducible run to run."""
+def generate(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, batch_size: int,
+             temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Answers to chat ``prompts``: greedy by default (the gate's numbers must be reproducible run to
+    run); ``temperature`` > 0 samples with top-p 1.0, as an OpenAI client does by default, seeded."""
     import torch
 
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature else \
+        {"do_sample": False}
     dev = detect()
     model.to(dev.type).eval()
     tokenizer.padding_side = "left"
@@ -25,8 +30,32 @@ def generate(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, batc
                  for p in prompts[i:i + batch_size]]
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(dev.type)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=task.max_new_tokens, do_sample=False,
+            gen = model.generate(**enc, max_new_tokens=task.max_new_tokens, **sampling,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         new = gen[:, enc["input_ids"].shape[1]:]
         outputs.extend(cut_at_stop(t, task.stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     return outputs
+
+
+def completion_loss(model, tokenizer, rows: list[dict], batch_size: int = 32) -> float:
+    """Mean negative log-likelihood (nats per token) of the reference completions given their prompts:
+    how confident the model is in the right answer, which exact match under greedy decoding hides."""
+    import torch
+
+    dev = detect()
+    model.to(dev.type).eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        for row in rows[i:i + batch_size]:
+            prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+            labels = [-100] * len(p_ids) + ids[len(p_ids):]
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids], device=dev.type),
+                            labels=torch.tensor([labels], device=dev.type))
+            n = sum(1 for x in labels[1:] if x != -100)
+            total += out.loss.item() * n
+            count += n
+    return total / max(count, 1)

@@ -1,11 +1,13 @@
 """The base model stage: build the embedded tiny Llama, or resolve a Hugging Face id / local path.
 
-No model hub is reachable on the reference machines, so ``base.model: builtin:tiny-llama`` builds a
-small, randomly initialised Llama-architecture model and a byte-level BPE tokenizer trained on the
-project's own raw text, deterministically from ``base.seed``. LoRA on such a model learns the demo
-triage task; it is a stand-in for a real base, with the same code path from then on. Any other value of
-``base.model`` is loaded with ``from_pretrained`` (hub id or directory) and saved to ``base.out_dir`` so
-training, evaluation and vLLM all read one local copy.
+No model hub is reachable on the reference machines, so ``base.model: builtin:tiny-llama`` builds a small
+Llama-architecture model and a byte-level BPE tokenizer from the project's own sanitized text, then
+*pretrains* it (causal LM, full parameters) on that text, the generic chat data and a synthetic
+copy/lookup curriculum (pipeline/train/curriculum.py), deterministically from ``base.seed``. A random
+base leaves LoRA to learn the task on top of noise: right at argmax but unconfident, and unable to copy
+values from the prompt. ``pretrain.json`` next to the weights records the config, the input hashes, the
+loss curve and the loss reached. Any other value of ``base.model`` is loaded with ``from_pretrained``
+(hub id or directory) and saved to ``base.out_dir`` so training, evaluation and vLLM read one local copy.
 
     python -m pipeline base
 """
@@ -13,10 +15,17 @@ training, evaluation and vLLM all read one local copy.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import math
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from pipeline.config import BaseModelConfig
+from pipeline.hashing import file_sha256
+from pipeline.io import write_json
 
 # A minimal chat format both transformers and vLLM render from tokenizer_config.json.
 CHAT_TEMPLATE = (
@@ -69,7 +78,86 @@ def build_tokenizer(cfg: BaseModelConfig, corpus_files: list[Path]):
     return fast
 
 
-def build_builtin(cfg: BaseModelConfig, corpus_files: list[Path], out_dir: Path) -> Path:
+def _conversations(files: Iterable[Path]) -> list[list[dict[str, str]]]:
+    out = []
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+                    out.append(rec["messages"])
+    return out
+
+
+def _common_words(conversations: list[list[dict[str, str]]], n: int = 2000) -> list[str]:
+    counts = Counter(w for c in conversations for m in c for w in re.findall(r"[^\W_]+", m["content"]))
+    return [w for w, _ in counts.most_common(n)]
+
+
+def token_stream(tokenizer, conversations: list[list[dict[str, str]]], cfg: BaseModelConfig) -> list[int]:
+    """Enough chat-formatted tokens for the pretraining budget: the corpus's conversations mixed with
+    synthetic ones at ``curriculum_share``, drawn in a seeded order."""
+    from pipeline.train.curriculum import conversation
+
+    rng = random.Random(cfg.seed)
+    words = _common_words(conversations)
+    needed = cfg.pretrain_steps * cfg.pretrain_batch_size * cfg.pretrain_seq_len + 1
+    ids: list[int] = []
+    while len(ids) < needed:
+        docs = [conversation(rng, words) if not conversations or rng.random() < cfg.curriculum_share
+                else rng.choice(conversations) for _ in range(512)]
+        texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in docs]
+        for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids.extend(enc)
+    return ids[:needed]
+
+
+def pretrain(model, tokenizer, conversations: list[list[dict[str, str]]], cfg: BaseModelConfig,
+             progress: Callable[[str], None] = print) -> dict:
+    """Causal-LM pretraining on packed blocks of the token stream; returns the loss curve and totals."""
+    import torch
+
+    stream = torch.tensor(token_stream(tokenizer, conversations, cfg), dtype=torch.long)
+    L, B = cfg.pretrain_seq_len, cfg.pretrain_batch_size
+    blocks = stream[: (len(stream) - 1) // L * L].view(-1, L)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, cfg.pretrain_steps // 20)
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to a tenth
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.pretrain_steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    curve, recent = [], []
+    started = time.perf_counter()
+    for step in range(cfg.pretrain_steps):
+        batch = blocks[order[step * B:(step + 1) * B]]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        recent.append(loss.item())
+        if (step + 1) % 10 == 0 or step + 1 == cfg.pretrain_steps:
+            curve.append({"step": step + 1, "loss": round(sum(recent) / len(recent), 4)})
+            recent = []
+        if (step + 1) % 50 == 0 or step + 1 == cfg.pretrain_steps:
+            spent = time.perf_counter() - started
+            progress(f"base: pretraining step {step + 1}/{cfg.pretrain_steps}, loss {curve[-1]['loss']:.3f}, "
+                     f"{spent:.0f}s, about {spent / (step + 1) * (cfg.pretrain_steps - step - 1):.0f}s left")
+    model.eval()
+    seconds = time.perf_counter() - started
+    return {"steps": cfg.pretrain_steps, "tokens": cfg.pretrain_steps * B * L, "seconds": round(seconds, 1),
+            "tokens_per_s": round(cfg.pretrain_steps * B * L / max(seconds, 1e-9)),
+            "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve}
+
+
+def build_builtin(cfg: BaseModelConfig, corpus_files: list[Path], out_dir: Path,
+                  progress: Callable[[str], None] = print) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -92,9 +180,14 @@ def build_builtin(cfg: BaseModelConfig, corpus_files: list[Path], out_dir: Path)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    report = {"steps": 0, "note": "random weights (base.pretrain_steps: 0)"}
+    if cfg.pretrain_steps:
+        report = pretrain(model, tokenizer, _conversations(corpus_files), cfg, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    write_json(out_dir / "pretrain.json", {"config": cfg.model_dump(),
+                                           "inputs": {str(f): file_sha256(f) for f in corpus_files}, **report})
     return out_dir
 
 
@@ -112,10 +205,10 @@ def fetch_pretrained(model_id: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def build_base(cfg: BaseModelConfig, corpus_files: list[Path]) -> Path:
+def build_base(cfg: BaseModelConfig, corpus_files: list[Path], progress: Callable[[str], None] = print) -> Path:
     out = Path(cfg.out_dir)
     if cfg.is_builtin:
         if cfg.model != "builtin:tiny-llama":
             raise ValueError(f"base.model: unknown builtin {cfg.model!r} (known: builtin:tiny-llama)")
-        return build_builtin(cfg, corpus_files, out)
+        return build_builtin(cfg, corpus_files, out, progress)
     return fetch_pretrained(cfg.model, out)
