@@ -106,7 +106,7 @@ def main() -> None:
             for task_name, (train_file, eval_file, task) in tasks.items():
                 out = tmp / f"adapter-{steps}-{task_name}"
                 tcfg = p.train.model_copy(update={"out_dir": str(out), "checkpoint_dir": str(tmp / "ckpt")})
-                m = train(tcfg, base_dir, train_file, None)
+                m = train(tcfg, base_dir, train_file, None, generic_file=tmp / "generic/clean.jsonl")
                 s = scores(base_dir, out, eval_file, task)
                 rows.append(f"| {date.today()} | x86_64 2 cores | {label} | {task_name} | base build {base_s:.0f} s, "
                             f"pretrain loss {pre.get('final_loss')} | fine-tune {m['duration_s']:.0f} s, final train loss "

@@ -94,6 +94,7 @@ def sql_project(project):
     params["train"].update(generic_fraction=0.0, max_steps=30, batch_size=16, epochs=1,
                            checkpoint_steps=100)
     params["dvc"]["push"] = False
+    params["base"]["pretrain_steps"] = 50  # the real pretraining path, short
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     return project, len(train), n_eval
 

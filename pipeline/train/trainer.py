@@ -172,8 +172,9 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     if cfg.method == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        rows, n_generic = mix_generic(load_chat_file(train_file), generic_file or Path("."),
-                                      cfg.generic_fraction, cfg.seed)
+        rows = load_chat_file(train_file)
+        if cfg.generic_fraction and generic_file is not None:
+            rows, n_generic = mix_generic(rows, generic_file, cfg.generic_fraction, cfg.seed)
         args = SFTConfig(**_common_args(cfg, ckpt_dir, bool(eval_rows), dev), max_length=cfg.max_length,
                          packing=cfg.packing)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
