@@ -110,7 +110,7 @@ def main() -> None:
                 s = scores(base_dir, out, eval_file, task)
                 rows.append(f"| {date.today()} | x86_64 2 cores | {label} | {task_name} | base build {base_s:.0f} s, "
                             f"pretrain loss {pre.get('final_loss')} | fine-tune {m['duration_s']:.0f} s, final train loss "
-                            f"{m['final_loss']} | {s['completion_loss']} | {s['exact_greedy']} | {s['exact_sampled_t1']} |")
+                            f"{m['final_loss']:.4f} | {s['completion_loss']} | {s['exact_greedy']} | {s['exact_sampled_t1']} |")
                 print(rows[-1], flush=True)
     print("\n".join(rows))
 
