@@ -92,7 +92,7 @@ def main() -> None:
             (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         sanitize_files([tmp / "copy_train.jsonl"], tmp / "copy", p.sanitize)
         sanitize_files([tmp / "copy_eval.jsonl"], tmp / "copy_eval", p.sanitize)
-        corpus = [tmp / "train/clean.jsonl", tmp / "generic/clean.jsonl"]
+        corpus = [tmp / "train/clean.jsonl"]
         tasks = {"demo": (tmp / "train/clean.jsonl", tmp / "eval/clean.jsonl", p.task),
                  "copy": (tmp / "copy/clean.jsonl", tmp / "copy_eval/clean.jsonl", TaskConfig(kind="text", max_new_tokens=16))}
         rows = []
@@ -100,7 +100,7 @@ def main() -> None:
                                                                       p.base.pretrain_steps)):
             cfg = p.base.model_copy(update={"pretrain_steps": steps})
             t0 = time.perf_counter()
-            base_dir = build_builtin(cfg, corpus, tmp / f"base-{steps}")
+            base_dir = build_builtin(cfg, corpus, tmp / f"base-{steps}", chat_files=[tmp / "generic/clean.jsonl"])
             base_s = time.perf_counter() - t0
             pre = json.loads((base_dir / "pretrain.json").read_text())
             for task_name, (train_file, eval_file, task) in tasks.items():

@@ -74,8 +74,8 @@ def _nonempty(path: Path) -> Path | None:
 def base(p: Params) -> dict:
     from pipeline.train.base_model import build_base
 
-    corpus = [f for f in (clean_split(p, "train"), clean_split(p, "generic")) if _nonempty(f)]
-    out = build_base(p.base, corpus)
+    generic = [f for f in (clean_split(p, "generic"),) if _nonempty(f)]
+    out = build_base(p.base, [clean_split(p, "train")], chat_files=generic)
     return {"base_dir": str(out), "model": p.base.model}
 
 

@@ -14,8 +14,8 @@ SMALL = BaseModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num
 
 def test_pretrained_base_is_deterministic_and_records_its_run(tmp_path, clean_demo):
     corpus = [clean_demo / "train/clean.jsonl", ROOT / "data/raw/generic_chat.jsonl"]
-    a = build_builtin(SMALL, corpus, tmp_path / "a", progress=lambda s: None)
-    b = build_builtin(SMALL, corpus, tmp_path / "b", progress=lambda s: None)
+    a = build_builtin(SMALL, corpus[:1], tmp_path / "a", progress=lambda s: None, chat_files=corpus[1:])
+    b = build_builtin(SMALL, corpus[:1], tmp_path / "b", progress=lambda s: None, chat_files=corpus[1:])
     assert file_sha256(a / "model.safetensors") == file_sha256(b / "model.safetensors")
     report = json.loads((a / "pretrain.json").read_text())
     assert report["steps"] == 30 and report["tokens"] == 30 * 8 * 64

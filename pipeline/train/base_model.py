@@ -78,14 +78,15 @@ def build_tokenizer(cfg: BaseModelConfig, corpus_files: list[Path]):
     return fast
 
 
-def _conversations(files: Iterable[Path]) -> list[list[dict[str, str]]]:
+def _conversations(files: Iterable[Path], prompts_only: bool = False) -> list[list[dict[str, str]]]:
+    """The chat records of ``files``; ``prompts_only`` drops the final answer of each."""
     out = []
     for f in files:
         with open(f, encoding="utf-8") as fh:
             for line in fh:
                 rec = json.loads(line)
                 if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-                    out.append(rec["messages"])
+                    out.append(rec["messages"][:-1] if prompts_only else rec["messages"])
     return out
 
 
@@ -157,11 +158,14 @@ def pretrain(model, tokenizer, conversations: list[list[dict[str, str]]], cfg: B
 
 
 def build_builtin(cfg: BaseModelConfig, corpus_files: list[Path], out_dir: Path,
-                  progress: Callable[[str], None] = print) -> Path:
+                  progress: Callable[[str], None] = print, chat_files: list[Path] = ()) -> Path:
+    """Tokenizer and model from ``corpus_files`` (the task's training records: pretraining sees their
+    prompts, never their answers, or the base would already do the task and leave nothing for the adapter
+    and the gate to measure) and ``chat_files`` (generic conversations, answers included)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(cfg, corpus_files)
+    tokenizer = build_tokenizer(cfg, [*corpus_files, *chat_files])
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -182,12 +186,13 @@ def build_builtin(cfg: BaseModelConfig, corpus_files: list[Path], out_dir: Path,
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     report = {"steps": 0, "note": "random weights (base.pretrain_steps: 0)"}
     if cfg.pretrain_steps:
-        report = pretrain(model, tokenizer, _conversations(corpus_files), cfg, progress)
+        docs = _conversations(corpus_files, prompts_only=True) + _conversations(chat_files)
+        report = pretrain(model, tokenizer, docs, cfg, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    write_json(out_dir / "pretrain.json", {"config": cfg.model_dump(),
-                                           "inputs": {str(f): file_sha256(f) for f in corpus_files}, **report})
+    write_json(out_dir / "pretrain.json", {"config": cfg.model_dump(), "inputs": {
+        str(f): file_sha256(f) for f in [*corpus_files, *chat_files]}, **report})
     return out_dir
 
 
@@ -205,10 +210,11 @@ def fetch_pretrained(model_id: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def build_base(cfg: BaseModelConfig, corpus_files: list[Path], progress: Callable[[str], None] = print) -> Path:
+def build_base(cfg: BaseModelConfig, corpus_files: list[Path], progress: Callable[[str], None] = print,
+               chat_files: list[Path] = ()) -> Path:
     out = Path(cfg.out_dir)
     if cfg.is_builtin:
         if cfg.model != "builtin:tiny-llama":
             raise ValueError(f"base.model: unknown builtin {cfg.model!r} (known: builtin:tiny-llama)")
-        return build_builtin(cfg, corpus_files, out, progress)
+        return build_builtin(cfg, corpus_files, out, progress, chat_files)
     return fetch_pretrained(cfg.model, out)
