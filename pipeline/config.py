@@ -40,10 +40,10 @@ class BaseModelConfig(_Strict):
     vocab_size: int = Field(2048, ge=300)
     max_position_embeddings: int = Field(512, ge=64)
     seed: int = 0
-    # Pretraining of the builtin model (causal LM, full parameters) on the sanitized training text, the
-    # generic chat data and a synthetic copy/lookup curriculum; 0 steps = random weights. On 2 CPU cores
-    # 600 steps of 32 x 128 tokens take about 3-4 minutes (docs/benchmarks.md); DVC caches the result.
-    pretrain_steps: int = Field(600, ge=0)
+    # Pretraining of the builtin model (causal LM, full parameters) on the training prompts, the generic
+    # chat data and a synthetic copy/lookup curriculum; 0 steps = random weights. Opt-in: it does not yet
+    # help the adapter (docs/benchmarks.md). 600 steps of 32 x 128 tokens take ~3 minutes on 2 CPU cores.
+    pretrain_steps: int = Field(0, ge=0)
     pretrain_batch_size: int = Field(32, gt=0)
     pretrain_seq_len: int = Field(128, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0.0)

@@ -58,19 +58,6 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
         assert json.loads(Path("reports/last-run.json").read_text())["model"]["registered_version"] == 1
         assert len(Path(p.serve.traffic_log).read_text().splitlines()) == 25
 
-        # The pretrained base makes the adapter confident: an `openai` client's default sampling
-        # (temperature 1, top-p 1) still gets valid, right answers.
-        from pipeline.io import load_chat_file
-        from pipeline.stages import clean_split
-        from pipeline.tasks import build_task
-
-        task = build_task(p.task)
-        rows = load_chat_file(clean_split(p, "eval"))[:30]
-        sampled = [task.score(server.chat(report["serving"]["served"], r["prompt"], task=p.task, temperature=1.0,
-                                          top_p=1.0), r["completion"][0]["content"]) for r in rows]
-        assert sum(s.values["valid"] for s in sampled) >= 0.95 * len(rows), [s.reason for s in sampled]
-        assert sum(s.values["exact_match"] for s in sampled) >= 0.9 * len(rows)
-
         # Lineage: the version carries the hashes DVC recorded, the commit and a model card.
         v1 = registry.get_alias(p.registry, p.project.name)
         lock = dvc_lock_hashes()
