@@ -218,11 +218,9 @@ def _resolve_conflicts(out_dir: Path, conflicts: dict[int, list[dict]], report: 
                     dst.write(line)
                     continue
                 first = f"{rec['source']['file']}:{rec['source']['line']}"
-                answers = [rec["messages"][-1]["content"][:200]]
                 for entry in conflicts[pkey]:
                     quarantine.write(json.dumps({**entry, "detail": f"same prompt as {first} with a different "
                                                  "answer"}, ensure_ascii=False) + "\n")
-                    answers.append(entry["raw"][:200])
                 quarantine.write(json.dumps({"source": rec["source"]["file"], "line": rec["source"]["line"],
                                              "reason": "label_conflict",
                                              "detail": f"{len(conflicts[pkey])} later record(s) have the same "

@@ -37,7 +37,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, batc
     return outputs
 
 
-def completion_loss(model, tokenizer, rows: list[dict], batch_size: int = 32) -> float:
+def completion_loss(model, tokenizer, rows: list[dict]) -> float:
     """Mean negative log-likelihood (nats per token) of the reference completions given their prompts:
     how confident the model is in the right answer, which exact match under greedy decoding hides."""
     import torch
@@ -45,17 +45,16 @@ def completion_loss(model, tokenizer, rows: list[dict], batch_size: int = 32) ->
     dev = detect()
     model.to(dev.type).eval()
     total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        for row in rows[i:i + batch_size]:
-            prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-            labels = [-100] * len(p_ids) + ids[len(p_ids):]
-            with torch.no_grad():
-                out = model(input_ids=torch.tensor([ids], device=dev.type),
-                            labels=torch.tensor([labels], device=dev.type))
-            n = sum(1 for x in labels[1:] if x != -100)
-            total += out.loss.item() * n
-            count += n
+    for row in rows:  # one row at a time: no padding to mask, and the eval splits are small
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        labels = [-100] * len(p_ids) + ids[len(p_ids):]
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids], device=dev.type),
+                        labels=torch.tensor([labels], device=dev.type))
+        n = sum(1 for x in labels[1:] if x != -100)
+        total += out.loss.item() * n
+        count += n
     return total / max(count, 1)

@@ -38,17 +38,10 @@ SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>
 
 
 def _corpus(files: Iterable[Path]) -> Iterator[str]:
-    """Text of every parseable record; malformed lines are skipped here (sanitize reports them)."""
-    for f in files:
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                for m in rec.get("messages", []) if isinstance(rec, dict) else []:
-                    if isinstance(m, dict) and isinstance(m.get("content"), str):
-                        yield m["content"]
+    """Text of every message of ``files`` (the tokenizer's training text)."""
+    for conversation in _conversations(files):
+        for m in conversation:
+            yield m["content"]
 
 
 def build_tokenizer(cfg: BaseModelConfig, corpus_files: list[Path]):
@@ -79,14 +72,20 @@ def build_tokenizer(cfg: BaseModelConfig, corpus_files: list[Path]):
 
 
 def _conversations(files: Iterable[Path], prompts_only: bool = False) -> list[list[dict[str, str]]]:
-    """The chat records of ``files``; ``prompts_only`` drops the final answer of each."""
+    """The chat records of ``files``; ``prompts_only`` drops the final answer of each. Malformed lines
+    and messages are skipped here (sanitize is where they are reported)."""
     out = []
     for f in files:
-        with open(f, encoding="utf-8") as fh:
+        with open(f, encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                rec = json.loads(line)
-                if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-                    out.append(rec["messages"][:-1] if prompts_only else rec["messages"])
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                messages = rec.get("messages") if isinstance(rec, dict) else None
+                if isinstance(messages, list):
+                    messages = [m for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+                    out.append(messages[:-1] if prompts_only else messages)
     return out
 
 
