@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from pipeline.config import BaseModelConfig
+from pipeline.train.circuits import seed_copy_circuit
 from pipeline.hashing import file_sha256
 from pipeline.io import write_json
 
@@ -94,30 +95,63 @@ def _common_words(conversations: list[list[dict[str, str]]], n: int = 2000) -> l
     return [w for w, _ in counts.most_common(n)]
 
 
-def token_stream(tokenizer, conversations: list[list[dict[str, str]]], cfg: BaseModelConfig) -> list[int]:
-    """Enough chat-formatted tokens for the pretraining budget: the corpus's conversations mixed with
-    synthetic ones at ``curriculum_share``, drawn in a seeded order."""
+def _answers(files: Iterable[Path]) -> list[str]:
+    """The final answers of ``files``' records, each a document of its own."""
+    return [c[-1]["content"] for c in _conversations(files) if c and c[-1].get("role") == "assistant"]
+
+
+def _repeat_block(rng: random.Random, low: int, high: int) -> list[int]:
+    """Random token ids, then the same ids again: the plainest signal for an induction (copy) circuit."""
+    span = [rng.randrange(low, high) for _ in range(rng.randint(4, 24))]
+    return span + span
+
+
+def token_stream(tokenizer, docs: PretrainDocs, cfg: BaseModelConfig) -> list[int]:
+    """Enough tokens for the pretraining budget, drawn in a seeded order from four kinds of document:
+    the corpus's conversations (prompts, generic chat), the task's answers detached from their prompts
+    (so the output vocabulary is trained without the prompt -> answer mapping), synthetic copy/lookup
+    conversations, and raw repeated random token spans, at ``curriculum_share`` for the last two."""
     from pipeline.train.curriculum import conversation
 
     rng = random.Random(cfg.seed)
-    words = _common_words(conversations)
+    words = _common_words(docs.conversations)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    low = len(SPECIAL_TOKENS)
     needed = cfg.pretrain_steps * cfg.pretrain_batch_size * cfg.pretrain_seq_len + 1
     ids: list[int] = []
     while len(ids) < needed:
-        docs = [conversation(rng, words) if not conversations or rng.random() < cfg.curriculum_share
-                else rng.choice(conversations) for _ in range(512)]
-        texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in docs]
-        for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        texts, raw = [], []
+        for _ in range(512):
+            r = rng.random()
+            if r < cfg.curriculum_share * 0.25 or not (docs.conversations or docs.answers):
+                raw.append(_repeat_block(rng, low, len(tokenizer)))
+            elif r < cfg.curriculum_share:
+                texts.append(tokenizer.apply_chat_template(conversation(rng, words), tokenize=False))
+            elif docs.answers and (not docs.conversations or rng.random() < docs.answer_share):
+                texts.append("<|assistant|>\n" + rng.choice(docs.answers) + "<|end|>\n")
+            else:
+                texts.append(tokenizer.apply_chat_template(rng.choice(docs.conversations), tokenize=False))
+        for enc in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
             ids.extend(enc)
+        for block in raw:
+            ids.extend(block + [end])
     return ids[:needed]
 
 
-def pretrain(model, tokenizer, conversations: list[list[dict[str, str]]], cfg: BaseModelConfig,
+class PretrainDocs:
+    """What pretraining reads: whole conversations (task prompts, generic chat) and detached answers,
+    drawn at ``answer_share`` of the corpus documents."""
+
+    def __init__(self, conversations: list[list[dict[str, str]]], answers: list[str], answer_share: float = 0.3):
+        self.conversations, self.answers, self.answer_share = conversations, answers, answer_share
+
+
+def pretrain(model, tokenizer, docs: PretrainDocs, cfg: BaseModelConfig,
              progress: Callable[[str], None] = print) -> dict:
     """Causal-LM pretraining on packed blocks of the token stream; returns the loss curve and totals."""
     import torch
 
-    stream = torch.tensor(token_stream(tokenizer, conversations, cfg), dtype=torch.long)
+    stream = torch.tensor(token_stream(tokenizer, docs, cfg), dtype=torch.long)
     L, B = cfg.pretrain_seq_len, cfg.pretrain_batch_size
     blocks = stream[: (len(stream) - 1) // L * L].view(-1, L)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed))
@@ -174,6 +208,7 @@ def build_builtin(cfg: BaseModelConfig, corpus_files: list[Path], out_dir: Path,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
@@ -183,10 +218,16 @@ def build_builtin(cfg: BaseModelConfig, corpus_files: list[Path], out_dir: Path,
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    report = {"steps": 0, "note": "random weights (base.pretrain_steps: 0)"}
+    circuit = seed_copy_circuit(model, cfg.seed) if cfg.copy_circuit else None
+    report = {"steps": 0, "note": "no pretraining (base.pretrain_steps: 0)"}
     if cfg.pretrain_steps:
-        docs = _conversations(corpus_files, prompts_only=True) + _conversations(chat_files)
+        docs = PretrainDocs(_conversations(corpus_files, prompts_only=True) + _conversations(chat_files),
+                            _answers(corpus_files))
         report = pretrain(model, tokenizer, docs, cfg, progress)
+    if cfg.output_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(cfg.output_scale)
+    report["copy_circuit"] = circuit
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
