@@ -1,8 +1,9 @@
 """Is the embedded base a language model? The random base and the pretrained base, side by side.
 
-    .venv/bin/python bench/base_quality.py            # about 8 minutes on 2 CPU cores; prints markdown rows
+    .venv/bin/python bench/base_quality.py            # about 9 minutes on 2 CPU cores; prints markdown rows
 
-For each base (``base.pretrain_steps: 0`` = the old random weights, and the params.yaml default), the
+For each base (the old random weights: no pretraining, no copy circuit, no output scale; and the
+params.yaml default), the
 train stage fine-tunes a LoRA adapter with the params.yaml training settings on
 1. the demo task (sanitized demo tickets -> JSON triage), and
 2. a copy task of its own: a sentence naming a person, an order id and an amount; the answer reproduces
@@ -96,9 +97,12 @@ def main() -> None:
         tasks = {"demo": (tmp / "train/clean.jsonl", tmp / "eval/clean.jsonl", p.task),
                  "copy": (tmp / "copy/clean.jsonl", tmp / "copy_eval/clean.jsonl", TaskConfig(kind="text", max_new_tokens=16))}
         rows = []
-        for label, steps in (("random base (pretrain_steps 0)", 0), (f"pretrained base ({p.base.pretrain_steps} steps)",
-                                                                      p.base.pretrain_steps)):
-            cfg = p.base.model_copy(update={"pretrain_steps": steps})
+        old = {"pretrain_steps": 0, "copy_circuit": False, "output_scale": 1.0, "rope_theta": 10000.0}
+        variants = (("random base (before issue 9)", old), (f"pretrained base ({p.base.pretrain_steps} steps, circuit, "
+                                                            f"output x{p.base.output_scale:g})", {}))
+        for label, update in variants:
+            cfg = p.base.model_copy(update=update)
+            steps = cfg.pretrain_steps
             t0 = time.perf_counter()
             base_dir = build_builtin(cfg, corpus, tmp / f"base-{steps}", chat_files=[tmp / "generic/clean.jsonl"])
             base_s = time.perf_counter() - t0

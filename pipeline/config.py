@@ -40,10 +40,10 @@ class BaseModelConfig(_Strict):
     vocab_size: int = Field(2048, ge=300)
     max_position_embeddings: int = Field(512, ge=64)
     seed: int = 0
-    # Pretraining of the builtin model (causal LM, full parameters) on the training prompts, the generic
-    # chat data and a synthetic copy/lookup curriculum; 0 steps = random weights. Opt-in: it does not yet
-    # help the adapter (docs/benchmarks.md). 600 steps of 32 x 128 tokens take ~3 minutes on 2 CPU cores.
-    pretrain_steps: int = Field(0, ge=0)
+    # Pretraining of the builtin model (causal LM, full parameters) on the training prompts, their answers
+    # as separate documents, the generic chat and a synthetic copy curriculum; 0 steps = none. 900 steps
+    # of 32 x 128 tokens take ~4.5 minutes on 2 CPU cores (docs/benchmarks.md).
+    pretrain_steps: int = Field(900, ge=0)
     pretrain_batch_size: int = Field(32, gt=0)
     pretrain_seq_len: int = Field(128, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0.0)
@@ -61,6 +61,11 @@ class BaseModelConfig(_Strict):
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
+        head_dim = self.hidden_size // self.num_heads
+        if self.is_builtin and self.copy_circuit and (self.num_layers < 2 or 3 * head_dim + 1 > self.hidden_size):
+            raise ValueError(f"copy_circuit needs num_layers >= 2 and hidden_size >= 3 * head_dim + 1 (got "
+                             f"{self.num_layers} layers, hidden_size {self.hidden_size}, head_dim {head_dim}); "
+                             "set copy_circuit: false for such a shape")
         return self
 
     @property
