@@ -70,16 +70,22 @@ def test_fine_tune_copies_values_it_never_saw(tmp_path, clean_demo):
     from pipeline.config import TrainConfig
     from pipeline.train.trainer import train
 
-    train_rows, eval_rows = copy_task(n_train=300, n_eval=40, seed=1)
+    from pipeline.config import SanitizeConfig
+    from pipeline.data.sanitize import sanitize_files
+
+    train_rows, eval_rows = copy_task(n_train=600, n_eval=40, seed=1)
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = SMALL.model_copy(update={"pretrain_steps": 150, "pretrain_batch_size": 16})
-    base = build_builtin(cfg, [tmp_path / "train.jsonl"], tmp_path / "base", **QUIET)
-    tcfg = TrainConfig(out_dir=str(tmp_path / "adapter"), checkpoint_dir=str(tmp_path / "ckpt"), epochs=8,
+        (tmp_path / f"{name}.raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        sanitize_files([tmp_path / f"{name}.raw.jsonl"], tmp_path / name, SanitizeConfig())
+    cfg = BaseModelConfig(vocab_size=1024, pretrain_steps=300, pretrain_batch_size=16)  # the default shape
+    base = build_builtin(cfg, [tmp_path / "train/clean.jsonl"], tmp_path / "base", **QUIET)
+    tcfg = TrainConfig(out_dir=str(tmp_path / "adapter"), checkpoint_dir=str(tmp_path / "ckpt"), epochs=10,
                        batch_size=16, learning_rate=2e-3, max_length=96, logging_steps=50)
-    train(tcfg, base, tmp_path / "train.jsonl")
-    got = scores(base, tmp_path / "adapter", tmp_path / "eval.jsonl", TaskConfig(kind="text", max_new_tokens=12))
-    assert got["exact_greedy"] >= 0.8, got
+    train(tcfg, base, tmp_path / "train/clean.jsonl")
+    got = scores(base, tmp_path / "adapter", tmp_path / "eval/clean.jsonl", TaskConfig(kind="text", max_new_tokens=12))
+    # Memorising the training values scores ~0 here (the random base: 0.00); the full 900-step base reaches
+    # 0.94 on the 100-record version of this task (docs/benchmarks.md); 300 steps measured 0.60.
+    assert got["exact_greedy"] >= 0.5, got
 
 
 def test_curriculum_answers_come_from_the_prompt():

@@ -54,6 +54,19 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
         assert report["serving"]["served"] == f"{p.project.name}-v1"
         assert report["serving"]["served_metric"] == "exact_match" and report["serving"]["served_score"] >= 0.5
         assert json.loads(report["serving"]["sample"]["answer"]).keys() == {"category", "priority"}
+
+        # What a client with the openai defaults (temperature 1.0, top-p 1.0) gets: confident, valid answers.
+        from pipeline.io import load_chat_file
+        from pipeline.stages import clean_split
+        from pipeline.tasks import build_task
+
+        task = build_task(p.task)
+        rows = load_chat_file(clean_split(p, "eval"))[:20]
+        sampled = [server.chat(f"{p.project.name}-v1", r["prompt"], task=p.task, temperature=1.0, top_p=1.0)
+                   for r in rows]
+        assert sum(task.check_reference(a) is None for a in sampled) >= 19, sampled
+        exact = sum(task.score(a, r["completion"][0]["content"]).values["exact_match"] for a, r in zip(sampled, rows))
+        assert exact >= 18, sampled
         assert report["drift"]["status"] == "ok" and report["drift"]["drift"] is False
         assert json.loads(Path("reports/last-run.json").read_text())["model"]["registered_version"] == 1
         assert len(Path(p.serve.traffic_log).read_text().splitlines()) == 25
@@ -92,8 +105,6 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
         answer = server.chat(f"{p.project.name}-v2", [{"role": "user", "content": "The package arrived damaged. "
                                                      "This is urgent, please help immediately."}], task=p.task)
         # The answer comes from v2 and is one the task accepts (its quality is the gate's business).
-        from pipeline.tasks import build_task
-
         assert build_task(p.task).check_reference(answer) is None, answer
     finally:
         server.stop()
