@@ -3,7 +3,7 @@
     loraflow demo                   # the whole loop on embedded defaults (make demo)
     loraflow run                    # the Prefect flow `retrain`
     loraflow sanitize IN... --out DIR
-    loraflow serve                  # vLLM following the registry alias
+    loraflow serve                  # the authenticated endpoint over vLLM, following the alias
     loraflow promote VERSION | rollback | drift | status
 """
 
@@ -104,40 +104,78 @@ def sanitize(inputs: list[Path] = typer.Argument(..., help="JSONL, CSV/TSV, Parq
 @app.command()
 def serve(params: str = ParamsOpt,
           once: bool = typer.Option(False, help="sync the champion into a running server (serve.url) and exit")) -> None:
-    """Serve the registry's champion with vLLM and follow the alias (promotions in the MLflow UI included)."""
+    """One authenticated OpenAI-compatible endpoint over vLLM, following each model's champion alias."""
     p = _params(params)
-    from pipeline.release import promotion
-    from pipeline.serve.vllm import VLLMServer
+    if once:
+        from pipeline.release import promotion
+        from pipeline.serve.vllm import VLLMServer
 
-    def sync(server: VLLMServer, current: int | None) -> int | None:
-        result = promotion.serve_champion(p, server)
-        version = result.get("version", 0)  # 0: nothing to serve yet, said once
-        if version != current:
-            _say(f"serving {result['served']} (@{p.registry.alias}); unloaded {result['unloaded'] or 'nothing'}"
-                 if result.get("served") else result["reason"])
-        return version
-
-    if once or p.serve.url:
-        server = VLLMServer.attach(p.serve)
+        server = VLLMServer.attach(p.serve, os.environ.get("LORAFLOW_VLLM_API_KEY", ""))
         server.wait_ready(progress=_say)
-        if once:
-            sync(server, None)
-            return
+        result = promotion.serve_champion(p, server)
+        _say(f"serving {result['served']}" if result.get("served") else result["reason"])
+        return
+    _run_gateway(p)
+
+
+def _run_gateway(p) -> None:
+    import secrets
+    import signal
+    import threading
+
+    from pipeline.serve.follow import Follower
+    from pipeline.serve.gateway import GatewayServer, RequestLog, Routes, build_app, load_keys
+    from pipeline.serve.vllm import VLLMServer
+    from pipeline.release.promotion import smoke_prompts
+    from pipeline.stages import clean_split
+
+    try:
+        keys = load_keys(p.serve.gateway_key_file)
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    stop = threading.Event()
+    # SIGTERM (docker stop, systemd, kill) ends the loop like Ctrl-C, so the vLLM we started goes with us.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if p.serve.url:
+        server = VLLMServer.attach(p.serve, os.environ.get("LORAFLOW_VLLM_API_KEY", ""))
     else:
-        _say(f"starting vLLM on {p.serve.base_url} (log: {p.serve.log_file})")
-        server = VLLMServer.start(p.serve, Path(p.base.out_dir))
+        _say(f"starting vLLM on {p.serve.base_url}, reachable only from this host (log: {p.serve.log_file})")
+        server = VLLMServer.start(p.serve, Path(p.base.out_dir), api_key=secrets.token_urlsafe(32))
+    gateway = None
     try:
         waited = server.wait_ready(progress=_say)
-        _say(f"vLLM ready after {waited:.0f}s; following models:/{p.project.name}@{p.registry.alias} "
-             f"every {p.serve.poll_interval_s:.0f}s (Ctrl-C stops)")
-        current = None
-        while True:
-            current = sync(server, current)
-            time.sleep(p.serve.poll_interval_s)
+        _say(f"vLLM ready after {waited:.0f}s")
+        routes = Routes()
+        models = p.serve.models or [p.project.name]
+        follower = Follower(server, routes, p.registry, Path(p.serve.adapters_dir), models, p.task,
+                            smoke_prompts(clean_split(p, "eval")), say=_say)
+        log = RequestLog(Path(p.serve.traffic_log), int(p.serve.log_max_mb * 2**20), p.serve.log_retention_days,
+                         tuple(p.sanitize.phone_regions))
+        app = build_app(routes, server.url, server.api_key, keys, log)
+        gateway = GatewayServer(app, p.serve.gateway_host, p.serve.gateway_port).start()
+        delay = p.serve.poll_interval_s
+        first = True
+        while not stop.is_set():
+            try:
+                follower.reconcile()
+                delay = p.serve.poll_interval_s
+            except Exception as e:  # noqa: BLE001 - MLflow or vLLM hiccups: report, back off, keep serving
+                delay = min(delay * 2, 300)
+                _say(f"warning: could not reconcile with the registry ({type(e).__name__}: {e}); retry in {delay:.0f}s")
+            if first:
+                served = ", ".join(f"{r.name} (v{r.version})" for r in routes.all()) or "nothing yet (no champion)"
+                _say(f"serving {served}; following @{p.registry.alias} every {p.serve.poll_interval_s:.0f}s")
+                typer.echo(f"endpoint: {gateway.url}", color=False)
+                first = False
+            stop.wait(delay)
     except KeyboardInterrupt:
         pass
     finally:
+        if gateway is not None:
+            gateway.stop()
         server.stop()
+        _say("stopped")
 
 
 @app.command()

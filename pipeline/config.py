@@ -293,7 +293,14 @@ class ServeConfig(_Strict):
     log_file: str = "reports/vllm.log"
     adapters_dir: str = "artifacts/served"
     poll_interval_s: float = Field(10.0, gt=0.0)
-    traffic_log: str = "data/serving/requests.jsonl"
+    traffic_log: str = "data/serving/requests.jsonl"  # the gateway's PII-redacted request log
+    # The one endpoint clients call (pipeline/serve/gateway.py); vLLM stays on host:port behind it.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8080, gt=0, lt=65536)
+    gateway_key_file: str = ""  # one client key per line; or LORAFLOW_API_KEYS (comma-separated)
+    models: list[str] = []  # registered models served side by side on one base; empty = project.name
+    log_max_mb: float = Field(50.0, gt=0.0)  # request log rotates at this size
+    log_retention_days: float = Field(30.0, gt=0.0)  # rotated request logs older than this are deleted
 
     @property
     def base_url(self) -> str:

@@ -7,13 +7,14 @@ its lineage and model card, and move the alias when the gate passes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.evaluate.scoring import evaluate_model
 from pipeline.release.gate import Decision, ModelScore, decide
 from pipeline.hashing import dir_sha256, file_sha256
-from pipeline.io import read_json, write_json
+from pipeline.io import load_chat_file, read_json, write_json
 from pipeline.release import registry
 from pipeline.release.lineage import dvc_lock_hashes, git_commit, params_sha256
 from pipeline.serve.vllm import VLLMServer, sync_adapter
@@ -73,8 +74,21 @@ def lineage_tags(p: Params) -> dict[str, str]:
         "eval_data_sha256": file_sha256(clean_split(p, "eval")),
         "task": p.task.name,
         "task_kind": p.task.kind,
+        # Serving reads these: the task's generation settings and parser, and held-out prompts (sanitized,
+        # so redacted) for the smoke test a version must pass before its name is routed to it.
+        "task_config": p.task.model_dump_json(),
+        "smoke_prompts": json.dumps(smoke_prompts(clean_split(p, "eval")), ensure_ascii=False),
     })
     return tags
+
+
+SERVING_TAGS = ("task_config", "smoke_prompts")  # version tags only: run tags are capped at 8,000 chars
+
+
+def smoke_prompts(eval_file: Path, n: int = 3, max_chars: int = 1500) -> list[list[dict]]:
+    """The first ``n`` held-out prompts, each message cut to ``max_chars`` (MLflow tags are bounded)."""
+    rows = load_chat_file(eval_file)[:n] if eval_file.is_file() and eval_file.stat().st_size else []
+    return [[{**m, "content": m["content"][:max_chars]} for m in r["prompt"]] for r in rows]
 
 
 def register_candidate(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore) -> registry.VersionInfo:
@@ -87,7 +101,8 @@ def register_candidate(p: Params, decision: Decision, candidate: ModelScore, bas
     data_card = Path(p.sanitize.out_dir, "train", "data_card.md").read_text(encoding="utf-8")
     card = registry.model_card(name=p.project.name, params=p.model_dump(), task=p.task, eval_metrics=eval_metrics,
                                decision=decision.to_dict(), data_card=data_card,
-                               lineage={k: v for k, v in tags.items() if not k.startswith("gate_")},
+                               lineage={k: v for k, v in tags.items()
+                                        if not k.startswith("gate_") and k not in SERVING_TAGS},
                                train_metrics=train_metrics)
     card_path = Path("reports/model_card.md")
     card_path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +117,7 @@ def register_candidate(p: Params, decision: Decision, candidate: ModelScore, bas
                    "data_eval": Path(p.sanitize.out_dir, "eval", "report.json"),
                    "augment": Path(p.augment.out_dir, "report.json"),
                    "eval": Path(p.evaluate.out_dir, "details.json")},
-        tags={k: v for k, v in tags.items() if not k.startswith("dvc.")},
+        tags={k: v for k, v in tags.items() if not k.startswith("dvc.") and k not in SERVING_TAGS},
     )
     return registry.register(p.registry, p.project.name, run_id, tags, card)
 

@@ -138,6 +138,10 @@ def promote(cfg: RegistryConfig, name: str, version: int) -> VersionInfo:
     return _info(mv)
 
 
+def set_version_tag(cfg: RegistryConfig, name: str, version: int, key: str, value: str) -> None:
+    client(cfg).set_model_version_tag(name, str(version), key, value)
+
+
 def rollback(cfg: RegistryConfig, name: str) -> VersionInfo:
     c = client(cfg)
     tags = c.get_registered_model(name).tags

@@ -51,13 +51,18 @@ class VLLMServer:
     cfg: ServeConfig
     process: subprocess.Popen | None = None
     _log: object = None  # the log file handle the process writes to, closed on stop
+    api_key: str = ""    # vLLM's own key (VLLM_API_KEY): only the gateway and loraflow hold it
+
+    @property
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def url(self) -> str:
         return self.cfg.base_url
 
     @classmethod
-    def start(cls, cfg: ServeConfig, base_dir: Path) -> "VLLMServer":
+    def start(cls, cfg: ServeConfig, base_dir: Path, api_key: str = "") -> "VLLMServer":
         python = Path(cfg.python)
         if not python.exists():
             raise ServingError(
@@ -68,17 +73,19 @@ class VLLMServer:
         log = Path(cfg.log_file)
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", **cfg.env}
+        if api_key:  # through the environment, not argv: the command line is visible to every local user
+            env["VLLM_API_KEY"] = api_key
         # Our own venv's variables must not leak into vLLM's interpreter.
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
         fh = open(log, "ab")
         proc = subprocess.Popen(launch_command(cfg, base_dir), stdout=fh, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-        return cls(cfg, proc, fh)
+        return cls(cfg, proc, fh, api_key)
 
     @classmethod
-    def attach(cls, cfg: ServeConfig) -> "VLLMServer":
-        return cls(cfg, None)
+    def attach(cls, cfg: ServeConfig, api_key: str = "") -> "VLLMServer":
+        return cls(cfg, None, None, api_key)
 
     def healthy(self) -> bool:
         try:
@@ -118,18 +125,20 @@ class VLLMServer:
             self._log = None
 
     def models(self) -> list[str]:
-        r = httpx.get(f"{self.url}/v1/models", timeout=10)
+        r = httpx.get(f"{self.url}/v1/models", timeout=10, headers=self._auth)
         r.raise_for_status()
         return [m["id"] for m in r.json()["data"]]
 
     def load_adapter(self, name: str, path: Path) -> None:
         r = httpx.post(f"{self.url}/v1/load_lora_adapter",
-                       json={"lora_name": name, "lora_path": str(path.resolve())}, timeout=120)
+                       json={"lora_name": name, "lora_path": str(path.resolve())}, timeout=120,
+                       headers=self._auth)
         if r.status_code != 200:
             raise ServingError(f"loading adapter {name} from {path} failed: HTTP {r.status_code}: {r.text[:500]}")
 
     def unload_adapter(self, name: str) -> None:
-        r = httpx.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+        r = httpx.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60,
+                       headers=self._auth)
         if r.status_code != 200:
             raise ServingError(f"unloading adapter {name} failed: HTTP {r.status_code}: {r.text[:500]}")
 
@@ -139,7 +148,7 @@ class VLLMServer:
         request and answer go to the traffic log."""
         started = time.perf_counter()
         body = {"model": model, "messages": messages, **generation_defaults(task or TaskConfig()), **overrides}
-        r = httpx.post(f"{self.url}/v1/chat/completions", timeout=120, json=body)
+        r = httpx.post(f"{self.url}/v1/chat/completions", timeout=120, json=body, headers=self._auth)
         if r.status_code != 200:
             raise ServingError(f"chat completion on {model} failed: HTTP {r.status_code}: {r.text[:500]}")
         answer = r.json()["choices"][0]["message"]["content"]

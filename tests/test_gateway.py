@@ -1,0 +1,181 @@
+"""The serving gateway: keys, refusals that never reach vLLM, redacted rotated log, registry-driven swaps."""
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline.config import RegistryConfig, ServeConfig, TaskConfig
+from pipeline.serve.gateway import GatewayServer, RequestLog, Route, Routes, build_app, load_keys
+from tests.conftest import ROOT
+
+KEY = "test-key-123"
+VLLM_PYTHON = ROOT / ".venv-vllm/bin/python"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_keys_come_from_env_or_file_and_none_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("LORAFLOW_API_KEYS", raising=False)
+    with pytest.raises(ValueError, match="never runs unauthenticated"):
+        load_keys("")
+    monkeypatch.setenv("LORAFLOW_API_KEYS", "a, b,,")
+    assert load_keys("") == {"a", "b"}
+    f = tmp_path / "keys"
+    f.write_text("# clients\nc\n\n")
+    assert load_keys(str(f)) == {"a", "b", "c"}
+    with pytest.raises(ValueError, match="does not exist"):
+        load_keys(str(tmp_path / "missing"))
+
+
+def test_request_log_redacts_before_writing_and_rotates(tmp_path):
+    log = RequestLog(tmp_path / "req.jsonl", max_bytes=250, retention_days=30)
+    for i in range(6):
+        log.write({"model": "m", "prompt": f"mail me at jane.doe{i}@example.com or call +1 415 555 0134",
+                   "response": "card 4111 1111 1111 1111 noted"})
+    files = [log.path, *log.rotated()]
+    text = "".join(f.read_text() for f in files)
+    assert len(log.rotated()) >= 2 and len(text.splitlines()) == 6
+    assert "@example.com" not in text and "555 0134" not in text and "4111" not in text
+    assert "<EMAIL>" in text
+
+
+@pytest.fixture
+def refusing_gateway(tmp_path):
+    """A gateway whose upstream does not exist: a request that reached it would answer 503."""
+    routes = Routes()
+    routes.set(Route("model-a", "model-a-v1-abc", 1, TaskConfig(kind="text")))
+    log = RequestLog(tmp_path / "req.jsonl", 2**20, 30)
+    app = build_app(routes, f"http://127.0.0.1:{_free_port()}", "upstream-key", {KEY}, log)
+    gw = GatewayServer(app, "127.0.0.1", _free_port()).start()
+    yield gw, log
+    gw.stop()
+
+
+def test_refusals_never_reach_the_model_server(refusing_gateway):
+    gw, log = refusing_gateway
+    chat = f"{gw.url}/chat/completions"
+    ok_body = {"model": "model-a", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(chat, json=ok_body).status_code == 401
+    assert httpx.post(chat, json=ok_body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(chat, json={**ok_body, "model": "nope"}, headers=auth)
+    assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+    r = httpx.post(chat, content=b"{not json", headers=auth)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(chat, json={"model": "model-a", "messages": "hi"}, headers=auth)
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(chat, json={**ok_body, "max_tokens": -3}, headers=auth)
+    assert r.status_code == 400
+    assert httpx.get(f"{gw.url}/models").status_code == 401
+    assert [m["id"] for m in httpx.get(f"{gw.url}/models", headers=auth).json()["data"]] == ["model-a"]
+    assert not log.path.exists()  # nothing was forwarded, so nothing was logged
+    # A well-formed, authorised request does go upstream (absent here: 503, logged).
+    assert httpx.post(chat, json=ok_body, headers=auth).status_code == 503
+    assert json.loads(log.path.read_text())["status"] == 503
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="vLLM environment missing: run `make vllm-env`")
+def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_path, monkeypatch):
+    """Real vLLM (CPU) and a real MLflow registry: the openai client on stable names, swaps, a broken
+    version, two models side by side, redacted log."""
+    import openai
+
+    from pipeline.config import TrainConfig
+    from pipeline.hashing import dir_sha256
+    from pipeline.release import registry
+    from pipeline.serve.follow import Follower
+    from pipeline.serve.vllm import VLLMServer
+    from pipeline.train.trainer import train
+
+    monkeypatch.chdir(tmp_path)
+    reg = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art"))
+    task = TaskConfig(kind="text", max_new_tokens=8)
+
+    def adapter(tag: str, seed: int, rank: int = 8) -> Path:
+        out = tmp_path / f"adapter-{tag}"
+        train(TrainConfig(out_dir=str(out), checkpoint_dir=str(tmp_path / "ck"), max_steps=6, batch_size=8,
+                          lora_r=rank, lora_alpha=2 * rank, learning_rate=5e-2, seed=seed, max_length=96),
+              tiny_base, clean_demo / "train/clean.jsonl")
+        return out
+
+    def register(model: str, path: Path) -> int:
+        run = registry.log_candidate(reg, run_name=path.name, params={}, adapter_dir=path, train_metrics={},
+                                     eval_metrics={}, artifacts={}, tags={})
+        return registry.register(reg, model, run, {"adapter_sha256": dir_sha256(path)}, "card").version
+
+    a1, a2, wide = adapter("one", 0), adapter("two", 1), adapter("wide", 2, rank=32)  # 32 > max_lora_rank
+    assert register("alpha", a1) == 1 and register("alpha", a2) == 2 and register("alpha", wide) == 3
+    assert register("beta", a2) == 1
+    registry.promote(reg, "alpha", 1)
+    registry.promote(reg, "beta", 1)
+
+    cfg = ServeConfig(python=str(VLLM_PYTHON), port=_free_port(), max_lora_rank=16, max_loras=4,
+                      log_file=str(tmp_path / "vllm.log"))
+    server = VLLMServer.start(cfg, tiny_base, api_key="vllm-secret")
+    said: list[str] = []
+    try:
+        server.wait_ready()
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401  # vLLM itself wants its key
+        routes = Routes()
+        prompts = [[{"role": "user", "content": "The package arrived damaged."}]]
+        follower = Follower(server, routes, reg, tmp_path / "served", ["alpha", "beta"], task, prompts,
+                            say=said.append)
+        follower.reconcile()
+        log = RequestLog(tmp_path / "req.jsonl", 2**20, 30)
+        gw = GatewayServer(build_app(routes, server.url, "vllm-secret", {KEY}, log), "127.0.0.1", _free_port()).start()
+        client = openai.OpenAI(base_url=gw.url, api_key=KEY, max_retries=0)
+        assert sorted(m.id for m in client.models.list().data) == ["alpha", "beta"]
+        question = [{"role": "user", "content": "My card was declined, call me at +1 415 555 0134 or mail "
+                                                "jane.doe@example.com"}]
+        first = client.chat.completions.create(model="alpha", messages=question, temperature=0)
+        assert first.model == "alpha" and first.choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="alpha", messages=question, temperature=0, stream=True) if c.choices)
+        assert streamed == first.choices[0].message.content
+        beta = client.chat.completions.create(model="beta", messages=question, temperature=0)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=gw.url, api_key="bad", max_retries=0).models.list()
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="alpha-v1", messages=question)
+
+        # The alias moves (as in the MLflow UI): the stable name answers from v2 without a vLLM restart.
+        old_internal = routes.get("alpha").internal
+        registry.promote(reg, "alpha", 2)
+        follower.reconcile()
+        assert routes.get("alpha").version == 2 and routes.get("alpha").internal != old_internal
+        second = client.chat.completions.create(model="alpha", messages=question, temperature=0)
+        assert second.choices[0].message.content == beta.choices[0].message.content  # v2's weights = beta's
+        deadline = time.time() + 30
+        while old_internal in server.models() and time.time() < deadline:
+            time.sleep(0.5)
+        assert old_internal not in server.models()
+
+        # A version vLLM cannot load: v2 keeps answering, the alias goes back, the version says why.
+        registry.promote(reg, "alpha", 3)
+        follower.reconcile()
+        assert routes.get("alpha").version == 2 and registry.get_alias(reg, "alpha").version == 2
+        status = registry.client(reg).get_model_version("alpha", "3").tags["serving_status"]
+        assert status.startswith("rejected: load failed")
+        assert client.chat.completions.create(model="alpha", messages=question, temperature=0).choices[0].message.content
+
+        text = log.path.read_text()
+        records = [json.loads(x) for x in text.splitlines()]
+        assert len(records) == 5 and {r["model"] for r in records} == {"alpha", "beta"}
+        assert "555 0134" not in text and "jane.doe@example.com" not in text
+        assert all(r["status"] == 200 and r["latency_s"] > 0 for r in records)
+        gw.stop()
+    finally:
+        server.stop()
+    assert not any("Traceback" in s for s in said)
+    assert os.path.exists(cfg.log_file)
