@@ -45,7 +45,7 @@ def test_compose_images_are_pinned_and_ports_unique():
     for name, svc in SERVICES.items():
         image = svc.get("image", "")
         assert image and ":" in image and not image.endswith(":latest"), f"{name}: unpinned image {image!r}"
-        ports += [p.split(":")[0] for p in svc.get("ports", [])]
+        ports += [p.rsplit(":", 1)[0] for p in svc.get("ports", [])]  # [host-ip:]host-port
     assert len(ports) == len(set(ports))
 
 
@@ -110,3 +110,21 @@ def test_drift_event_emitted_is_the_one_the_retrain_trigger_expects():
     expected = {e for d in spec["deployments"] for t in d.get("triggers", []) for e in t["expect"]}
     source = (ROOT / "flows/monitor.py").read_text()
     assert expected == {"loraflow.drift.detected"} and '"loraflow.drift.detected"' in source
+
+
+def test_only_the_authenticated_gateway_is_published_beyond_localhost():
+    for name, svc in SERVICES.items():
+        for port in svc.get("ports", []):
+            if name != "serve-follower":
+                assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+    assert "ports" not in SERVICES["vllm"]
+    assert SERVICES["serve-follower"]["command"] == ["serve"]
+    assert "LORAFLOW_API_KEYS" in SERVICES["serve-follower"]["environment"]
+
+
+def test_secrets_come_from_the_environment_without_defaults():
+    text = (ROOT / "docker-compose.yml").read_text()
+    for var in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "VLLM_API_KEY", "LORAFLOW_API_KEYS"):
+        assert re.search(r"\$\{" + var + r":-", text) is None, f"{var} has a default in the compose file"
+        assert "${" + var + ":?" in text
+        assert re.search(rf"^{var}=$", (ROOT / "deploy/compose/env.example").read_text(), re.M)
