@@ -134,9 +134,13 @@ def _run_gateway(p) -> None:
     except ValueError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
-    stop = threading.Event()
-    # SIGTERM (docker stop, systemd, kill) ends the loop like Ctrl-C, so the vLLM we started goes with us.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop, wake = threading.Event(), threading.Event()
+
+    def on_term(*_) -> None:  # SIGTERM (docker stop, systemd, kill) ends like Ctrl-C: our vLLM goes with us
+        stop.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_term)
     if p.serve.url:
         server = VLLMServer.attach(p.serve, os.environ.get("LORAFLOW_VLLM_API_KEY", ""))
     else:
@@ -152,8 +156,24 @@ def _run_gateway(p) -> None:
                             smoke_prompts(clean_split(p, "eval")), say=_say)
         log = RequestLog(Path(p.serve.traffic_log), int(p.serve.log_max_mb * 2**20), p.serve.log_retention_days,
                          tuple(p.sanitize.phone_regions))
-        app = build_app(routes, server.url, server.api_key, keys, log)
+        secret = os.environ.get("LORAFLOW_WEBHOOK_SECRET", "")
+
+        def on_alias(name: str, alias: str, version: int) -> None:
+            if name in models and alias == p.registry.alias:
+                _say(f"webhook: {name}@{alias} -> v{version}")
+                wake.set()
+
+        app = build_app(routes, server.url, server.api_key, keys, log, webhook_secret=secret, on_alias=on_alias)
         gateway = GatewayServer(app, p.serve.gateway_host, p.serve.gateway_port).start()
+        if secret and p.registry.tracking_uri.startswith(("http://", "https://")):
+            from pipeline.release import registry
+
+            hook_url = p.serve.webhook_url or f"http://{p.serve.gateway_host}:{p.serve.gateway_port}/hooks/mlflow"
+            try:
+                registry.ensure_webhook(p.registry, f"loraflow-serve-{p.serve.gateway_port}", hook_url, secret)
+                _say(f"MLflow webhook registered: alias moves reach {hook_url}")
+            except Exception as e:  # noqa: BLE001 - polling still follows the alias
+                _say(f"warning: could not register the MLflow webhook ({e}); following by polling only")
         delay = p.serve.poll_interval_s
         first = True
         while not stop.is_set():
@@ -168,7 +188,8 @@ def _run_gateway(p) -> None:
                 _say(f"serving {served}; following @{p.registry.alias} every {p.serve.poll_interval_s:.0f}s")
                 typer.echo(f"endpoint: {gateway.url}", color=False)
                 first = False
-            stop.wait(delay)
+            wake.wait(delay)
+            wake.clear()
     except KeyboardInterrupt:
         pass
     finally:

@@ -299,6 +299,9 @@ class ServeConfig(_Strict):
     gateway_port: int = Field(8080, gt=0, lt=65536)
     gateway_key_file: str = ""  # one client key per line; or LORAFLOW_API_KEYS (comma-separated)
     models: list[str] = []  # registered models served side by side on one base; empty = project.name
+    # MLflow registry webhooks (tracking server only; secret in LORAFLOW_WEBHOOK_SECRET) wake the follower at
+    # once; the poll above reconciles anyway, so a missed webhook cannot leave serving on a stale version.
+    webhook_url: str = ""  # how MLflow reaches the gateway; empty = http://gateway_host:gateway_port/hooks/mlflow
     log_max_mb: float = Field(50.0, gt=0.0)  # request log rotates at this size
     log_retention_days: float = Field(30.0, gt=0.0)  # rotated request logs older than this are deleted
 

@@ -124,7 +124,8 @@ def test_only_the_authenticated_gateway_is_published_beyond_localhost():
 
 def test_secrets_come_from_the_environment_without_defaults():
     text = (ROOT / "docker-compose.yml").read_text()
-    for var in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "VLLM_API_KEY", "LORAFLOW_API_KEYS"):
+    for var in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "VLLM_API_KEY", "LORAFLOW_API_KEYS",
+                "LORAFLOW_WEBHOOK_SECRET"):
         assert re.search(r"\$\{" + var + r":-", text) is None, f"{var} has a default in the compose file"
         assert "${" + var + ":?" in text
         assert re.search(rf"^{var}=$", (ROOT / "deploy/compose/env.example").read_text(), re.M)

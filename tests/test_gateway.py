@@ -179,3 +179,84 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
         server.stop()
     assert not any("Traceback" in s for s in said)
     assert os.path.exists(cfg.log_file)
+
+
+def _sign(secret: str, delivery: str, stamp: str, body: bytes) -> str:
+    import base64
+    import hashlib
+    import hmac
+
+    return "v1," + base64.b64encode(hmac.new(secret.encode(), f"{delivery}.{stamp}.".encode() + body,
+                                             hashlib.sha256).digest()).decode()
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_webhooks_reach_the_gateway_and_forgeries_do_not(tmp_path):
+    """A real MLflow tracking server delivers alias moves to the gateway; unsigned, forged, stale and
+    replayed deliveries are refused."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from pipeline.release import registry
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https"}
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/m.db",
+                             "--default-artifact-root", str(tmp_path / "art"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], env=env,
+                            stdout=open(tmp_path / "mlflow.log", "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    events: list[tuple[str, str, int]] = []
+    secret = "hook-secret"
+    gw = GatewayServer(build_app(Routes(), "http://127.0.0.1:9", "k", {KEY}, RequestLog(tmp_path / "r.jsonl", 2**20, 1),
+                                 webhook_secret=secret, on_alias=lambda *e: events.append(e)),
+                       "127.0.0.1", _free_port()).start()
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
+            time.sleep(1)
+        reg = RegistryConfig(tracking_uri=uri, artifact_root=str(tmp_path / "art"))
+        hook_url = f"http://{gw.host}:{gw.port}/hooks/mlflow"
+        first = registry.ensure_webhook(reg, "loraflow-test", hook_url, secret)
+        assert registry.ensure_webhook(reg, "loraflow-test", hook_url, secret) == first  # idempotent
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text("{}")
+        run = registry.log_candidate(reg, run_name="a", params={}, adapter_dir=adapter, train_metrics={},
+                                     eval_metrics={}, artifacts={}, tags={})
+        assert registry.register(reg, "alpha", run, {}, "card").version == 1
+        MlflowClient(tracking_uri=uri).set_registered_model_alias("alpha", "champion", "1")  # as the UI does
+        deadline = time.time() + 30
+        while not events and time.time() < deadline:
+            time.sleep(0.2)
+        assert events == [("alpha", "champion", 1)]
+
+        body = json.dumps({"entity": "model_version_alias", "action": "created",
+                           "data": {"name": "alpha", "alias": "champion", "version": "9"}}).encode()
+        now = str(int(time.time()))
+        hdr = {"X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": now}
+        assert httpx.post(hook_url, content=body).status_code == 401  # unsigned
+        forged = {**hdr, "X-MLflow-Signature": _sign("not-the-secret", "d1", now, body)}
+        assert httpx.post(hook_url, content=body, headers=forged).status_code == 401
+        old = str(int(time.time()) - 3600)
+        stale = {"X-MLflow-Delivery-Id": "d2", "X-MLflow-Timestamp": old,
+                 "X-MLflow-Signature": _sign(secret, "d2", old, body)}
+        assert httpx.post(hook_url, content=body, headers=stale).status_code == 400
+        good = {**hdr, "X-MLflow-Signature": _sign(secret, "d1", now, body)}
+        assert httpx.post(hook_url, content=body, headers=good).status_code == 200
+        assert httpx.post(hook_url, content=body, headers=good).status_code == 401  # replayed
+        assert events == [("alpha", "champion", 1), ("alpha", "champion", 9)]
+    finally:
+        gw.stop()
+        os.killpg(proc.pid, 15)
+        proc.wait(30)

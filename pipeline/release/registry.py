@@ -138,6 +138,20 @@ def promote(cfg: RegistryConfig, name: str, version: int) -> VersionInfo:
     return _info(mv)
 
 
+def ensure_webhook(cfg: RegistryConfig, name: str, url: str, secret: str) -> str:
+    """Create (or update) the registry webhook ``name`` that tells ``url`` about alias moves; returns its
+    id. Only an MLflow tracking server delivers webhooks (and only to private addresses when it runs with
+    MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true)."""
+    c = client(cfg)
+    events = ["model_version_alias.created", "model_version_alias.deleted"]
+    for hook in c.list_webhooks():
+        if hook.name == name:
+            c.update_webhook(hook.webhook_id, url=url, events=events, secret=secret, status="ACTIVE")
+            return hook.webhook_id
+    return c.create_webhook(name=name, url=url, events=events, secret=secret,
+                            description="loraflow serve: follow the champion alias").webhook_id
+
+
 def set_version_tag(cfg: RegistryConfig, name: str, version: int, key: str, value: str) -> None:
     client(cfg).set_model_version_tag(name, str(version), key, value)
 

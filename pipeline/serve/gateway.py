@@ -179,9 +179,42 @@ def _validate(body: object, chat: bool) -> str | None:
     return None
 
 
+WEBHOOK_MAX_AGE_S = 300  # older (or future) MLflow webhook timestamps are replays or clock trouble
+
+
+def verify_webhook(secret: str, headers, body: bytes, seen: set[str], now: float | None = None) -> str | None:
+    """Why an MLflow webhook delivery is not authentic, or None. MLflow signs
+    ``<delivery id>.<unix time>.<body>`` with HMAC-SHA256 and sends ``X-MLflow-Signature: v1,<base64>``."""
+    import base64
+    import hashlib
+
+    signature = headers.get("x-mlflow-signature", "")
+    delivery = headers.get("x-mlflow-delivery-id", "")
+    stamp = headers.get("x-mlflow-timestamp", "")
+    if not signature or not delivery or not stamp:
+        return "unsigned delivery"
+    try:
+        age = (now or time.time()) - int(stamp)
+    except ValueError:
+        return "malformed timestamp"
+    if abs(age) > WEBHOOK_MAX_AGE_S:
+        return f"stale delivery ({age:.0f}s old)"
+    version, _, given = signature.partition(",")
+    expected = base64.b64encode(hmac.new(secret.encode(), f"{delivery}.{stamp}.".encode() + body,
+                                         hashlib.sha256).digest()).decode()
+    if version != "v1" or not hmac.compare_digest(given, expected):
+        return "bad signature"
+    if delivery in seen:
+        return "replayed delivery"
+    seen.add(delivery)
+    return None
+
+
 def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[str], log: RequestLog,
-              timeout_s: float = 300.0):
-    """The Starlette app: /v1/models, /v1/chat/completions, /v1/completions, /health."""
+              timeout_s: float = 300.0, webhook_secret: str = "", on_alias=None):
+    """The Starlette app: /v1/models, /v1/chat/completions, /v1/completions, /health, and /hooks/mlflow
+    (MLflow registry webhooks, HMAC-verified; only with a ``webhook_secret``): ``on_alias(name, alias,
+    version)`` runs for every authentic alias event."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route as Path_
@@ -287,6 +320,25 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
 
         return StreamingResponse(relay(), media_type="text/event-stream")
 
+    seen: set[str] = set()
+
+    async def webhook(request):
+        if not webhook_secret:
+            return _error(404, "webhooks are not enabled (no webhook secret)", "not_found")
+        body = await request.body()
+        why = verify_webhook(webhook_secret, request.headers, body, seen)
+        if why:
+            return _error(400 if why.startswith(("stale", "malformed")) else 401, f"webhook rejected: {why}",
+                          "invalid_webhook")
+        try:
+            event = json.loads(body)
+            data = event.get("data") or {}
+            if event.get("entity") == "model_version_alias" and on_alias is not None:
+                on_alias(str(data.get("name")), str(data.get("alias")), int(data.get("version") or 0))
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+            return _error(400, f"webhook payload not understood: {e}", "invalid_webhook")
+        return JSONResponse({"ok": True})
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -298,6 +350,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         Path_("/v1/models", models, methods=["GET"]),
         Path_("/v1/chat/completions", completions, methods=["POST"]),
         Path_("/v1/completions", completions, methods=["POST"]),
+        Path_("/hooks/mlflow", webhook, methods=["POST"]),
     ])
 
 
