@@ -118,6 +118,14 @@ def serve(params: str = ParamsOpt,
     _run_gateway(p)
 
 
+def _rejected_event(result: dict) -> None:
+    """A Prefect event for a version serving refused (automations can page someone on it)."""
+    from prefect.events import emit_event
+
+    emit_event(event="loraflow.serving.rejected", resource={"prefect.resource.id": f"loraflow.model.{result['model']}"},
+               payload=result)
+
+
 def _run_gateway(p) -> None:
     import secrets
     import signal
@@ -153,7 +161,7 @@ def _run_gateway(p) -> None:
         routes = Routes()
         models = p.serve.models or [p.project.name]
         follower = Follower(server, routes, p.registry, Path(p.serve.adapters_dir), models, p.task,
-                            smoke_prompts(clean_split(p, "eval")), say=_say)
+                            smoke_prompts(clean_split(p, "eval")), say=_say, on_reject=_rejected_event)
         log = RequestLog(Path(p.serve.traffic_log), int(p.serve.log_max_mb * 2**20), p.serve.log_retention_days,
                          tuple(p.sanitize.phone_regions))
         secret = os.environ.get("LORAFLOW_WEBHOOK_SECRET", "")
@@ -246,7 +254,30 @@ def status(params: str = ParamsOpt) -> None:
         return
     for mv in sorted(versions, key=lambda v: int(v.version)):
         mark = f"@{p.registry.alias}" if champ and int(mv.version) == champ.version else ""
-        typer.echo(f"v{mv.version:<3} gate_promote={mv.tags.get('gate_promote')} commit={mv.tags.get('git_commit', '?')[:12]} {mark}")
+        serving = mv.tags.get("serving_status", "")
+        typer.echo(f"v{mv.version:<3} gate_promote={mv.tags.get('gate_promote')} commit={mv.tags.get('git_commit', '?')[:12]} "
+                   f"{mark} {serving[:100]}".rstrip())
+    _served_status(p)
+
+
+def _served_status(p) -> None:
+    """What the running gateway serves under each stable name (needs a client key in LORAFLOW_API_KEYS)."""
+    import httpx
+
+    from pipeline.serve.gateway import KEYS_ENV
+
+    url = f"http://{p.serve.gateway_host}:{p.serve.gateway_port}/v1/models"
+    key = next((k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()), "")
+    try:
+        r = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=5)
+    except httpx.HTTPError:
+        typer.echo(f"gateway: not running at {url}")
+        return
+    if r.status_code != 200:
+        typer.echo(f"gateway: {url} answered HTTP {r.status_code} (set {KEYS_ENV} to a client key)")
+        return
+    for m in r.json()["data"]:
+        typer.echo(f"serving {m['id']} = v{m['version']}")
 
 
 def main() -> None:

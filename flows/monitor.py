@@ -23,15 +23,15 @@ from pipeline.stages import augmented_file
 
 
 @task(name="evidently-drift")
-def drift_report(train_file: str, traffic_log: str, cfg, task_cfg) -> dict:
-    return check_drift(Path(train_file), Path(traffic_log), cfg, task_cfg)
+def drift_report(train_file: str, traffic_log: str, cfg, task_cfg, model: str | None = None) -> dict:
+    return check_drift(Path(train_file), Path(traffic_log), cfg, task_cfg, model)
 
 
 @flow(name="drift-check", log_prints=True)
 def drift_check(params_file: str = "params.yaml") -> dict:
     p = load_params(params_file)
     logger = get_run_logger()
-    result = drift_report(str(augmented_file(p)), p.serve.traffic_log, p.monitor, p.task)
+    result = drift_report(str(augmented_file(p)), p.serve.traffic_log, p.monitor, p.task, p.project.name)
     if result["status"] != "ok":
         logger.warning("drift check skipped: %s requests < min_requests %s", result["requests"],
                        result["min_requests"])

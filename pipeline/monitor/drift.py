@@ -51,22 +51,37 @@ def reference_frame(train_file: Path, task: Task):
     return pd.DataFrame(rows)
 
 
-def traffic_frame(traffic_log: Path, task: Task):
+def traffic_files(traffic_log: Path) -> list[Path]:
+    """The live request log and its rotated predecessors (``<stem>.<time><suffix>``), oldest first."""
+    rotated = sorted(traffic_log.parent.glob(f"{traffic_log.stem}.*{traffic_log.suffix}"))
+    return [*rotated, traffic_log] if traffic_log.is_file() else rotated
+
+
+def traffic_frame(traffic_log: Path, task: Task, model: str | None = None):
+    """Answered requests (status 200, or records without a status) of ``model`` (any when None): one log
+    may hold several models served side by side."""
     import pandas as pd
 
     rows = []
-    with open(traffic_log, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            try:
-                rec = json.loads(line)
-                rows.append({"prompt": rec["prompt"], "response": rec["response"],
-                             **answer_columns(task, rec["response"])})
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{traffic_log}:{lineno}: not a traffic record ({err})") from None
+    for path in traffic_files(traffic_log):
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                try:
+                    rec = json.loads(line)
+                    served = rec.get("model", model)
+                    # Stable names from the gateway; "<model>-v<N>" from direct vLLM calls (the demo).
+                    if rec.get("status", 200) != 200 or (model and served != model
+                                                         and not str(served).startswith(f"{model}-v")):
+                        continue
+                    rows.append({"prompt": rec["prompt"], "response": rec["response"],
+                                 **answer_columns(task, rec["response"])})
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                    raise ValueError(f"{path}:{lineno}: not a traffic record ({err})") from None
     return pd.DataFrame(rows)
 
 
-def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cfg: TaskConfig) -> dict:
+def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cfg: TaskConfig,
+                model: str | None = None) -> dict:
     import numpy as np
     from evidently import DataDefinition, Dataset, Report
     from evidently.descriptors import TextLength, WordCount
@@ -75,10 +90,10 @@ def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cf
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not traffic_log.is_file():
+    if not traffic_files(traffic_log):
         raise FileNotFoundError(f"{traffic_log}: no served traffic logged yet")
     task = build_task(task_cfg)
-    current = traffic_frame(traffic_log, task)
+    current = traffic_frame(traffic_log, task, model)
     if len(current) < cfg.min_requests:
         result = {"status": "insufficient_data", "requests": len(current), "min_requests": cfg.min_requests,
                   "drift": False}

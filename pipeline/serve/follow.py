@@ -60,6 +60,7 @@ class Follower:
     default_task: TaskConfig
     default_prompts: list[list[dict]]
     say: Callable[[str], None] = print
+    on_reject: Callable[[dict], None] | None = None  # e.g. a Prefect event, wired in flows/
     rejected: dict[str, set[int]] = field(default_factory=dict)
 
     def reconcile(self) -> list[dict]:
@@ -122,4 +123,7 @@ class Follower:
                 registry.promote(self.registry_cfg, name, current.version)
                 restored = current.version
                 self.say(f"{name}: alias @{self.registry_cfg.alias} moved back to v{current.version}, which keeps serving")
-        return {"model": name, "version": champion.version, "rejected": reason, "alias_restored_to": restored}
+        result = {"model": name, "version": champion.version, "rejected": reason, "alias_restored_to": restored}
+        if self.on_reject is not None:
+            self.on_reject(result)
+        return result

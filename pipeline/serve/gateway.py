@@ -146,13 +146,14 @@ def _error(status: int, message: str, code: str):
 
 
 def _prompt_text(body: dict) -> str:
+    """The prompt as drift monitoring compares it with training prompts: message contents, one per line."""
     if "messages" in body:
         parts = []
         for m in body["messages"]:
             content = m.get("content")
             if isinstance(content, list):  # content parts: keep the text ones
                 content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-            parts.append(f"{m.get('role')}: {content or ''}")
+            parts.append(str(content or ""))
         return "\n".join(parts)
     prompt = body.get("prompt")
     return prompt if isinstance(prompt, str) else json.dumps(prompt)
