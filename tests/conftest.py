@@ -61,7 +61,7 @@ def tiny_base(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-base")
     cfg = BaseModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1, vocab_size=512,
-                          pretrain_steps=0, copy_circuit=False, output_scale=1.0)
+                          pretrain_steps=0, copy_circuit=False, output_scale=1.0, rope_theta=10000.0)
     return build_builtin(cfg, [ROOT / "data/raw/tickets_train.jsonl"], out)
 
 

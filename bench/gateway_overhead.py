@@ -1,0 +1,149 @@
+"""The gateway's cost: throughput and latency through the endpoint vs straight to vLLM, and swap time.
+
+    .venv/bin/python bench/gateway_overhead.py [--clients 8] [--requests 16] [--runs 3]
+
+Builds a small builtin base (no pretraining: serving cost does not depend on the weights) and a LoRA
+adapter, starts vLLM (CPU build, `.venv-vllm`) with an API key and the gateway in front of it, then for each
+of ``--runs`` rounds sends the same workload (``--clients`` threads x ``--requests`` chat completions,
+max_tokens 16, temperature 0) once directly to vLLM and once through the gateway, in alternating order.
+Reports per round: requests/s of each, the ratio gateway/direct, p50 and p99 latency of each; then the
+median ratio with its spread. Swap: a second version is registered and the alias moved; the time from the
+move to the first answer from the new version through the gateway (the follower reconciles at once, as a
+webhook makes it do). Prints JSON; docs/benchmarks.md has the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from pipeline.config import BaseModelConfig, RegistryConfig, SanitizeConfig, ServeConfig, TaskConfig, TrainConfig  # noqa: E402
+from pipeline.data.sanitize import sanitize_files  # noqa: E402
+from pipeline.hashing import dir_sha256  # noqa: E402
+from pipeline.io import load_chat_file  # noqa: E402
+from pipeline.release import registry  # noqa: E402
+from pipeline.serve.follow import Follower  # noqa: E402
+from pipeline.serve.gateway import GatewayServer, RequestLog, Routes, build_app  # noqa: E402
+from pipeline.serve.vllm import VLLMServer  # noqa: E402
+from pipeline.train.base_model import build_builtin  # noqa: E402
+from pipeline.train.trainer import train  # noqa: E402
+
+KEY = "bench-client-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def workload(url: str, key: str, model: str, prompts: list[list[dict]], clients: int, per_client: int) -> dict:
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=300, headers={"Authorization": f"Bearer {key}"}) as c:
+            for j in range(per_client):
+                body = {"model": model, "messages": prompts[(i * per_client + j) % len(prompts)],
+                        "max_tokens": 16, "temperature": 0}
+                t0 = time.perf_counter()
+                r = c.post(f"{url}/chat/completions", json=body)
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    errors[0] += r.status_code != 200
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    lat = sorted(latencies)
+    return {"requests": len(lat), "errors": errors[0], "seconds": round(wall, 3), "req_per_s": round(len(lat) / wall, 3),
+            "p50_ms": round(1000 * lat[len(lat) // 2], 1), "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], tmp / "train", SanitizeConfig())
+    sanitize_files([ROOT / "data/raw/tickets_eval.jsonl"], tmp / "eval", SanitizeConfig())
+    base = build_builtin(BaseModelConfig(pretrain_steps=0), [tmp / "train/clean.jsonl"], tmp / "base", progress=lambda s: None)
+    adapters = []
+    for seed in (0, 1):
+        out = tmp / f"adapter-{seed}"
+        train(TrainConfig(out_dir=str(out), checkpoint_dir=str(tmp / "ck"), max_steps=8, batch_size=8, seed=seed,
+                          learning_rate=2e-2 * (seed + 1)), base, tmp / "train/clean.jsonl")
+        adapters.append(out)
+    reg = RegistryConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db", artifact_root=str(tmp / "art"))
+    for a in adapters:
+        run = registry.log_candidate(reg, run_name=a.name, params={}, adapter_dir=a, train_metrics={}, eval_metrics={},
+                                     artifacts={}, tags={})
+        registry.register(reg, "bench", run, {"adapter_sha256": dir_sha256(a)}, "card")
+    registry.promote(reg, "bench", 1)
+    prompts = [r["prompt"] for r in load_chat_file(tmp / "eval/clean.jsonl")]
+    cfg = ServeConfig(port=free_port(), log_file=str(tmp / "vllm.log"), python=str(ROOT / ".venv-vllm/bin/python"))
+    server = VLLMServer.start(cfg, base, api_key="vllm-key")
+    out: dict = {"clients": args.clients, "requests_per_client": args.requests, "rounds": []}
+    try:
+        server.wait_ready()
+        routes = Routes()
+        follower = Follower(server, routes, reg, tmp / "served", ["bench"], TaskConfig(kind="text"), prompts[:3],
+                            say=lambda s: print(s, file=sys.stderr))
+        follower.reconcile()
+        internal = routes.get("bench").internal
+        log = RequestLog(tmp / "requests.jsonl", 2**30, 30)
+        gw = GatewayServer(build_app(routes, server.url, "vllm-key", {KEY}, log), "127.0.0.1", free_port()).start()
+        workload(gw.url, KEY, "bench", prompts, args.clients, 2)  # warm-up of both paths
+        for r in range(args.runs):
+            order = [("direct", f"{server.url}/v1", "vllm-key", internal), ("gateway", gw.url, KEY, "bench")]
+            res = {}
+            for name, url, key, model in (order if r % 2 == 0 else order[::-1]):
+                res[name] = workload(url, key, model, prompts, args.clients, args.requests)
+            res["throughput_ratio"] = round(res["gateway"]["req_per_s"] / res["direct"]["req_per_s"], 3)
+            res["added_p50_ms"] = round(res["gateway"]["p50_ms"] - res["direct"]["p50_ms"], 1)
+            res["added_p99_ms"] = round(res["gateway"]["p99_ms"] - res["direct"]["p99_ms"], 1)
+            out["rounds"].append(res)
+            print(json.dumps(res), file=sys.stderr, flush=True)
+        ratios = [x["throughput_ratio"] for x in out["rounds"]]
+        out["median_ratio"], out["ratio_range"] = statistics.median(ratios), [min(ratios), max(ratios)]
+        out["median_added_p50_ms"] = statistics.median(x["added_p50_ms"] for x in out["rounds"])
+        out["median_added_p99_ms"] = statistics.median(x["added_p99_ms"] for x in out["rounds"])
+        swaps = []
+        for target in (2, 1, 2):
+            t0 = time.perf_counter()
+            registry.promote(reg, "bench", target)
+            follower.reconcile()
+            r = httpx.post(f"{gw.url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": "bench", "messages": prompts[0], "max_tokens": 4}, timeout=60)
+            assert r.status_code == 200 and routes.get("bench").version == target
+            swaps.append(round(time.perf_counter() - t0, 2))
+        out["swap_seconds"] = swaps
+        out["logged_requests"] = len(log.path.read_text().splitlines())
+        gw.stop()
+    finally:
+        server.stop()
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
