@@ -1,6 +1,6 @@
 """The gateway's cost: throughput and latency through the endpoint vs straight to vLLM, and swap time.
 
-    .venv/bin/python bench/gateway_overhead.py [--clients 8] [--requests 16] [--runs 3]
+    .venv/bin/python bench/gateway_overhead.py [--clients 8] [--requests 16] [--runs 5]
 
 Builds a small builtin base (no pretraining: serving cost does not depend on the weights) and a LoRA
 adapter, starts vLLM (CPU build, `.venv-vllm`) with an API key and the gateway in front of it, then for each
@@ -18,6 +18,7 @@ import argparse
 import json
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +36,7 @@ from pipeline.hashing import dir_sha256  # noqa: E402
 from pipeline.io import load_chat_file  # noqa: E402
 from pipeline.release import registry  # noqa: E402
 from pipeline.serve.follow import Follower  # noqa: E402
-from pipeline.serve.gateway import GatewayServer, RequestLog, Routes, build_app  # noqa: E402
+from pipeline.serve.gateway import GatewayServer, RequestLog, Route, Routes, build_app  # noqa: E402
 from pipeline.serve.vllm import VLLMServer  # noqa: E402
 from pipeline.train.base_model import build_builtin  # noqa: E402
 from pipeline.train.trainer import train  # noqa: E402
@@ -78,11 +79,22 @@ def workload(url: str, key: str, model: str, prompts: list[list[dict]], clients:
             "p50_ms": round(1000 * lat[len(lat) // 2], 1), "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1)}
 
 
+def gateway_only(upstream: str, internal: str, port: int, log_path: str) -> None:
+    import uvicorn
+
+    routes = Routes()
+    routes.set(Route("bench", internal, 1, TaskConfig(kind="text")))
+    app = build_app(routes, upstream, "vllm-key", {KEY}, RequestLog(Path(log_path), 2**30, 30))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--gateway-only"]:
+        return gateway_only(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], tmp / "train", SanitizeConfig())
@@ -111,11 +123,22 @@ def main() -> None:
                             say=lambda s: print(s, file=sys.stderr))
         follower.reconcile()
         internal = routes.get("bench").internal
-        log = RequestLog(tmp / "requests.jsonl", 2**30, 30)
-        gw = GatewayServer(build_app(routes, server.url, "vllm-key", {KEY}, log), "127.0.0.1", free_port()).start()
-        workload(gw.url, KEY, "bench", prompts, args.clients, 2)  # warm-up of both paths
+        # The gateway in a process of its own, as `loraflow serve` runs it: client threads here would
+        # otherwise share its interpreter (and GIL) and bill their own cost to it.
+        gw_port = free_port()
+        gw_proc = subprocess.Popen([sys.executable, __file__, "--gateway-only", server.url, internal, str(gw_port),
+                                    str(tmp / "requests.jsonl")])
+        gw_url = f"http://127.0.0.1:{gw_port}/v1"
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{gw_port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        workload(gw_url, KEY, "bench", prompts, args.clients, 2)  # warm-up of both paths
+        workload(f"{server.url}/v1", "vllm-key", internal, prompts, args.clients, 2)
         for r in range(args.runs):
-            order = [("direct", f"{server.url}/v1", "vllm-key", internal), ("gateway", gw.url, KEY, "bench")]
+            order = [("direct", f"{server.url}/v1", "vllm-key", internal), ("gateway", gw_url, KEY, "bench")]
             res = {}
             for name, url, key, model in (order if r % 2 == 0 else order[::-1]):
                 res[name] = workload(url, key, model, prompts, args.clients, args.requests)
@@ -128,6 +151,12 @@ def main() -> None:
         out["median_ratio"], out["ratio_range"] = statistics.median(ratios), [min(ratios), max(ratios)]
         out["median_added_p50_ms"] = statistics.median(x["added_p50_ms"] for x in out["rounds"])
         out["median_added_p99_ms"] = statistics.median(x["added_p99_ms"] for x in out["rounds"])
+        gw_proc.terminate()
+        gw_proc.wait(30)
+        out["logged_requests"] = len((tmp / "requests.jsonl").read_text().splitlines())
+        # Swap time, in-process (the follower and the route table must be shared to time them).
+        log = RequestLog(tmp / "swap-requests.jsonl", 2**30, 30)
+        gw = GatewayServer(build_app(routes, server.url, "vllm-key", {KEY}, log), "127.0.0.1", free_port()).start()
         swaps = []
         for target in (2, 1, 2):
             t0 = time.perf_counter()
@@ -138,7 +167,6 @@ def main() -> None:
             assert r.status_code == 200 and routes.get("bench").version == target
             swaps.append(round(time.perf_counter() - t0, 2))
         out["swap_seconds"] = swaps
-        out["logged_requests"] = len(log.path.read_text().splitlines())
         gw.stop()
     finally:
         server.stop()

@@ -203,6 +203,7 @@ def _run_gateway(p) -> None:
     finally:
         if gateway is not None:
             gateway.stop()
+            log.flush()
         server.stop()
         _say("stopped")
 

@@ -41,6 +41,7 @@ def test_request_log_redacts_before_writing_and_rotates(tmp_path):
     for i in range(6):
         log.write({"model": "m", "prompt": f"mail me at jane.doe{i}@example.com or call +1 415 555 0134",
                    "response": "card 4111 1111 1111 1111 noted"})
+    log.flush()
     files = [log.path, *log.rotated()]
     text = "".join(f.read_text() for f in files)
     assert len(log.rotated()) >= 2 and len(text.splitlines()) == 6
@@ -77,9 +78,11 @@ def test_refusals_never_reach_the_model_server(refusing_gateway):
     assert r.status_code == 400
     assert httpx.get(f"{gw.url}/models").status_code == 401
     assert [m["id"] for m in httpx.get(f"{gw.url}/models", headers=auth).json()["data"]] == ["model-a"]
+    log.flush()
     assert not log.path.exists()  # nothing was forwarded, so nothing was logged
     # A well-formed, authorised request does go upstream (absent here: 503, logged).
     assert httpx.post(chat, json=ok_body, headers=auth).status_code == 503
+    log.flush()
     assert json.loads(log.path.read_text())["status"] == 503
 
 
@@ -169,6 +172,7 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
         assert status.startswith("rejected: load failed")
         assert client.chat.completions.create(model="alpha", messages=question, temperature=0).choices[0].message.content
 
+        log.flush()
         text = log.path.read_text()
         records = [json.loads(x) for x in text.splitlines()]
         assert len(records) == 5 and {r["model"] for r in records} == {"alpha", "beta"}

@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import json
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -110,11 +111,31 @@ class RequestLog:
         self.path, self.max_bytes, self.retention = path, max_bytes, timedelta(days=retention_days)
         self._detectors = build_detectors(regions) if regions else build_detectors()
         self._lock = threading.Lock()
+        # Redaction and disk writes happen on a writer thread, off the request path.
+        self._queue: queue.Queue[dict] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True, name="loraflow-request-log").start()
 
     def redact(self, text: str) -> str:
         return redact(text, self._detectors)[0]
 
     def write(self, record: dict) -> None:
+        """Queue ``record``; it is redacted and appended shortly after (``flush`` waits for that)."""
+        self._queue.put(record)
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def _drain(self) -> None:
+        while True:
+            record = self._queue.get()
+            try:
+                self._append(record)
+            except Exception as e:  # noqa: BLE001 - a full disk must not kill serving; say so instead
+                print(f"warning: request log {self.path}: {e}", flush=True)
+            finally:
+                self._queue.task_done()
+
+    def _append(self, record: dict) -> None:
         record = {**record, "prompt": self.redact(record.get("prompt") or ""),
                   "response": self.redact(record.get("response") or "")}
         line = json.dumps(record, ensure_ascii=False) + "\n"
