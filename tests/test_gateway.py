@@ -264,3 +264,61 @@ def test_mlflow_webhooks_reach_the_gateway_and_forgeries_do_not(tmp_path):
         gw.stop()
         os.killpg(proc.pid, 15)
         proc.wait(30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="vLLM environment missing: run `make vllm-env`")
+def test_loraflow_serve_prints_its_endpoint_and_sigterm_stops_vllm(tiny_base, clean_demo, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import openai
+    import yaml
+
+    from pipeline.config import TrainConfig
+    from pipeline.hashing import dir_sha256
+    from pipeline.release import registry
+    from pipeline.train.trainer import train
+
+    reg = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art"))
+    adapter = tmp_path / "adapter"
+    train(TrainConfig(out_dir=str(adapter), checkpoint_dir=str(tmp_path / "ck"), max_steps=4, batch_size=8,
+                      lora_r=8, lora_alpha=16, max_length=96), tiny_base, clean_demo / "train/clean.jsonl")
+    run = registry.log_candidate(reg, run_name="a", params={}, adapter_dir=adapter, train_metrics={},
+                                 eval_metrics={}, artifacts={}, tags={})
+    registry.register(reg, "cli-model", run, {"adapter_sha256": dir_sha256(adapter)}, "card")
+    registry.promote(reg, "cli-model", 1)
+    vllm_port, gw_port = _free_port(), _free_port()
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "project": {"name": "cli-model"}, "task": {"name": "t", "kind": "text", "max_new_tokens": 8},
+        "base": {"out_dir": str(tiny_base)},
+        "registry": {"tracking_uri": reg.tracking_uri, "artifact_root": reg.artifact_root},
+        "serve": {"python": str(VLLM_PYTHON), "port": vllm_port, "gateway_port": gw_port, "poll_interval_s": 2,
+                  "log_file": str(tmp_path / "vllm.log"), "traffic_log": str(tmp_path / "requests.jsonl"),
+                  "adapters_dir": str(tmp_path / "served")}}))
+    env = {**os.environ, "LORAFLOW_API_KEYS": KEY}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("loraflow")), "serve", "--params", str(params)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("endpoint: "):
+                break
+        assert lines and lines[-1].strip() == f"endpoint: http://127.0.0.1:{gw_port}/v1", "".join(lines)
+        client = openai.OpenAI(base_url=lines[-1].split(" ", 1)[1].strip(), api_key=KEY, max_retries=0)
+        answer = client.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "hi"}])
+        assert answer.model == "cli-model" and answer.choices[0].message.content
+        assert KEY not in "".join(lines)  # keys are never printed
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with socket.socket() as s:  # vLLM went with it: its port is free again
+        s.bind(("127.0.0.1", vllm_port))
+    assert json.loads((tmp_path / "requests.jsonl").read_text().splitlines()[0])["model"] == "cli-model"
