@@ -265,10 +265,10 @@ def _served_status(p) -> None:
     """What the running gateway serves under each stable name (needs a client key in LORAFLOW_API_KEYS)."""
     import httpx
 
-    from pipeline.serve.gateway import KEYS_ENV
+    from pipeline.serve.gateway import KEYS_ENV, env_keys
 
     url = f"http://{p.serve.gateway_host}:{p.serve.gateway_port}/v1/models"
-    key = next((k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()), "")
+    key = next(iter(env_keys()), "")
     try:
         r = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=5)
     except httpx.HTTPError:

@@ -34,9 +34,14 @@ from pipeline.serve.vllm import generation_defaults
 KEYS_ENV = "LORAFLOW_API_KEYS"
 
 
+def env_keys() -> list[str]:
+    """Client keys in ``LORAFLOW_API_KEYS`` (comma-separated), in order."""
+    return [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
+
+
 def load_keys(key_file: str = "") -> set[str]:
-    """Client keys from ``LORAFLOW_API_KEYS`` (comma-separated) or a key file (one per line)."""
-    keys = {k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()}
+    """Client keys from ``LORAFLOW_API_KEYS`` or a key file (one per line)."""
+    keys = set(env_keys())
     if key_file:
         path = Path(key_file)
         if not path.is_file():
@@ -239,7 +244,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
     version)`` runs for every authentic alias event."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route as Path_
+    from starlette.routing import Route as Endpoint
 
     key_bytes = [k.encode() for k in keys]
     state: dict = {}
@@ -368,11 +373,11 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
             await state["client"].aclose()
 
     return Starlette(lifespan=lifespan, routes=[
-        Path_("/health", health, methods=["GET"]),
-        Path_("/v1/models", models, methods=["GET"]),
-        Path_("/v1/chat/completions", completions, methods=["POST"]),
-        Path_("/v1/completions", completions, methods=["POST"]),
-        Path_("/hooks/mlflow", webhook, methods=["POST"]),
+        Endpoint("/health", health, methods=["GET"]),
+        Endpoint("/v1/models", models, methods=["GET"]),
+        Endpoint("/v1/chat/completions", completions, methods=["POST"]),
+        Endpoint("/v1/completions", completions, methods=["POST"]),
+        Endpoint("/hooks/mlflow", webhook, methods=["POST"]),
     ])
 
 

@@ -1,13 +1,15 @@
 """The base model stage: build the embedded tiny Llama, or resolve a Hugging Face id / local path.
 
 No model hub is reachable on the reference machines, so ``base.model: builtin:tiny-llama`` builds a small
-Llama-architecture model and a byte-level BPE tokenizer from the project's own sanitized text, then
-*pretrains* it (causal LM, full parameters) on that text, the generic chat data and a synthetic
-copy/lookup curriculum (pipeline/train/curriculum.py), deterministically from ``base.seed``. A random
-base leaves LoRA to learn the task on top of noise: right at argmax but unconfident, and unable to copy
-values from the prompt. ``pretrain.json`` next to the weights records the config, the input hashes, the
-loss curve and the loss reached. Any other value of ``base.model`` is loaded with ``from_pretrained``
-(hub id or directory) and saved to ``base.out_dir`` so training, evaluation and vLLM read one local copy.
+Llama-architecture model and a byte-level BPE tokenizer from the project's own sanitized text, writes a
+working copy circuit into its initial weights (pipeline/train/circuits.py), then *pretrains* it (causal LM,
+full parameters) on the training prompts, the training answers as separate documents, the generic chat
+data and a synthetic copy curriculum (pipeline/train/curriculum.py), deterministically from ``base.seed``,
+and scales its output layer (``base.output_scale``). A random base leaves LoRA to learn the task on top
+of noise: right at argmax but unconfident, and unable to copy values from the prompt (docs/benchmarks.md).
+``pretrain.json`` next to the weights records the config, the input hashes, the loss curve and the loss
+reached. Any other value of ``base.model`` is loaded with ``from_pretrained`` (hub id or directory) and
+saved to ``base.out_dir`` so training, evaluation and vLLM read one local copy.
 
     python -m pipeline base
 """
@@ -95,6 +97,14 @@ def _common_words(conversations: list[list[dict[str, str]]], n: int = 2000) -> l
     return [w for w, _ in counts.most_common(n)]
 
 
+class PretrainDocs:
+    """What pretraining reads: whole conversations (task prompts, generic chat) and detached answers,
+    drawn at ``answer_share`` of the corpus documents."""
+
+    def __init__(self, conversations: list[list[dict[str, str]]], answers: list[str], answer_share: float = 0.3):
+        self.conversations, self.answers, self.answer_share = conversations, answers, answer_share
+
+
 def _answers(files: Iterable[Path]) -> list[str]:
     """The final answers of ``files``' records, each a document of its own."""
     return [c[-1]["content"] for c in _conversations(files) if c and c[-1].get("role") == "assistant"]
@@ -136,14 +146,6 @@ def token_stream(tokenizer, docs: PretrainDocs, cfg: BaseModelConfig) -> list[in
         for block in raw:
             ids.extend(block + [end])
     return ids[:needed]
-
-
-class PretrainDocs:
-    """What pretraining reads: whole conversations (task prompts, generic chat) and detached answers,
-    drawn at ``answer_share`` of the corpus documents."""
-
-    def __init__(self, conversations: list[list[dict[str, str]]], answers: list[str], answer_share: float = 0.3):
-        self.conversations, self.answers, self.answer_share = conversations, answers, answer_share
 
 
 def pretrain(model, tokenizer, docs: PretrainDocs, cfg: BaseModelConfig,
