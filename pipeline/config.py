@@ -28,6 +28,12 @@ class ProjectConfig(_Strict):
     name: str = Field("loraflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def copy_circuit_fits(hidden_size: int, num_heads: int, num_layers: int) -> bool:
+    """Room for the seeded copy circuit (pipeline/train/circuits.py): two layers, and a constant plus three
+    head-wide blocks in the residual stream."""
+    return num_layers >= 2 and 3 * (hidden_size // num_heads) + 1 <= hidden_size
+
+
 class BaseModelConfig(_Strict):
     # "builtin:tiny-llama" builds a tiny Llama + tokenizer locally (no hub access needed);
     # anything else goes through from_pretrained (a hub id or a local path).
@@ -62,7 +68,8 @@ class BaseModelConfig(_Strict):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         head_dim = self.hidden_size // self.num_heads
-        if self.is_builtin and self.copy_circuit and (self.num_layers < 2 or 3 * head_dim + 1 > self.hidden_size):
+        if self.is_builtin and self.copy_circuit and not copy_circuit_fits(self.hidden_size, self.num_heads,
+                                                                           self.num_layers):
             raise ValueError(f"copy_circuit needs num_layers >= 2 and hidden_size >= 3 * head_dim + 1 (got "
                              f"{self.num_layers} layers, hidden_size {self.hidden_size}, head_dim {head_dim}); "
                              "set copy_circuit: false for such a shape")

@@ -7,6 +7,12 @@ from pathlib import Path
 from typing import Any
 
 
+def rotated_files(path: Path) -> list[Path]:
+    """Rotated predecessors of a log ``path``: ``<stem>.<UTC time><suffix>``, oldest first (the serving
+    gateway writes them, drift monitoring reads them)."""
+    return sorted(path.parent.glob(f"{path.stem}.*{path.suffix}"))
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from pipeline.config import MonitorConfig, TaskConfig
-from pipeline.io import write_json
+from pipeline.io import rotated_files, write_json
 from pipeline.tasks import Task, build_task
 
 TEXT_COLUMNS = ["prompt_length", "prompt_words", "response_length", "response_words"]
@@ -53,7 +53,7 @@ def reference_frame(train_file: Path, task: Task):
 
 def traffic_files(traffic_log: Path) -> list[Path]:
     """The live request log and its rotated predecessors (``<stem>.<time><suffix>``), oldest first."""
-    rotated = sorted(traffic_log.parent.glob(f"{traffic_log.stem}.*{traffic_log.suffix}"))
+    rotated = rotated_files(traffic_log)
     return [*rotated, traffic_log] if traffic_log.is_file() else rotated
 
 

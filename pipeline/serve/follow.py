@@ -25,9 +25,6 @@ from pipeline.serve.gateway import Route, Routes
 from pipeline.serve.vllm import ServingError, VLLMServer
 from pipeline.tasks import build_task
 
-SMOKE_PROMPTS = 3
-
-
 def task_of(version: registry.VersionInfo, default: TaskConfig) -> TaskConfig:
     raw = version.tags.get("task_config")
     return TaskConfig.model_validate_json(raw) if raw else default

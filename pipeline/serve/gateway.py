@@ -29,6 +29,7 @@ import httpx
 
 from pipeline.config import TaskConfig
 from pipeline.data.pii import build_detectors, redact
+from pipeline.io import rotated_files
 from pipeline.serve.vllm import generation_defaults
 
 KEYS_ENV = "LORAFLOW_API_KEYS"
@@ -154,7 +155,7 @@ class RequestLog:
                 fh.write(line)
 
     def rotated(self) -> list[Path]:
-        return sorted(self.path.parent.glob(f"{self.path.stem}.*{self.path.suffix}"))
+        return rotated_files(self.path)
 
     def _expire(self) -> None:
         cutoff = time.time() - self.retention.total_seconds()
@@ -209,7 +210,7 @@ def _validate(body: object, chat: bool) -> str | None:
 WEBHOOK_MAX_AGE_S = 300  # older (or future) MLflow webhook timestamps are replays or clock trouble
 
 
-def verify_webhook(secret: str, headers, body: bytes, seen: set[str], now: float | None = None) -> str | None:
+def verify_webhook(secret: str, headers, body: bytes, seen: set[str]) -> str | None:
     """Why an MLflow webhook delivery is not authentic, or None. MLflow signs
     ``<delivery id>.<unix time>.<body>`` with HMAC-SHA256 and sends ``X-MLflow-Signature: v1,<base64>``."""
     import base64
@@ -221,7 +222,7 @@ def verify_webhook(secret: str, headers, body: bytes, seen: set[str], now: float
     if not signature or not delivery or not stamp:
         return "unsigned delivery"
     try:
-        age = (now or time.time()) - int(stamp)
+        age = time.time() - int(stamp)
     except ValueError:
         return "malformed timestamp"
     if abs(age) > WEBHOOK_MAX_AGE_S:

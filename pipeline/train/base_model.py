@@ -195,8 +195,9 @@ def pretrain(model, tokenizer, docs: PretrainDocs, cfg: BaseModelConfig,
 def build_builtin(cfg: BaseModelConfig, corpus_files: list[Path], out_dir: Path,
                   progress: Callable[[str], None] = print, chat_files: list[Path] = ()) -> Path:
     """Tokenizer and model from ``corpus_files`` (the task's training records: pretraining sees their
-    prompts, never their answers, or the base would already do the task and leave nothing for the adapter
-    and the gate to measure) and ``chat_files`` (generic conversations, answers included)."""
+    prompts and, as separate documents, their answers, never the two paired, or the base would already do
+    the task and leave nothing for the adapter and the gate to measure) and ``chat_files`` (generic
+    conversations, answers included)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

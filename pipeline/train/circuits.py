@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import math
 
-
-def fits(hidden_size: int, num_heads: int, num_layers: int) -> bool:
-    return num_layers >= 2 and 3 * (hidden_size // num_heads) + 1 <= hidden_size
+from pipeline.config import copy_circuit_fits
 
 
 def seed_copy_circuit(model, seed: int, prev_logit: float = 12.0, match_logit: float = 20.0,
@@ -39,7 +37,7 @@ def seed_copy_circuit(model, seed: int, prev_logit: float = 12.0, match_logit: f
     hd = d // heads
     half = hd // 2
     theta = float(cfg.rope_parameters["rope_theta"])
-    if not fits(d, heads, cfg.num_hidden_layers):
+    if not copy_circuit_fits(d, heads, cfg.num_hidden_layers):
         raise ValueError(f"a copy circuit needs >= 2 layers and hidden_size >= 3 * head_dim + 1 (got {d}, {heads} heads)")
     gen = torch.Generator().manual_seed(seed)
     E, P, O = slice(1, 1 + hd), slice(1 + hd, 1 + 2 * hd), slice(1 + 2 * hd, 1 + 3 * hd)

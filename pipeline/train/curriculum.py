@@ -1,10 +1,10 @@
 """Synthetic pretraining documents that teach a tiny model to copy and to look values up.
 
-A LoRA adapter has too little capacity to build a copy circuit (induction heads) out of random weights,
-so the embedded base learns it during pretraining: conversations whose answer repeats a span of the
-prompt, picks the value of a key out of a list, or extracts an id or a number from a sentence. Spans mix
-words of the project's own text with random ids, numbers and names, so the skill is about copying, not
-about a vocabulary. Deterministic for a seed.
+A LoRA adapter has too little capacity to build a copy circuit (induction heads) out of random weights;
+the embedded base starts with one (circuits.py), and these documents teach it to use the circuit inside
+conversations: answers that repeat a span of the prompt, pick the value of a key out of a list, or
+extract an id or a number from a sentence. Spans mix words of the project's own text with random ids,
+numbers and names, so the skill is about copying, not about a vocabulary. Deterministic for a seed.
 """
 
 from __future__ import annotations
