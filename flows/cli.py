@@ -47,25 +47,33 @@ def _say(msg: str) -> None:
 
 @app.command()
 def demo(params: str = ParamsOpt, requests: int = typer.Option(40, help="sample requests to send"),
-         keep_serving: bool = typer.Option(False, help="leave vLLM running afterwards")) -> None:
-    """Retrain, serve the champion with vLLM, send sample traffic, check drift, print a summary."""
+         keep_serving: bool = typer.Option(False, help="keep the endpoint answering afterwards (Ctrl-C stops it)")) -> None:
+    """Retrain, serve the champion through the gateway, send sample traffic, check drift, print a summary."""
     _params(params)
     from flows.demo import format_summary, run_demo
 
-    report, server = run_demo(params, requests=requests, keep_serving=keep_serving, progress=_say)
+    report, endpoint = run_demo(params, requests=requests, keep_serving=keep_serving, progress=_say)
     typer.echo(format_summary(report))
-    if keep_serving and server.process is not None:
-        typer.echo(f"vLLM keeps running at {server.url} (pid {server.process.pid}); stop it with kill {server.process.pid}")
+    if keep_serving:
+        import threading
+
+        _say(f"endpoint keeps answering at {endpoint.url} for the keys in LORAFLOW_API_KEYS; Ctrl-C stops it")
+        try:
+            endpoint.follow(threading.Event())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            endpoint.stop()
 
 
 @app.command()
-def run(params: str = ParamsOpt,
-        sync_server: bool = typer.Option(False, help="hot-load the champion into the vLLM at serve.url")) -> None:
-    """Run the Prefect flow `retrain` (unchanged DVC stages are skipped)."""
+def run(params: str = ParamsOpt) -> None:
+    """Run the Prefect flow `retrain` (unchanged DVC stages are skipped; a running `loraflow serve` follows
+    the alias by itself)."""
     _params(params)
     from flows.retrain import retrain
 
-    summary = retrain(params_file=params, sync_server=sync_server)
+    summary = retrain(params_file=params)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -102,20 +110,9 @@ def sanitize(inputs: list[Path] = typer.Argument(..., help="JSONL, CSV/TSV, Parq
 
 
 @app.command()
-def serve(params: str = ParamsOpt,
-          once: bool = typer.Option(False, help="sync the champion into a running server (serve.url) and exit")) -> None:
+def serve(params: str = ParamsOpt) -> None:
     """One authenticated OpenAI-compatible endpoint over vLLM, following each model's champion alias."""
-    p = _params(params)
-    if once:
-        from pipeline.release import promotion
-        from pipeline.serve.vllm import VLLMServer
-
-        server = VLLMServer.attach(p.serve, os.environ.get("LORAFLOW_VLLM_API_KEY", ""))
-        server.wait_ready(progress=_say)
-        result = promotion.serve_champion(p, server)
-        _say(f"serving {result['served']}" if result.get("served") else result["reason"])
-        return
-    _run_gateway(p)
+    _run_gateway(_params(params))
 
 
 def _rejected_event(result: dict) -> None:
@@ -127,85 +124,51 @@ def _rejected_event(result: dict) -> None:
 
 
 def _run_gateway(p) -> None:
-    import secrets
     import signal
     import threading
 
-    from pipeline.serve.follow import Follower
-    from pipeline.serve.gateway import GatewayServer, RequestLog, Routes, build_app, load_keys
-    from pipeline.serve.vllm import VLLMServer
-    from pipeline.release.promotion import smoke_prompts
-    from pipeline.stages import clean_split
+    from pipeline.serve.endpoint import Endpoint, start_vllm
+    from pipeline.serve.gateway import load_keys
 
     try:
         keys = load_keys(p.serve.gateway_key_file)
     except ValueError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
-    stop, wake = threading.Event(), threading.Event()
+    stop = threading.Event()
+    endpoint = Endpoint(p, start_vllm(p, _say), keys, say=_say, on_reject=_rejected_event,
+                        webhook_secret=os.environ.get("LORAFLOW_WEBHOOK_SECRET", ""))
 
     def on_term(*_) -> None:  # SIGTERM (docker stop, systemd, kill) ends like Ctrl-C: our vLLM goes with us
         stop.set()
-        wake.set()
+        endpoint.wake.set()
 
     signal.signal(signal.SIGTERM, on_term)
-    if p.serve.url:
-        server = VLLMServer.attach(p.serve, os.environ.get("LORAFLOW_VLLM_API_KEY", ""))
-    else:
-        _say(f"starting vLLM on {p.serve.base_url}, reachable only from this host (log: {p.serve.log_file})")
-        server = VLLMServer.start(p.serve, Path(p.base.out_dir), api_key=secrets.token_urlsafe(32))
-    gateway = None
     try:
-        waited = server.wait_ready(progress=_say)
-        _say(f"vLLM ready after {waited:.0f}s")
-        routes = Routes()
-        models = p.serve.models or [p.project.name]
-        follower = Follower(server, routes, p.registry, Path(p.serve.adapters_dir), models, p.task,
-                            smoke_prompts(clean_split(p, "eval")), say=_say, on_reject=_rejected_event)
-        log = RequestLog(Path(p.serve.traffic_log), int(p.serve.log_max_mb * 2**20), p.serve.log_retention_days,
-                         tuple(p.sanitize.phone_regions))
-        secret = os.environ.get("LORAFLOW_WEBHOOK_SECRET", "")
-
-        def on_alias(name: str, alias: str, version: int) -> None:
-            if name in models and alias == p.registry.alias:
-                _say(f"webhook: {name}@{alias} -> v{version}")
-                wake.set()
-
-        app = build_app(routes, server.url, server.api_key, keys, log, webhook_secret=secret, on_alias=on_alias)
-        gateway = GatewayServer(app, p.serve.gateway_host, p.serve.gateway_port).start()
-        if secret and p.registry.tracking_uri.startswith(("http://", "https://")):
-            from pipeline.release import registry
-
-            hook_url = p.serve.webhook_url or f"http://{p.serve.gateway_host}:{p.serve.gateway_port}/hooks/mlflow"
-            try:
-                registry.ensure_webhook(p.registry, f"loraflow-serve-{p.serve.gateway_port}", hook_url, secret)
-                _say(f"MLflow webhook registered: alias moves reach {hook_url}")
-            except Exception as e:  # noqa: BLE001 - polling still follows the alias
-                _say(f"warning: could not register the MLflow webhook ({e}); following by polling only")
-        delay = p.serve.poll_interval_s
-        first = True
-        while not stop.is_set():
-            try:
-                follower.reconcile()
-                delay = p.serve.poll_interval_s
-            except Exception as e:  # noqa: BLE001 - MLflow or vLLM hiccups: report, back off, keep serving
-                delay = min(delay * 2, 300)
-                _say(f"warning: could not reconcile with the registry ({type(e).__name__}: {e}); retry in {delay:.0f}s")
-            if first:
-                served = ", ".join(f"{r.name} (v{r.version})" for r in routes.all()) or "nothing yet (no champion)"
-                _say(f"serving {served}; following @{p.registry.alias} every {p.serve.poll_interval_s:.0f}s")
-                typer.echo(f"endpoint: {gateway.url}", color=False)
-                first = False
-            wake.wait(delay)
-            wake.clear()
+        endpoint.open()
+        _register_webhook(p, endpoint.webhook_secret)
+        _say(f"serving {endpoint.served()}; following @{p.registry.alias} every {p.serve.poll_interval_s:.0f}s")
+        typer.echo(f"endpoint: {endpoint.url}", color=False)
+        endpoint.follow(stop)
     except KeyboardInterrupt:
         pass
     finally:
-        if gateway is not None:
-            gateway.stop()
-            log.flush()
-        server.stop()
+        endpoint.stop()
         _say("stopped")
+
+
+def _register_webhook(p, secret: str) -> None:
+    """Alias moves reach the gateway at once when MLflow is a server (webhooks need one); polling otherwise."""
+    if not secret or not p.registry.tracking_uri.startswith(("http://", "https://")):
+        return
+    from pipeline.release import registry
+
+    hook_url = p.serve.webhook_url or f"http://{p.serve.gateway_host}:{p.serve.gateway_port}/hooks/mlflow"
+    try:
+        registry.ensure_webhook(p.registry, f"loraflow-serve-{p.serve.gateway_port}", hook_url, secret)
+        _say(f"MLflow webhook registered: alias moves reach {hook_url}")
+    except Exception as e:  # noqa: BLE001 - polling still follows the alias
+        _say(f"warning: could not register the MLflow webhook ({e}); following by polling only")
 
 
 @app.command()

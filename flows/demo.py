@@ -1,43 +1,52 @@
-"""The whole loop on embedded defaults: retrain -> serve the champion with vLLM -> sample traffic -> drift.
+"""The whole loop on embedded defaults: retrain -> serve the champion -> client traffic -> drift.
 
     loraflow demo        (what `make demo` runs)
 
-vLLM starts as soon as the base model exists, so its start-up overlaps training; the retrain flow then
-hot-loads the champion adapter into it. The summary is printed and written to reports/last-run.json.
+vLLM starts as soon as the base model exists, so its start-up overlaps training; then the endpoint
+`loraflow serve` runs (authenticated gateway, stable model name) loads the champion and the sample
+traffic goes through it like any client's. The summary is printed and written to reports/last-run.json.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from pipeline import dvc_runner
 from pipeline.config import load_params
 from pipeline.config import Params
 from pipeline.io import load_chat_file, read_json, write_json
-from pipeline.serve.vllm import VLLMServer
+from pipeline.serve.endpoint import Endpoint, start_vllm
+from pipeline.serve.gateway import env_keys
 from pipeline.stages import clean_split
 from pipeline.tasks import build_task
 
 SUMMARY_FILE = Path("reports/last-run.json")
 
 
-def send_sample_traffic(server: VLLMServer, model: str, n: int, p: Params) -> list[dict]:
-    """Send ``n`` held-out prompts through the OpenAI API with the task's generation defaults; every
-    exchange lands in the traffic log."""
+def send_sample_traffic(endpoint: Endpoint, key: str, n: int, p: Params) -> list[dict]:
+    """Send ``n`` held-out prompts to the gateway as a client would: its key, the stable model name and no
+    generation settings (the gateway fills in the task's). Every exchange lands, redacted, in the log."""
     rows = load_chat_file(clean_split(p, "eval"))[:n]
     answers = []
-    for row in rows:
-        answer = server.chat(model, row["prompt"], task=p.task, traffic_log=Path(p.serve.traffic_log))
-        answers.append({"prompt": row["prompt"][-1]["content"], "answer": answer,
-                        "expected": row["completion"][0]["content"]})
+    with httpx.Client(base_url=endpoint.url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
+        for row in rows:
+            r = client.post("/chat/completions", json={"model": p.project.name, "messages": row["prompt"]})
+            if r.status_code != 200:
+                raise RuntimeError(f"the endpoint answered HTTP {r.status_code}: {r.text[:300]}")
+            answers.append({"prompt": row["prompt"][-1]["content"], "answer": r.json()["choices"][0]["message"]["content"],
+                            "expected": row["completion"][0]["content"]})
     return answers
 
 
 def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving: bool = False,
-             progress: Callable[[str], None] = print) -> tuple[dict, VLLMServer]:
-    """Returns the summary and the server (still running when ``keep_serving``)."""
+             progress: Callable[[str], None] = print) -> tuple[dict, Endpoint]:
+    """Returns the summary and the endpoint (still answering when ``keep_serving``; its client key is
+    ``endpoint.keys``: ``LORAFLOW_API_KEYS`` when set, else a random key made for this run)."""
     from flows.monitor import drift_check
     from flows.retrain import retrain
 
@@ -49,24 +58,24 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         progress(f"[demo] dvc stage {stage} ...")
         r = dvc_runner.repro(stage)
         prep[stage] = {"ran": r.ran, "seconds": r.seconds}
-    if not p.serve.url:
-        progress(f"[demo] starting vLLM on {p.serve.base_url} (log: {p.serve.log_file})")
-        server = VLLMServer.start(p.serve, Path(p.base.out_dir))
-    else:
-        server = VLLMServer.attach(p.serve)
+    key = next(iter(env_keys()), "") or secrets.token_urlsafe(24)
+    endpoint = Endpoint(p, start_vllm(p, progress), {key, *env_keys()}, say=progress)
     try:
         t = time.perf_counter()
-        progress("[demo] running the Prefect flow `retrain`")
-        summary = retrain(params_file=params_file, sync_server=True)
+        progress("[demo] running the Prefect flow `retrain` (vLLM starts meanwhile)")
+        summary = retrain(params_file=params_file)
         timings["retrain_flow_s"] = round(time.perf_counter() - t, 1)
         for stage, r in prep.items():  # the flow saw these as unchanged because the demo ran them first
             summary["stages"][stage] = r
-        serving = summary.get("serving") or {}
-        if not serving.get("served"):
-            raise RuntimeError(f"no champion could be served: {serving}")
-        progress(f"[demo] sending {requests} requests to {serving['served']} via /v1/chat/completions")
+        progress("[demo] opening the endpoint: vLLM + gateway, serving each model's champion")
+        endpoint.open()
+        route = endpoint.routes.get(p.project.name)
+        if route is None:
+            raise RuntimeError(f"no champion of {p.project.name} could be served (see the lines above)")
+        progress(f"[demo] sending {requests} requests for `{p.project.name}` to {endpoint.url}/chat/completions")
         t = time.perf_counter()
-        answers = send_sample_traffic(server, serving["served"], requests, p)
+        answers = send_sample_traffic(endpoint, key, requests, p)
+        endpoint.log.flush()
         timings["traffic_s"] = round(time.perf_counter() - t, 1)
         task = build_task(p.task)
         correct = sum(task.score(a["answer"], a["expected"]).values[p.task.primary_metric] for a in answers)
@@ -74,9 +83,11 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         t = time.perf_counter()
         drift = drift_check(params_file=params_file)
         timings["drift_flow_s"] = round(time.perf_counter() - t, 1)
-    finally:
-        if not keep_serving:
-            server.stop()
+    except BaseException:
+        endpoint.stop()
+        raise
+    if not keep_serving:
+        endpoint.stop()
     timings["total_s"] = round(time.perf_counter() - started, 1)
     report = {
         "stages": summary["stages"],
@@ -85,7 +96,8 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         "gate": summary["decision"],
         "model": {"name": summary["model_name"], "registered_version": summary["registered_version"],
                   "newly_registered": summary["newly_registered"], "champion": summary["champion"]},
-        "serving": {**serving, "url": server.url if server else p.serve.base_url,
+        "serving": {"served": route.name, "version": route.version, "adapter": route.internal,
+                    "url": f"http://{p.serve.gateway_host}:{p.serve.gateway_port}/v1",
                     "sample": answers[0] if answers else None,
                     "served_metric": p.task.primary_metric,
                     "served_score": round(correct / max(len(answers), 1), 4), "requests": len(answers)},
@@ -96,7 +108,7 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         "timings": timings,
     }
     write_json(SUMMARY_FILE, report)
-    return report, server
+    return report, endpoint
 
 
 def _record_counts(p) -> dict:
@@ -141,7 +153,7 @@ def format_summary(r: dict) -> str:
                  f"{'' if mdl['newly_registered'] else ' (already registered)'}; "
                  f"@{champ['alias']} -> v{champ['version']}" if champ else "  registry: no champion")
     s = r["serving"]
-    lines.append(f"  served adapter: {s.get('served')} at {s['url']} ({s['requests']} requests, "
+    lines.append(f"  served: `{s['served']}` = v{s['version']} at {s['url']} ({s['requests']} requests, "
                  f"{s['served_metric']} {s['served_score']:.3f})")
     if s.get("sample"):
         lines.append(f"    prompt: {s['sample']['prompt'][:90]}")

@@ -18,7 +18,6 @@ from prefect.events import emit_event
 from pipeline.release import registry
 from pipeline.config import load_params
 from pipeline.monitor.drift import check_drift
-from pipeline.serve.vllm import VLLMServer
 from pipeline.stages import augmented_file
 
 
@@ -52,6 +51,5 @@ def drift_check(params_file: str = "params.yaml") -> dict:
             from flows.retrain import retrain
 
             logger.info("monitor.retrain_on_drift: running the retrain flow now")
-            serving_up = VLLMServer.attach(p.serve).healthy()
-            result["retrain"] = retrain(params_file=params_file, sync_server=serving_up)
+            result["retrain"] = retrain(params_file=params_file)
     return result

@@ -1,4 +1,4 @@
-"""The ``retrain`` flow: DVC stages -> gate -> MLflow registry -> (optional) serving sync.
+"""The ``retrain`` flow: DVC stages -> gate -> MLflow registry (serving follows the alias).
 
     loraflow run                                  # embedded defaults, ephemeral Prefect
     prefect deployment run retrain/production     # once deployed (prefect.yaml)
@@ -19,7 +19,6 @@ from pipeline.release import promotion, registry
 from pipeline.config import Params, load_params
 from pipeline.release.gate import Decision, ModelScore
 from pipeline.hashing import dir_sha256
-from pipeline.serve.vllm import VLLMServer
 
 
 @task(name="dvc-stage", retries=1, retry_delay_seconds=5, task_run_name="dvc-{stage}")
@@ -62,17 +61,11 @@ def promote(p: Params, version: int) -> registry.VersionInfo:
     return info
 
 
-@task(name="sync-serving", retries=2, retry_delay_seconds=10)
-def sync_serving(p: Params) -> dict:
-    """Point a running vLLM at the current champion (no restart: runtime LoRA loading)."""
-    server = VLLMServer.attach(p.serve)
-    server.wait_ready(progress=get_run_logger().info)
-    return promotion.serve_champion(p, server)
-
-
 @flow(name="retrain", log_prints=True)
-def retrain(params_file: str = "params.yaml", sync_server: bool = False) -> dict:
-    """Reproduce the data/model stages, gate the candidate, register it and promote it if it wins."""
+def retrain(params_file: str = "params.yaml") -> dict:
+    """Reproduce the data/model stages, gate the candidate, register it and promote it if it wins.
+
+    Serving is not this flow's business: `loraflow serve` follows the alias (webhook + polling)."""
     p = load_params(params_file)  # invalid params stop the run here, before any work
     logger = get_run_logger()
     stages = {name: run_stage(name) for name in dvc_runner.stage_names()}
@@ -96,6 +89,4 @@ def retrain(params_file: str = "params.yaml", sync_server: bool = False) -> dict
     champion = registry.get_alias(p.registry, p.project.name)
     summary["champion"] = {"version": champion.version, "alias": p.registry.alias} if champion else None
     summary["model_name"] = p.project.name
-    if sync_server:
-        summary["serving"] = sync_serving(p)
     return summary

@@ -34,15 +34,19 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
     from flows.demo import run_demo
     from flows.retrain import retrain
     from pipeline.release import registry
-    from pipeline.release import promotion as release
+    from openai import OpenAI
+
     from pipeline.config import load_params
     from pipeline.release.lineage import dvc_lock_hashes
 
-    _set_params(train={"epochs": 6}, serve={"python": str(VLLM_PYTHON), "port": _free_port()})
+    _set_params(train={"epochs": 6}, serve={"python": str(VLLM_PYTHON), "port": _free_port(),
+                                            "gateway_port": _free_port()})
     p = load_params("params.yaml")
 
     # 1. The demo: every stage runs, the candidate beats the base, is promoted, served and monitored.
-    report, server = run_demo("params.yaml", requests=25, keep_serving=True, progress=print)
+    report, endpoint = run_demo("params.yaml", requests=25, keep_serving=True, progress=print)
+    key = next(iter(endpoint.keys))
+    client = OpenAI(base_url=endpoint.url, api_key=key)
     try:
         assert all(s["ran"] for s in report["stages"].values()), report["stages"]
         train = report["records"]["train"]
@@ -51,7 +55,7 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
         base, cand = report["metrics"]["base"], report["metrics"]["candidate"]
         assert cand["exact_match"] >= base["exact_match"] + 0.5, report["metrics"]
         assert report["gate"]["promote"] and report["model"]["champion"]["version"] == 1
-        assert report["serving"]["served"] == f"{p.project.name}-v1"
+        assert report["serving"]["served"] == p.project.name and report["serving"]["version"] == 1
         assert report["serving"]["served_metric"] == "exact_match" and report["serving"]["served_score"] >= 0.5
         assert json.loads(report["serving"]["sample"]["answer"]).keys() == {"category", "priority"}
 
@@ -62,14 +66,17 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
 
         task = build_task(p.task)
         rows = load_chat_file(clean_split(p, "eval"))[:20]
-        sampled = [server.chat(f"{p.project.name}-v1", r["prompt"], task=p.task, temperature=1.0, top_p=1.0)
-                   for r in rows]
+        sampled = [client.chat.completions.create(model=p.project.name, messages=r["prompt"], temperature=1.0,
+                                                  top_p=1.0).choices[0].message.content for r in rows]
         assert sum(task.check_reference(a) is None for a in sampled) >= 19, sampled
         exact = sum(task.score(a, r["completion"][0]["content"]).values["exact_match"] for a, r in zip(sampled, rows))
         assert exact >= 18, sampled
         assert report["drift"]["status"] == "ok" and report["drift"]["drift"] is False
         assert json.loads(Path("reports/last-run.json").read_text())["model"]["registered_version"] == 1
-        assert len(Path(p.serve.traffic_log).read_text().splitlines()) == 25
+        endpoint.log.flush()  # the demo's 25 requests and the 20 above, all through the gateway
+        logged = [json.loads(line) for line in Path(p.serve.traffic_log).read_text().splitlines()]
+        assert len(logged) == 45 and {r["model"] for r in logged} == {p.project.name}, logged[:2]
+        assert all(r["version"] == 1 and r["status"] == 200 for r in logged)
 
         # Lineage: the version carries the hashes DVC recorded, the commit and a model card.
         v1 = registry.get_alias(p.registry, p.project.name)
@@ -98,13 +105,12 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
 
         # 4. Promotion outside the flow (as in the MLflow UI): serving follows the alias without restart.
         registry.promote(p.registry, p.project.name, 2)
-        synced = release.serve_champion(load_params("params.yaml"), server)
-        assert synced["served"] == f"{p.project.name}-v2"
-        models = server.models()
-        assert f"{p.project.name}-v2" in models and f"{p.project.name}-v1" not in models
-        answer = server.chat(f"{p.project.name}-v2", [{"role": "user", "content": "The package arrived damaged. "
-                                                     "This is urgent, please help immediately."}], task=p.task)
+        endpoint.reconcile()  # what the follower's poll or the webhook triggers
+        assert endpoint.routes.get(p.project.name).version == 2
+        assert {m.id for m in client.models.list().data} == {p.project.name}
+        answer = client.chat.completions.create(model=p.project.name, messages=[{
+            "role": "user", "content": "The package arrived damaged. This is urgent, please help immediately."}])
         # The answer comes from v2 and is one the task accepts (its quality is the gate's business).
-        assert build_task(p.task).check_reference(answer) is None, answer
+        assert build_task(p.task).check_reference(answer.choices[0].message.content) is None, answer
     finally:
-        server.stop()
+        endpoint.stop()

@@ -17,7 +17,6 @@ from pipeline.hashing import dir_sha256, file_sha256
 from pipeline.io import load_chat_file, read_json, write_json
 from pipeline.release import registry
 from pipeline.release.lineage import dvc_lock_hashes, git_commit, params_sha256
-from pipeline.serve.vllm import VLLMServer, sync_adapter
 from pipeline.stages import augmented_file, clean_split
 
 
@@ -120,12 +119,3 @@ def register_candidate(p: Params, decision: Decision, candidate: ModelScore, bas
         tags={k: v for k, v in tags.items() if not k.startswith("dvc.") and k not in SERVING_TAGS},
     )
     return registry.register(p.registry, p.project.name, run_id, tags, card)
-
-
-def serve_champion(p: Params, server: VLLMServer) -> dict:
-    """Make ``server`` serve the alias's current version (load it, unload the model's other versions)."""
-    champion = registry.get_alias(p.registry, p.project.name)
-    if champion is None:
-        return {"served": None, "reason": f"no version holds @{p.registry.alias} yet"}
-    adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
-    return {**sync_adapter(server, champion.name, champion.version, adapter), "version": champion.version}

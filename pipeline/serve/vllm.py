@@ -3,19 +3,17 @@
 vLLM runs as its own process from its own environment (``serve.python``) because its pins conflict
 with Prefect's; everything here talks HTTP to it. Adapters are loaded at run time through
 ``POST /v1/load_lora_adapter`` (needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``), so following the
-registry alias never restarts the server. Every chat request sent through ``chat`` is appended to the
-traffic log that drift monitoring reads.
+registry alias never restarts the server. vLLM listens on 127.0.0.1 with a key only the gateway holds;
+clients reach it through the gateway (pipeline/serve/gateway.py), which logs their traffic.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -142,24 +140,14 @@ class VLLMServer:
         if r.status_code != 200:
             raise ServingError(f"unloading adapter {name} failed: HTTP {r.status_code}: {r.text[:500]}")
 
-    def chat(self, model: str, messages: list[dict], task: TaskConfig | None = None,
-             traffic_log: Path | None = None, **overrides) -> str:
-        """One OpenAI chat completion with the task's generation defaults (``overrides`` win); the
-        request and answer go to the traffic log."""
-        started = time.perf_counter()
+    def chat(self, model: str, messages: list[dict], task: TaskConfig | None = None, **overrides) -> str:
+        """One OpenAI chat completion straight to vLLM with the task's generation defaults (``overrides``
+        win): the follower's smoke test; clients go through the gateway."""
         body = {"model": model, "messages": messages, **generation_defaults(task or TaskConfig()), **overrides}
         r = httpx.post(f"{self.url}/v1/chat/completions", timeout=120, json=body, headers=self._auth)
         if r.status_code != 200:
             raise ServingError(f"chat completion on {model} failed: HTTP {r.status_code}: {r.text[:500]}")
-        answer = r.json()["choices"][0]["message"]["content"]
-        if traffic_log is not None:
-            traffic_log.parent.mkdir(parents=True, exist_ok=True)
-            with open(traffic_log, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({
-                    "ts": datetime.now(timezone.utc).isoformat(), "model": model,
-                    "prompt": "\n".join(m["content"] for m in messages), "response": answer,
-                    "latency_s": round(time.perf_counter() - started, 4)}, ensure_ascii=False) + "\n")
-        return answer
+        return r.json()["choices"][0]["message"]["content"]
 
 
 def generation_defaults(task: TaskConfig) -> dict:
@@ -168,22 +156,6 @@ def generation_defaults(task: TaskConfig) -> dict:
     if task.stop:
         out["stop"] = list(task.stop)
     return out
-
-
-def adapter_name(model_name: str, version: int) -> str:
-    return f"{model_name}-v{version}"
-
-
-def sync_adapter(server: VLLMServer, model_name: str, version: int, adapter_dir: Path) -> dict:
-    """Make the server serve exactly this version's adapter: load it, unload older ones of the model."""
-    wanted = adapter_name(model_name, version)
-    loaded = server.models()
-    if wanted not in loaded:
-        server.load_adapter(wanted, adapter_dir)
-    unloaded = [m for m in loaded if m.startswith(f"{model_name}-v") and m != wanted]
-    for m in unloaded:
-        server.unload_adapter(m)
-    return {"served": wanted, "loaded_now": wanted not in loaded, "unloaded": unloaded}
 
 
 def tail(path: Path, lines: int = 20) -> str:
