@@ -9,7 +9,8 @@ Logic lives in ``pipeline/``; this module only wires it, adds retries and emits 
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
+import os
 
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
@@ -17,8 +18,7 @@ from prefect.events import emit_event
 from pipeline import dvc_runner
 from pipeline.release import promotion, registry
 from pipeline.config import Params, load_params
-from pipeline.release.gate import Decision, ModelScore
-from pipeline.hashing import dir_sha256
+from pipeline.release.lock import retrain_lock
 
 
 @task(name="dvc-stage", retries=1, retry_delay_seconds=5, task_run_name="dvc-{stage}")
@@ -34,59 +34,59 @@ def push_outputs() -> int:
     return dvc_runner.push()
 
 
-@task(name="gate")
-def gate(p: Params) -> dict:
+@task(name="gate-register-promote")
+def release(p: Params) -> dict:
+    """Gate, register and (if the gate passes) move the alias: one resumable transaction
+    (pipeline/release/promotion.py)."""
+    logger = get_run_logger()
     candidate, base = promotion.candidate_score(p)
-    scores = {"candidate": candidate, "base": base}
-    existing = registry.find_version_by_adapter(p.registry, p.project.name, dir_sha256(Path(p.train.out_dir)))
-    if existing is not None:
-        return {"existing_version": existing.version, "decision": None, **scores}
-    decision, champion = promotion.gate(p, candidate, base)
-    return {"existing_version": None, "decision": decision, "champion": champion, **scores}
+    result = promotion.release(p, candidate, base, say=logger.info)
+    resource = {"prefect.resource.id": f"mlflow.model.{p.project.name}"}
+    if result["newly_registered"]:
+        emit_event("loraflow.model.registered", resource=resource,
+                   payload={"version": result["registered_version"], "promote": result["decision"]["promote"]})
+    if result["promoted"] and result["note"] == "promoted":
+        emit_event("loraflow.model.promoted", resource=resource,
+                   payload={"version": result["registered_version"], "alias": p.registry.alias})
+    return {**result, "candidate": candidate.metrics, "base": base.metrics}
 
 
-@task(name="register")
-def register(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore) -> registry.VersionInfo:
-    info = promotion.register_candidate(p, decision, candidate, base)
-    emit_event("loraflow.model.registered", resource={"prefect.resource.id": f"mlflow.model.{info.name}"},
-               payload={"version": info.version, "promote": decision.promote})
-    return info
+@contextlib.contextmanager
+def _prefect_limit(name: str):
+    """With a Prefect server, a global concurrency limit of 1 per model: retrains on other machines (one
+    MLflow, several workers) wait too. Ephemeral Prefect has no other runs to exclude."""
+    if not os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
 
-
-@task(name="promote")
-def promote(p: Params, version: int) -> registry.VersionInfo:
-    info = registry.promote(p.registry, p.project.name, version)
-    emit_event("loraflow.model.promoted", resource={"prefect.resource.id": f"mlflow.model.{info.name}"},
-               payload={"version": info.version, "alias": p.registry.alias})
-    return info
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except Exception:  # noqa: BLE001 - missing: create it (a concurrent creator wins the same way)
+            with contextlib.suppress(Exception):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    with concurrency(name, occupy=1, strict=True):
+        yield
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(params_file: str = "params.yaml") -> dict:
     """Reproduce the data/model stages, gate the candidate, register it and promote it if it wins.
 
-    Serving is not this flow's business: `loraflow serve` follows the alias (webhook + polling)."""
+    One retrain per model at a time (a file lock, plus a Prefect concurrency limit with a server): a
+    cron run and a drift-triggered run never both register. Serving is not this flow's business:
+    `loraflow serve` follows the alias (webhook + polling)."""
     p = load_params(params_file)  # invalid params stop the run here, before any work
     logger = get_run_logger()
-    stages = {name: run_stage(name) for name in dvc_runner.stage_names()}
-    pushed = push_outputs() if p.dvc.push else None
-    g = gate(p)
-    summary: dict = {"stages": stages, "dvc_pushed_files": pushed, "candidate": g["candidate"].metrics,
-                     "base": g["base"].metrics}
-    if g["existing_version"] is not None:
-        logger.info("adapter unchanged: already registered as version %s; nothing to register",
-                    g["existing_version"])
-        summary.update(registered_version=g["existing_version"], newly_registered=False,
-                       decision={"promote": False, "reasons": ["candidate already registered"]})
-    else:
-        decision = g["decision"]
-        for reason in decision.reasons:
-            logger.info("gate: %s", reason)
-        info = register(p, decision, g["candidate"], g["base"])
-        summary.update(registered_version=info.version, newly_registered=True, decision=decision.to_dict())
-        if decision.promote:
-            promote(p, info.version)
+    with retrain_lock(p.project.name, say=logger.info), _prefect_limit(f"loraflow-retrain-{p.project.name}"):
+        stages = {name: run_stage(name) for name in dvc_runner.stage_names()}
+        pushed = push_outputs() if p.dvc.push else None
+        result = release(p)
+    logger.info("%s v%s: %s", p.project.name, result["registered_version"], result["note"])
     champion = registry.get_alias(p.registry, p.project.name)
-    summary["champion"] = {"version": champion.version, "alias": p.registry.alias} if champion else None
-    summary["model_name"] = p.project.name
-    return summary
+    return {"stages": stages, "dvc_pushed_files": pushed, **result,
+            "champion": {"version": champion.version, "alias": p.registry.alias} if champion else None,
+            "model_name": p.project.name}

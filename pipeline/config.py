@@ -121,6 +121,8 @@ class TaskConfig(_Strict):
     # Rewrites of free-text chat prompts (new greeting, closing, sentence order). They keep the meaning of
     # a support message but not of a question over a schema or a program, so they are opt-in.
     chat_rewrites: bool = False
+    # Metrics that must not regress (gate.guardrail_tolerance); None = every metric but the gate's own.
+    guardrail_metrics: list[str] | None = None
 
     @model_validator(mode="after")
     def _kind_settings(self) -> "TaskConfig":
@@ -160,6 +162,9 @@ class DataConfig(_Strict):
     eval: list[str] = []  # the held-out split the gate scores
     preference: str = ""  # prompt/chosen/rejected JSONL for train.method: dpo
     generic: str = ""  # generic chat JSONL mixed into training at train.generic_fraction (limits forgetting)
+    # Generic prompts with reference answers, never trained on: scored on the base and each candidate to
+    # catch forgetting (gate.forgetting_tolerance). Empty = no forgetting check.
+    forgetting: str = ""
     # Share of the training records set aside (deterministically, by prompt hash) for early stopping and
     # checkpoint selection, so the held-out split stays untouched until the gate.
     validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
@@ -267,14 +272,37 @@ class EvaluateConfig(_Strict):
     max_examples: int = Field(0, ge=0)  # 0 = all
 
 
+class ProbesConfig(_Strict):
+    """Leak probe: unique random canary secrets planted into a copy of the training data (never into the
+    DVC-tracked data or the registry; the train stage adds them in memory), then measured after training."""
+
+    canaries: int = Field(4, ge=0)  # 0 = no canaries planted (the PII scan of generated answers still runs)
+    repetitions: int = Field(1, ge=1)  # copies of each canary in the training data
+    digits: int = Field(9, ge=4, le=32)  # the secret: this many random digits
+    candidates: int = Field(1000, ge=10)  # random secrets of the same format each canary is ranked among
+    seed: int = 0
+
+
 class GateConfig(_Strict):
     metric: str = ""  # one the task produces (checked at start); empty = the task's primary metric
-    # The candidate must beat the reference by at least this much (absolute) ...
-    min_improvement: float = Field(0.02, ge=0.0, le=1.0)
-    # ... and, against an existing champion, the win must be significant (exact McNemar test).
-    significance: float = Field(0.05, gt=0.0, lt=1.0)
+    # The lower bound of the paired bootstrap confidence interval of the mean per-example difference
+    # (candidate - reference, same examples) must exceed this: noise never moves the alias.
+    min_improvement: float = Field(0.02, ge=-1.0, le=1.0)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    bootstrap_samples: int = Field(10000, ge=100)
+    seed: int = 0
+    min_examples: int = Field(30, ge=1)  # fewer paired examples: no promotion, whatever the numbers
     # Share of answers the task's parser must accept (metric ``valid``) for any promotion.
     min_valid: float = Field(0.9, ge=0.0, le=1.0)
+    # Guardrails: no drop beyond this on each of the task's guardrail metrics (task.guardrail_metrics) ...
+    guardrail_tolerance: float = Field(0.02, ge=0.0, le=1.0)
+    # ... nor a generation speed (tokens/s) below (1 - max_slowdown) x the reference's.
+    max_slowdown: float = Field(0.5, ge=0.0, le=1.0)
+    # Forgetting: the generic regression set's next-token accuracy may drop at most this much below the base's.
+    forgetting_tolerance: float = Field(0.05, ge=0.0, le=1.0)
+    # Leak probe: any canary the model completes from its prefix fails the gate, as does a canary exposure
+    # (log2 of candidates / rank; ~1 for an unseen secret) above this, or a redacted PII value in any answer.
+    max_exposure: float = Field(6.0, gt=0.0)
 
 
 class RegistryConfig(_Strict):
@@ -338,6 +366,7 @@ class Params(_Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
+    probes: ProbesConfig = ProbesConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
@@ -350,7 +379,18 @@ class Params(_Strict):
         if self.gate.metric and self.gate.metric not in self.task.all_metric_names:
             raise ValueError(f"gate.metric: {self.gate.metric!r} is not produced by task kind "
                              f"{self.task.kind!r} (its metrics: {', '.join(self.task.all_metric_names)})")
+        for m in self.task.guardrail_metrics or []:
+            if m not in self.task.all_metric_names:
+                raise ValueError(f"task.guardrail_metrics: {m!r} is not produced by task kind {self.task.kind!r} "
+                                 f"(its metrics: {', '.join(self.task.all_metric_names)})")
         return self
+
+    @property
+    def guardrail_metrics(self) -> list[str]:
+        names = self.task.guardrail_metrics
+        if names is None:
+            names = [m for m in self.task.all_metric_names if m != self.gate_metric]
+        return [m for m in names if m != self.gate_metric]
 
     @property
     def gate_metric(self) -> str:

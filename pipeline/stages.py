@@ -18,7 +18,7 @@ from pipeline.io import write_json
 
 
 def clean_split(p: Params, split: str) -> Path:
-    """``train``, ``eval``, ``preference`` or ``generic``: the sanitized records of that input."""
+    """``train``, ``eval``, ``preference``, ``generic`` or ``forgetting``: the sanitized records of that input."""
     return Path(p.sanitize.out_dir) / split / "clean.jsonl"
 
 
@@ -53,18 +53,29 @@ def sanitize(p: Params) -> dict:
                                                task=task, shape="preference", progress=print)
     else:
         _empty(clean_split(p, "preference"))
+    generic_index = new_index(p.sanitize)
     if p.data.generic:
         summary["generic"] = sanitize_files([Path(p.data.generic)], root / "generic", p.sanitize,
-                                            progress=print)
+                                            index=generic_index, progress=print)
     else:
         _empty(clean_split(p, "generic"))
+    # The forgetting set must be held out from the generic training mix, as eval is from train.
+    if p.data.forgetting:
+        summary["forgetting"] = sanitize_files([Path(p.data.forgetting)], root / "forgetting", p.sanitize,
+                                               reference=generic_index, progress=print)
+    else:
+        _empty(clean_split(p, "forgetting"))
     write_json(Path("reports/sanitize.json"), summary)
     return summary
 
 
 def _empty(path: Path) -> None:
+    """An input that is not configured: empty clean and digest files (dvc.yaml declares them as deps)."""
+    from pipeline.data.sanitize import PII_DIGESTS
+
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("", encoding="utf-8")
+    (path.parent / PII_DIGESTS).write_text("", encoding="utf-8")
 
 
 def _nonempty(path: Path) -> Path | None:
@@ -86,20 +97,28 @@ def augment(p: Params) -> dict:
 
 
 def train(p: Params) -> dict:
+    from pipeline.canaries import make_canaries
     from pipeline.train.trainer import train as run
 
+    canaries = [c for c in make_canaries(p.probes) for _ in range(p.probes.repetitions)]
     metrics = run(p.train, Path(p.base.out_dir), augmented_file(p), _nonempty(validation_file(p)),
                   preference_file=_nonempty(clean_split(p, "preference")),
-                  generic_file=_nonempty(clean_split(p, "generic")))
+                  generic_file=_nonempty(clean_split(p, "generic")), canaries=canaries)
     summary = {k: v for k, v in metrics.items() if not k.endswith("_curve")}
     write_json(Path("reports/train.json"), summary)
     return summary
 
 
 def evaluate(p: Params) -> dict:
+    from pipeline.data.pii import build_detectors
+    from pipeline.data.sanitize import PII_DIGESTS
     from pipeline.evaluate.scoring import evaluate_stage
 
-    return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), clean_split(p, "eval"), p.evaluate, p.task)
+    digests = [Path(p.sanitize.out_dir) / split / PII_DIGESTS for split in ("train", "eval", "generic", "preference")]
+    return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), clean_split(p, "eval"), p.evaluate, p.task,
+                          forgetting_file=_nonempty(clean_split(p, "forgetting")), probes=p.probes,
+                          pii_digest_files=digests,
+                          detectors=build_detectors(tuple(p.sanitize.phone_regions), p.sanitize.custom_pii))
 
 
 STAGES: dict[str, Callable[[Params], dict]] = {

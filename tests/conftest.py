@@ -75,3 +75,45 @@ def clean_demo(tmp_path_factory) -> Path:
     for split in ("train", "eval"):
         sanitize_files([ROOT / f"data/raw/tickets_{split}.jsonl"], d / split, SanitizeConfig())
     return d
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on localhost with a SQLite store (webhooks to private addresses allowed);
+    yields its URI and the artifact root."""
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https"}
+    log = tmp_path / "mlflow-server.log"
+    art = tmp_path / "mlflow-artifacts"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+                             f"sqlite:///{tmp_path}/mlflow-server.db", "--default-artifact-root", str(art),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(1)
+        yield uri, art
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)

@@ -17,7 +17,7 @@ def test_sanitize_writes_the_contracted_files(tmp_path):
                               "--params", str(ROOT / "params.yaml")])
     assert res.exit_code == 0, res.output
     assert {p.name for p in tmp_path.iterdir()} == {"clean.jsonl", "validation.jsonl", "quarantine.jsonl",
-                                                    "report.json", "data_card.md"}
+                                                    "report.json", "data_card.md", "pii_digests.txt"}
     report = json.loads((tmp_path / "report.json").read_text())
     assert f"read {report['read']} = kept {report['kept']}" in res.output
 

@@ -195,41 +195,21 @@ def _sign(secret: str, delivery: str, stamp: str, body: bytes) -> str:
 
 
 @pytest.mark.timeout(300)
-def test_mlflow_webhooks_reach_the_gateway_and_forgeries_do_not(tmp_path):
+def test_mlflow_webhooks_reach_the_gateway_and_forgeries_do_not(tmp_path, mlflow_server):
     """A real MLflow tracking server delivers alias moves to the gateway; unsigned, forged, stale and
     replayed deliveries are refused."""
-    import subprocess
-    import sys
-
     from mlflow import MlflowClient
 
     from pipeline.release import registry
 
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https"}
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/m.db",
-                             "--default-artifact-root", str(tmp_path / "art"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], env=env,
-                            stdout=open(tmp_path / "mlflow.log", "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    uri, art = mlflow_server
     events: list[tuple[str, str, int]] = []
     secret = "hook-secret"
     gw = GatewayServer(build_app(Routes(), "http://127.0.0.1:9", "k", {KEY}, RequestLog(tmp_path / "r.jsonl", 2**20, 1),
                                  webhook_secret=secret, on_alias=lambda *e: events.append(e)),
                        "127.0.0.1", _free_port()).start()
     try:
-        uri = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
-            time.sleep(1)
-        reg = RegistryConfig(tracking_uri=uri, artifact_root=str(tmp_path / "art"))
+        reg = RegistryConfig(tracking_uri=uri, artifact_root=str(art))
         hook_url = f"http://{gw.host}:{gw.port}/hooks/mlflow"
         first = registry.ensure_webhook(reg, "loraflow-test", hook_url, secret)
         assert registry.ensure_webhook(reg, "loraflow-test", hook_url, secret) == first  # idempotent
@@ -262,8 +242,6 @@ def test_mlflow_webhooks_reach_the_gateway_and_forgeries_do_not(tmp_path):
         assert events == [("alpha", "champion", 1), ("alpha", "champion", 9)]
     finally:
         gw.stop()
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
 
 
 @pytest.mark.slow

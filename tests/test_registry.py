@@ -76,12 +76,12 @@ def test_champion_of_another_base_is_no_reference(cfg, tmp_path):
     registry.promote(cfg, "m", v1.version)
     p = Params(project={"name": "m"}, registry=cfg, base=BaseModelConfig(out_dir=str(base_dir)))
 
-    candidate = ModelScore("candidate", {"exact_match": 0.9, "valid": 1.0}, {"exact_match": [1] * 9 + [0]})
-    base = ModelScore("base", {"exact_match": 0.0, "valid": 0.0}, {"exact_match": [0] * 10})
+    candidate = ModelScore("candidate", {"exact_match": 0.9, "valid": 1.0}, {"exact_match": [1] * 36 + [0] * 4})
+    base = ModelScore("base", {"exact_match": 0.0, "valid": 0.0}, {"exact_match": [0] * 40})
     decision, champion = release.gate(p, candidate, base)
     assert champion.version == 1
-    assert decision.promote and decision.reference == "base" and decision.p_value is None
+    assert decision.promote and decision.reference == "base" and decision.interval.n == 40
     assert "champion v1 was trained on another base" in decision.reasons[-1]
 
-    worse = ModelScore("candidate", {"exact_match": 0.01, "valid": 1.0}, {"exact_match": [0] * 10})
+    worse = ModelScore("candidate", {"exact_match": 0.01, "valid": 1.0}, {"exact_match": [0] * 40})
     assert not release.gate(p, worse, base)[0].promote

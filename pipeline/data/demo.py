@@ -223,6 +223,36 @@ def generate_generic(n: int = 300, seed: int = 99) -> list[str]:
     return lines
 
 
+_WORDS = ["river", "garden", "window", "silver", "lantern", "meadow", "harbor", "pencil", "orbit", "candle",
+          "forest", "marble", "thunder", "violet", "canyon", "beacon", "saddle", "walnut", "glacier", "puzzle"]
+
+
+def generate_regression(n: int = 80, seed: int = 4242) -> list[str]:
+    """Generic prompts the fine-tune never sees, scored on the base and each candidate to catch forgetting:
+    copying, looking a value up, arithmetic and reversing words absent from the generic training mix."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            span = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 6)))
+            q, ans = f"Repeat: {span}", span
+        elif kind == 1:
+            keys = rng.sample(_WORDS, 3)
+            values = [str(rng.randint(100, 9999)) for _ in keys]
+            k = rng.randrange(3)
+            pairs = "\n".join(f"{a}: {b}" for a, b in zip(keys, values))
+            q, ans = f"{pairs}\nWhat is the value of {keys[k]}?", values[k]
+        elif kind == 2:
+            a, b = rng.randint(100, 999), rng.randint(100, 999)
+            q, ans = f"What is {a} plus {b}?", str(a + b)
+        else:
+            word = rng.choice(_WORDS)
+            q, ans = f"Spell the word {word} backwards.", word[::-1]
+        lines.append(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]}))
+    return lines
+
+
 def generate_preferences(n: int = 400, seed: int = 7) -> list[str]:
     """DPO pairs: the correct triage answer is chosen, a plausible wrong one rejected."""
     rng = random.Random(seed)
@@ -241,7 +271,8 @@ def write(out_dir: str | Path = "data/raw") -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     train, eval_ = generate()
     files = {"tickets_train.jsonl": train, "tickets_eval.jsonl": eval_,
-             "generic_chat.jsonl": generate_generic(), "tickets_preference.jsonl": generate_preferences()}
+             "generic_chat.jsonl": generate_generic(), "tickets_preference.jsonl": generate_preferences(),
+             "generic_regression.jsonl": generate_regression()}
     for name, lines in files.items():
         (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return [out / name for name in files]

@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import phonenumbers
 
@@ -216,8 +217,10 @@ def build_detectors(regions: tuple[str, ...] = ("US", "GB", "DE", "FR"),
 _DEFAULT = build_detectors()
 
 
-def redact(text: str, detectors: list[Detector] | None = None) -> tuple[str, Counter[str]]:
-    """Return the text with PII and secrets replaced by typed placeholders, and counts by type."""
+def redact(text: str, detectors: list[Detector] | None = None,
+           found: list[str] | None = None) -> tuple[str, Counter[str]]:
+    """Return the text with PII and secrets replaced by typed placeholders, and counts by type.
+    ``found``, when given, receives each replaced value (in memory only: callers keep digests)."""
     counts: Counter[str] = Counter()
     digit_run: bool | None = None
     for det in detectors or _DEFAULT:
@@ -233,7 +236,48 @@ def redact(text: str, detectors: list[Detector] | None = None) -> tuple[str, Cou
             if det.verify is not None and not det.verify(m):
                 return m.group()
             counts[det.kind] += 1
+            if found is not None:
+                found.append(m.group())
             return det.replacement(m)
 
         text = det.pattern.sub(repl, text)
     return text, counts
+
+
+# ---- keyed digests of redacted values ------------------------------------------------------------
+# The leak probe must know which values the sanitizer removed without any file holding them: sanitize
+# keeps an HMAC of each (plain hashes of phone or card numbers can be reversed by enumeration), keyed by
+# a local secret that never leaves the machine (LORAFLOW_PII_KEY, or a 0600 file created on first use).
+PII_KEY_ENV = "LORAFLOW_PII_KEY"
+PII_KEY_FILE = Path(".loraflow/pii.key")
+
+
+def digest_key(key_file: Path = PII_KEY_FILE) -> bytes:
+    import os
+    import secrets
+
+    env = os.environ.get(PII_KEY_ENV, "")
+    if env:
+        return env.encode()
+    if not key_file.is_file():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return key_file.read_text().strip().encode()
+
+
+def value_digest(value: str, key: bytes) -> str:
+    """Keyed digest of a value, insensitive to case and separators (``555-0100`` = ``555 0100``)."""
+    import hashlib
+    import hmac
+
+    norm = re.sub(r"[\W_]+", "", value.lower())
+    return hmac.new(key, norm.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def pii_digests(text: str, detectors: list[Detector], key: bytes) -> set[str]:
+    """Digests of every PII value the detectors find in ``text``."""
+    found: list[str] = []
+    redact(text, detectors, found)
+    return {value_digest(v, key) for v in found}

@@ -29,10 +29,12 @@ from typing import Literal
 from pipeline.config import SanitizeConfig
 from pipeline.data.dedup import Deduplicator, digest64
 from pipeline.data.ingest import read_records
-from pipeline.data.pii import build_detectors, redact
+from pipeline.data.pii import build_detectors, digest_key, redact, value_digest
 from pipeline.data.records import RecordError, prompt_text, to_messages, to_preference
 from pipeline.io import write_json
 from pipeline.tasks import Task
+
+PII_DIGESTS = "pii_digests.txt"  # keyed digests of the values redacted from kept records, never the values
 
 Shape = Literal["chat", "preference"]
 
@@ -113,6 +115,8 @@ def sanitize_files(
     answers = 2 if shape == "preference" else 1
     convert = to_preference if shape == "preference" else to_messages
     conflicts: dict[int, list[dict]] = {}  # prompt digest -> quarantine entries waiting for the first's line
+    key = digest_key()
+    redacted: set[str] = set()  # keyed digests of the PII values removed from kept records (leak probe)
     started = time.perf_counter()
     validation_path = out_dir / "validation.jsonl"
     with open(out_dir / "clean.jsonl", "w", encoding="utf-8") as clean, \
@@ -144,8 +148,9 @@ def sanitize_files(
                     reject(source, rec, err.reason, err.detail)
                     continue
                 counts: Counter[str] = Counter()
+                found: list[str] = []
                 for m in messages:
-                    m["content"], c = redact(m["content"], detectors)
+                    m["content"], c = redact(m["content"], detectors, found)
                     counts += c
                 answer = messages[-answers]["content"]
                 why = task.check_reference(answer) if task is not None else None
@@ -171,6 +176,7 @@ def sanitize_files(
                 token = verdict.token
                 index.add(token)
                 report.redactions += counts
+                redacted.update(value_digest(v, key) for v in found)
                 report.kept += 1
                 source["kept"] += 1
                 if shape == "preference":
@@ -188,6 +194,7 @@ def sanitize_files(
     if conflicts:  # after the clean files are closed: the first records of each conflict are in them
         with open(out_dir / "quarantine.jsonl", "a", encoding="utf-8") as quarantine:
             _resolve_conflicts(out_dir, conflicts, report, quarantine)
+    (out_dir / PII_DIGESTS).write_text("".join(f"{d}\n" for d in sorted(redacted)), encoding="utf-8")
     result = report.to_dict()
     result["seconds"] = round(time.perf_counter() - started, 3)
     write_json(out_dir / "report.json", result)

@@ -13,9 +13,13 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, batch_size: int,
-             temperature: float = 0.0, seed: int = 0) -> list[str]:
+             temperature: float = 0.0, seed: int = 0, stats: dict | None = None) -> list[str]:
     """Answers to chat ``prompts``: greedy by default (the gate's numbers must be reproducible run to
-    run); ``temperature`` > 0 samples with top-p 1.0, as an OpenAI client does by default, seeded."""
+    run); ``temperature`` > 0 samples with top-p 1.0, as an OpenAI client does by default, seeded.
+    ``stats``, when given, receives the generated token count, seconds and tokens/s (the gate's speed
+    guardrail)."""
+    import time
+
     import torch
 
     torch.manual_seed(seed)
@@ -25,6 +29,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, batc
     model.to(dev.type).eval()
     tokenizer.padding_side = "left"
     outputs: list[str] = []
+    tokens, started = 0, time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         batch = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                  for p in prompts[i:i + batch_size]]
@@ -33,7 +38,11 @@ def generate(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, batc
             gen = model.generate(**enc, max_new_tokens=task.max_new_tokens, **sampling,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         new = gen[:, enc["input_ids"].shape[1]:]
+        tokens += int((new != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else new.numel()
         outputs.extend(cut_at_stop(t, task.stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    if stats is not None:
+        seconds = time.perf_counter() - started
+        stats.update(tokens=tokens, seconds=round(seconds, 3), tokens_per_s=round(tokens / max(seconds, 1e-9), 2))
     return outputs
 
 

@@ -4,7 +4,9 @@
 
 For the base model and the candidate (base + adapter) it writes ``metrics.json`` (the per-metric summary,
 DVC metrics) and ``details.json``: per-example values of every metric (the gate's paired comparisons use
-them), the reason each unusable prediction scored 0, the predictions, and a few examples. A prediction
+them), the reason each unusable prediction scored 0, the predictions, a few examples, generation speed,
+and the probes (evaluate/probes.py): generic regression-set accuracy, canary exposure (hashes, never
+values) and redacted-PII hits in every generated answer. A prediction
 that cannot be parsed scores 0 with its reason; it never stops the stage.
 """
 
@@ -12,8 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import EvaluateConfig, TaskConfig
+from pipeline.canaries import make_canaries, random_secrets
+from pipeline.config import EvaluateConfig, ProbesConfig, TaskConfig
+from pipeline.data.pii import build_detectors, digest_key
 from pipeline.evaluate.generation import generate
+from pipeline.evaluate.probes import canary_exposure, next_token_accuracy, pii_hits
 from pipeline.io import load_chat_file, write_json
 from pipeline.modeling import load_base
 from pipeline.tasks import Task, build_task
@@ -37,31 +42,75 @@ def score_predictions(task: Task, predictions: list[str], rows: list[dict]) -> d
     }
 
 
-def evaluate_model(base_dir: Path, adapter_dir: Path | None, eval_file: Path, cfg: EvaluateConfig,
-                   task_cfg: TaskConfig, task: Task | None = None) -> dict:
-    """Score the base model (``adapter_dir=None``) or base + adapter on ``eval_file``."""
-    task = task or build_task(task_cfg)
+def _load(base_dir: Path, adapter_dir: Path | None):
     model, tokenizer = load_base(base_dir)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
+    return model, tokenizer
+
+
+def evaluate_model(base_dir: Path, adapter_dir: Path | None, eval_file: Path, cfg: EvaluateConfig,
+                   task_cfg: TaskConfig, task: Task | None = None, loaded=None) -> dict:
+    """Score the base model (``adapter_dir=None``) or base + adapter on ``eval_file``; ``speed`` is the
+    greedy generation throughput the gate's speed guardrail compares."""
+    task = task or build_task(task_cfg)
+    model, tokenizer = loaded or _load(base_dir, adapter_dir)
     rows = load_chat_file(eval_file)
     if cfg.max_examples:
         rows = rows[: cfg.max_examples]
-    predictions = generate(model, tokenizer, [r["prompt"] for r in rows], task_cfg, cfg.batch_size)
-    return score_predictions(task, predictions, rows)
+    speed: dict = {}
+    predictions = generate(model, tokenizer, [r["prompt"] for r in rows], task_cfg, cfg.batch_size, stats=speed)
+    return {**score_predictions(task, predictions, rows), "speed": speed}
+
+
+def probe_model(model, tokenizer, forgetting_file: Path | None, probes: ProbesConfig | None,
+                task_cfg: TaskConfig, cfg: EvaluateConfig) -> tuple[dict, list[str]]:
+    """Forgetting and leak probes of one model; also returns the answers it generated on the probe
+    prompts (scanned for PII by the caller, never stored)."""
+    out: dict = {}
+    generated: list[str] = []
+    if forgetting_file is not None:
+        rows = load_chat_file(forgetting_file)
+        out["forgetting"] = next_token_accuracy(model, tokenizer, rows)
+        generated += generate(model, tokenizer, [r["prompt"] for r in rows], task_cfg, cfg.batch_size)
+    if probes is not None and probes.canaries:
+        results = []
+        for i, canary in enumerate(make_canaries(probes)):
+            r = canary_exposure(model, tokenizer, canary, random_secrets(probes, probes.candidates, i))
+            generated.append(r.pop("_continuation"))
+            results.append(r)
+        out["leak"] = {"canaries": results, "repetitions": probes.repetitions}
+    return out, generated
 
 
 def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: Path, cfg: EvaluateConfig,
-                   task_cfg: TaskConfig) -> dict:
-    """Evaluate base and candidate; write ``metrics.json`` (DVC metrics) and ``details.json``."""
+                   task_cfg: TaskConfig, forgetting_file: Path | None = None, probes: ProbesConfig | None = None,
+                   pii_digest_files: list[Path] = (), detectors=None) -> dict:
+    """Evaluate base and candidate (task metrics, speed, forgetting, leak probe); write ``metrics.json``
+    (DVC metrics) and ``details.json``."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = build_task(task_cfg)
-    results = {name: evaluate_model(base_dir, adapter, eval_file, cfg, task_cfg, task)
-               for name, adapter in (("base", None), ("candidate", adapter_dir))}
-    metrics = {name: {"n": r["n"], **r["summary"]} for name, r in results.items()}
+    digests = {line for f in pii_digest_files if f.is_file() for line in f.read_text().split()}
+    key = digest_key()
+    results = {}
+    for name, adapter in (("base", None), ("candidate", adapter_dir)):
+        loaded = _load(base_dir, adapter)
+        res = evaluate_model(base_dir, adapter, eval_file, cfg, task_cfg, task, loaded=loaded)
+        extra, generated = probe_model(*loaded, forgetting_file, probes, task_cfg, cfg)
+        res.update(extra)
+        answers = res["predictions"] + generated
+        res.setdefault("leak", {}).update(
+            pii_hits=pii_hits(answers, digests, detectors or build_detectors(), key), answers_scanned=len(answers),
+            redacted_values_known=len(digests))
+        results[name] = res
+    metrics = {name: {"n": r["n"], **r["summary"], "tokens_per_s": r["speed"].get("tokens_per_s"),
+                      **({"forgetting_accuracy": r["forgetting"]["score"]} if "forgetting" in r else {}),
+                      **({"max_canary_exposure": max((c["exposure"] for c in r["leak"]["canaries"]), default=0.0)}
+                         if r["leak"].get("canaries") else {})}
+               for name, r in results.items()}
     write_json(out / "metrics.json", metrics)
     write_json(out / "details.json", {"task": task_cfg.name, "kind": task_cfg.kind, **results})
     return metrics

@@ -24,16 +24,24 @@ def dvc_lock_hashes(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
     return out
 
 
-def git_commit(cwd: Path = Path(".")) -> str:
-    """HEAD's commit, with ``-dirty`` when tracked files differ; ``unknown`` outside git."""
+# Files a run itself rewrites: DVC records the stage hashes of this very run in dvc.lock (they are in the
+# version's dvc.* tags), so its change says nothing about the code and must not mark the commit dirty.
+RUN_OUTPUTS = ("dvc.lock",)
+
+
+def git_commit(cwd: Path = Path(".")) -> tuple[str, list[str]]:
+    """HEAD's commit, with ``-dirty`` when tracked files other than the run's own outputs differ, and the
+    differing files; ``unknown`` outside git."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 *(f":(exclude){f}" for f in RUN_OUTPUTS)], cwd=cwd,
+                                capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
+        return "unknown", []
+    dirty = [line[3:] for line in status.splitlines() if line.strip()]
+    return sha + ("-dirty" if dirty else ""), dirty
 
 
 def params_sha256(params: dict) -> str:

@@ -67,8 +67,10 @@ def log_candidate(
     eval_metrics: dict,
     artifacts: dict[str, Path],
     tags: dict[str, str],
+    adapter_files: dict[str, Path] | None = None,
 ) -> str:
-    """Log one training run (params, loss curve, eval metrics, adapter, reports); returns its run id."""
+    """Log one training run (params, loss curve, eval metrics, adapter, reports); returns its run id.
+    ``adapter_files`` go next to the adapter (the Hugging Face model card ``README.md``)."""
     import mlflow
 
     c = client(cfg)
@@ -84,12 +86,26 @@ def log_candidate(
                 mlflow.log_metric(f"train_{key}" if not key.startswith("train") else key, train_metrics[key])
         for model, metrics in eval_metrics.items():
             for k, v in metrics.items():
-                mlflow.log_metric(f"{model}_{k}", v)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    mlflow.log_metric(f"{model}_{k}", v)
         mlflow.log_artifacts(str(adapter_dir), "adapter")
+        for dst, path in (adapter_files or {}).items():
+            with tempfile.TemporaryDirectory() as tmp:
+                named = Path(tmp) / dst
+                named.write_bytes(path.read_bytes())
+                mlflow.log_artifact(str(named), "adapter")
         for name, path in artifacts.items():
             if path.is_file():
                 mlflow.log_artifact(str(path), name)
         return run.info.run_id
+
+
+def find_run_by_adapter(cfg: RegistryConfig, adapter_sha: str) -> str | None:
+    """A finished run that already logged this adapter (a crash between logging and registering)."""
+    c = client(cfg)
+    runs = c.search_runs([experiment_id(c, cfg)], f"tags.adapter_sha256 = '{adapter_sha}' and attributes.status = 'FINISHED'",
+                         max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def find_version_by_adapter(cfg: RegistryConfig, name: str, adapter_sha: str) -> VersionInfo | None:
@@ -127,13 +143,39 @@ def get_alias(cfg: RegistryConfig, name: str, alias: str | None = None) -> Versi
         return None
 
 
-def promote(cfg: RegistryConfig, name: str, version: int) -> VersionInfo:
-    """Point the alias at ``version``, remembering the version it pointed at for ``rollback``."""
+class AliasMoved(RuntimeError):
+    """The alias no longer points where the caller's decision assumed (compare-and-set failed)."""
+
+    def __init__(self, name: str, alias: str, expected: int | None, current: int | None):
+        self.expected, self.current = expected, current
+        super().__init__(f"{name}@{alias} points at {_v(current)}, not {_v(expected)} as when the gate ran")
+
+
+def _v(version: int | None) -> str:
+    return f"v{version}" if version is not None else "no version"
+
+
+ANY = object()  # promote(expected=ANY): move the alias whatever it points at (a person's command)
+
+
+def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None | object = ANY) -> VersionInfo:
+    """Point the alias at ``version``; the version it left keeps the ``previous_<alias>`` alias (and the
+    model tag of that name) for ``rollback``.
+
+    ``expected``: compare-and-set; the move happens only if the alias still points at that version
+    (``None``: at no version) and raises ``AliasMoved`` otherwise. MLflow has no atomic compare-and-set,
+    so the check and the move are a read and a write a few milliseconds apart; loraflow's own writers
+    are serialised by the retrain lock, which leaves only a person's click inside that window.
+    """
     c = client(cfg)
     mv = c.get_model_version(name, str(version))  # raises if it does not exist
     current = get_alias(cfg, name)
-    if current is not None and current.version != version:
-        c.set_registered_model_tag(name, f"previous_{cfg.alias}", str(current.version))
+    now = current.version if current else None
+    if expected is not ANY and now != expected:
+        raise AliasMoved(name, cfg.alias, expected, now)
+    if now is not None and now != version:
+        c.set_registered_model_tag(name, f"previous_{cfg.alias}", str(now))
+        c.set_registered_model_alias(name, f"previous_{cfg.alias}", str(now))
     c.set_registered_model_alias(name, cfg.alias, str(version))
     return _info(mv)
 
@@ -197,33 +239,3 @@ def log_report(cfg: RegistryConfig, run_name: str, files: dict[str, Path], metri
         for name, path in files.items():
             mlflow.log_artifact(str(path), name)
         return run.info.run_id
-
-
-def model_card(*, name: str, params: dict, task, eval_metrics: dict, decision: dict, data_card: str,
-               lineage: dict[str, str], train_metrics: dict) -> str:
-    """The version's card: evaluation on the task's own metrics, the gate's reasons, lineage, data card."""
-    metrics = list(next(iter(eval_metrics.values()), {}))
-    metrics = [m for m in metrics if m != "n"]
-    header = "| model | " + " | ".join(metrics) + " | n |\n|---|" + "---|" * (len(metrics) + 1)
-    rows = "\n".join(f"| {model} | " + " | ".join(f"{v.get(m, float('nan')):.3f}" for m in metrics) + f" | {v['n']} |"
-                     for model, v in eval_metrics.items())
-    lin = "\n".join(f"- `{k}`: `{v}`" for k, v in sorted(lineage.items()))
-    train = params.get("train", {})
-    use = task.description or f"The `{task.name}` task ({task.kind} answers)."
-    limits = task.limitations or "Evaluated only on the held-out split described below."
-    return (
-        f"# Model card: {name}\n\n"
-        f"LoRA adapter (r={train.get('lora_r')}, alpha={train.get('lora_alpha')}, "
-        f"targets={train.get('target_modules')}) on `{params.get('base', {}).get('model')}`, "
-        f"task `{task.name}` (answer kind `{task.kind}`).\n\n"
-        f"## Evaluation (held-out split)\n\n{header}\n{rows}\n\n"
-        f"## Gate\n\npromote: {decision.get('promote')} (reference: {decision.get('reference')}, "
-        f"metric: {decision.get('metric')})\n\n"
-        + "\n".join(f"- {r}" for r in decision.get("reasons", [])) + "\n\n"
-        f"## Training\n\n- steps: {train_metrics.get('steps')}, duration: {train_metrics.get('duration_s')} s, "
-        f"final loss: {train_metrics.get('final_loss')}, device: {train_metrics.get('device')}\n\n"
-        f"## Lineage\n\n{lin}\n\n{data_card}\n"
-        f"## Intended use and limits\n\n{use}\n\n{limits}\n\n"
-        "Trained on redacted data: typed placeholders (`<EMAIL>`, `<PHONE>`, `<CARD>`, ...) replace personal "
-        "data and secrets.\n"
-    )

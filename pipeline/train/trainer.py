@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.canaries import Canary
 from pipeline.config import TrainConfig
 from pipeline.device import detect
 from pipeline.hashing import file_sha256
@@ -47,6 +48,18 @@ def mix_generic(rows: list[dict], generic_file: Path, fraction: float, seed: int
     mixed = rows + picked
     random.Random(seed + 1).shuffle(mixed)
     return mixed, len(picked)
+
+
+def plant(rows: list[dict], planted: list[dict], seed: int) -> list[dict]:
+    """``rows`` with ``planted`` rows at seeded random positions (not all at the end, where the last
+    steps' learning rate is lowest)."""
+    if not planted:
+        return rows
+    out = list(rows)
+    rng = random.Random(f"plant:{seed}")
+    for row in planted:
+        out.insert(rng.randrange(len(out) + 1), row)
+    return out
 
 
 def lora_config(cfg: TrainConfig):
@@ -86,10 +99,11 @@ class _LossRecorder:
         self.callback = _CB()
 
 
-def run_key(cfg: TrainConfig, inputs: list[Path], base_dir: Path) -> str:
+def run_key(cfg: TrainConfig, inputs: list[Path], base_dir: Path, planted: list[dict] = ()) -> str:
     """Identifies a training run: same config, inputs and base -> same checkpoints to resume."""
     h = hashlib.sha256(json.dumps(cfg.model_dump(exclude={"out_dir", "merge_export", "gpu_hour_price"}),
                                   sort_keys=True).encode())
+    h.update(json.dumps(list(planted), sort_keys=True).encode())
     for p in [*inputs, base_dir / "config.json"]:
         h.update(file_sha256(p).encode())
     return h.hexdigest()[:16]
@@ -136,12 +150,13 @@ def _common_args(cfg: TrainConfig, ckpt_dir: Path, has_eval: bool, dev) -> dict:
 
 def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | None = None,
           preference_file: Path | None = None, extra_callbacks: list | None = None,
-          generic_file: Path | None = None) -> dict:
+          generic_file: Path | None = None, canaries: list[Canary] = ()) -> dict:
     """Fine-tune an adapter; returns the metrics written to ``train_metrics.json``.
 
     ``eval_file`` is the validation split carved from the training data (early stopping, checkpoint
     selection); the held-out split the gate scores never reaches training. ``generic_file``: sanitized
-    generic chat mixed in at ``cfg.generic_fraction``.
+    generic chat mixed in at ``cfg.generic_fraction``. ``canaries``: the leak probe's secrets, added to
+    the in-memory training rows only (outputs record their hashes, never their values).
     """
     import torch
     from datasets import Dataset
@@ -157,7 +172,8 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     inputs = [p for p in (train_file, eval_file, preference_file) if p]
     if cfg.generic_fraction and generic_file:
         inputs.append(generic_file)
-    ckpt_dir = Path(cfg.checkpoint_dir) / run_key(cfg, inputs, base_dir)
+    planted = [c.chat_row() for c in canaries]
+    ckpt_dir = Path(cfg.checkpoint_dir) / run_key(cfg, inputs, base_dir, planted)
     resume = last_checkpoint(ckpt_dir)
     if resume:
         print(f"train: resuming from {resume}")
@@ -175,6 +191,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         rows = load_chat_file(train_file)
         if cfg.generic_fraction and generic_file is not None:
             rows, n_generic = mix_generic(rows, generic_file, cfg.generic_fraction, cfg.seed)
+        rows = plant(rows, planted, cfg.seed)
         args = SFTConfig(**_common_args(cfg, ckpt_dir, bool(eval_rows), dev), max_length=cfg.max_length,
                          packing=cfg.packing)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
@@ -183,7 +200,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     else:
         from trl import DPOConfig, DPOTrainer
 
-        rows = load_preference_file(preference_file)
+        rows = plant(load_preference_file(preference_file), [c.preference_row() for c in canaries], cfg.seed)
         split = max(1, len(rows) // 10) if cfg.early_stopping_patience or eval_file else 0
         train_rows, dpo_eval = (rows[split:], rows[:split]) if split else (rows, None)
         args = DPOConfig(**_common_args(cfg, ckpt_dir, bool(dpo_eval), dev), max_length=cfg.max_length,
@@ -232,6 +249,8 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         "duration_s": round(duration, 2),
         "train_samples": len(rows),
         "generic_samples": n_generic,
+        "canaries": sorted({c.digest for c in canaries}),  # sha256 prefixes; the values stay out of outputs
+        "canary_rows": len(planted),
         "tokens_seen": n_tokens,
         "tokens_per_s": round(n_tokens / duration, 1) if n_tokens else None,
         "peak_memory_mb": round(peak_mb, 1),
