@@ -4,7 +4,9 @@ Runs in a throw-away copy of the project, as a fresh clone would be, on a smalle
 """
 
 import json
+import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 VLLM_PYTHON = ROOT / ".venv-vllm/bin/python"
+GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 def _free_port() -> int:
@@ -42,6 +46,7 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
     _set_params(train={"epochs": 6}, serve={"python": str(VLLM_PYTHON), "port": _free_port(),
                                             "gateway_port": _free_port()})
     p = load_params("params.yaml")
+    subprocess.run(["git", "commit", "-qam", "test settings"], check=True, env=GIT_ENV)
 
     # 1. The demo: every stage runs, the candidate beats the base, is promoted, served and monitored.
     report, endpoint = run_demo("params.yaml", requests=25, keep_serving=True, progress=print)
@@ -82,7 +87,15 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
         v1 = registry.get_alias(p.registry, p.project.name)
         lock = dvc_lock_hashes()
         assert v1.tags["dvc.train:artifacts/adapter"] == lock["train:artifacts/adapter"]
-        assert len(v1.tags["git_commit"].split("-")[0]) == 40
+        # Clean although the run rewrote the tracked dvc.lock (its hashes are the dvc.* tags above).
+        assert len(v1.tags["git_commit"]) == 40 and "git_dirty_files" not in v1.tags, v1.tags["git_commit"]
+        gate = json.loads(Path("reports/gate.json").read_text())
+        assert gate["interval"]["low"] > 0.5 and gate["checks"] == {
+            "improvement": True, "validity": True, "guardrails": True, "forgetting": True, "leak": True}, gate
+        leak = gate["candidate_leak"]
+        assert len(leak["canaries"]) == 4 and leak["answers_scanned"] > 100 and leak["redacted_values_known"] > 100
+        card = (registry.download_adapter(p.registry, v1, Path("dl")) / "README.md").read_text()
+        assert card.startswith("---\nbase_model: loraflow/builtin-tiny-llama\nlibrary_name: peft")
         mv = registry.client(p.registry).get_model_version(p.project.name, "1")
         assert "## Lineage" in mv.description and "exact_match" in mv.description
         assert v1.tags["task"] == "ticket-triage" and v1.tags["task_kind"] == "json"
