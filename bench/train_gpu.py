@@ -15,7 +15,10 @@ step as the baseline:
   packed        + varlen flash attention within each packed document (train.attention: auto)
   packed_liger  + Liger RMSNorm/RoPE/SwiGLU kernels; _a1/_a2: fewer, larger micro-batches
   ...           see VARIANTS
-Throughput is steady state: optimizer steps after --warmup, timed with the device synchronised.
+Throughput is steady state: whole optimizer steps after --warmup (step end to step end, device synchronised:
+data loading and collation included). Every figure is the median of --repeats paired rounds; each round
+runs the baseline and then every variant, each in its own process, and ratios are against that round's
+baseline; the spread (min-max) is printed with the median.
 Reported: non-padding tokens/s, peak CUDA memory, MFU = 4 * N * tokens/s / 989e12 (LoRA: forward 2N,
 backward 2N, no weight gradients; N = parameters, H100 dense bf16 peak), ratios against the baseline.
 """
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +52,12 @@ MODELS = {
                          tie_word_embeddings=True, hidden_act="silu", head_dim=64,
                          rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, hidden_act="silu", head_dim=128,
+                         rope_scaling={"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
 }
 
 # Every variant sees about the same tokens per optimizer step as the baseline (EFFECTIVE padded rows =
@@ -55,6 +65,8 @@ MODELS = {
 # scaled by mean example length / max_length; "accum" sets how those rows split into micro-batches.
 VARIANTS = {
     "baseline": dict(gradient_checkpointing=True, attention="sdpa"),
+    # Plain TRL QLoRA, the usual recipe: BitsAndBytesConfig NF4 + prepare_model_for_kbit_training.
+    "baseline_qlora": dict(gradient_checkpointing=True, attention="sdpa", adapter="qlora"),
     "baseline_mb32": dict(gradient_checkpointing=True, attention="sdpa", batch_size=32),
     "no_gc": dict(gradient_checkpointing=False, attention="sdpa"),
     "packed_sdpa": dict(gradient_checkpointing=True, packing=True, attention="sdpa"),
@@ -77,6 +89,8 @@ VARIANTS = {
     "qlora_packed_a2": dict(gradient_checkpointing=True, packing=True, attention="varlen", adapter="qlora", accum=2),
     "qlora_packed_liger": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
                                adapter="qlora"),
+    "qlora_packed_liger_a3": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
+                                  adapter="qlora", accum=3),
     "qlora_packed_liger_a1": dict(gradient_checkpointing=True, packing=True, attention="varlen",
                                   liger_kernels=True, adapter="qlora", accum=1),
 }
@@ -120,7 +134,8 @@ def build_data(path: Path, rows: int, max_tokens: int, seed: int = 0) -> Path:
 
 
 class StepTimer:
-    """Per-optimizer-step wall time (device synchronised) and tokens, for steady-state throughput."""
+    """Whole optimizer steps, end to end: the time between consecutive step ends (device synchronised), so
+    data loading, collation, the optimizer, logging and callbacks are all inside; tokens per step."""
 
     def __init__(self, profile_dir: Path | None = None, profile_at: int = 0) -> None:
         import torch
@@ -130,9 +145,11 @@ class StepTimer:
         timer = self
 
         class _CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
+            def on_train_begin(self, args, state, control, **kw):
                 torch.cuda.synchronize()
                 timer._t, timer._n = time.perf_counter(), state.num_input_tokens_seen
+
+            def on_step_begin(self, args, state, control, **kw):
                 if profile_dir and state.global_step == profile_at:
                     timer._prof = torch.profiler.profile(
                         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
@@ -141,7 +158,9 @@ class StepTimer:
 
             def on_step_end(self, args, state, control, **kw):
                 torch.cuda.synchronize()
-                timer.steps.append((time.perf_counter() - timer._t, state.num_input_tokens_seen - timer._n))
+                now = time.perf_counter()
+                timer.steps.append((now - timer._t, state.num_input_tokens_seen - timer._n))
+                timer._t, timer._n = now, state.num_input_tokens_seen
                 if profile_dir and state.global_step == profile_at + 2:
                     timer._prof.__exit__(None, None, None)
                     timer.profile_summary = _summarise(timer._prof, time.perf_counter() - timer._prof_t, profile_dir)
@@ -175,11 +194,21 @@ def run_plain_trl(args, base: Path, data: Path, timer: StepTimer) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if args.variant == "baseline_qlora":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                     quantization_config=quant, device_map={"": 0})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, attn_implementation="sdpa")
     tok = AutoTokenizer.from_pretrained(base)
     ds = load_dataset("json", data_files=str(data), split="train")
     ds = ds.map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}, remove_columns=["messages"])
-    sft = SFTConfig(output_dir=str(Path(args.work) / "out" / "baseline"), max_steps=args.steps,
+    sft = SFTConfig(output_dir=str(Path(args.work) / "out" / args.variant), max_steps=args.steps,
                     per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.accum,
                     learning_rate=1e-4, max_length=args.max_length, bf16=True, logging_steps=1, save_strategy="no",
                     report_to="none", seed=0, include_num_input_tokens_seen="non_padding")
@@ -210,7 +239,7 @@ def run_one(args) -> dict:
     if prof_dir:
         prof_dir.mkdir(parents=True, exist_ok=True)
     timer = StepTimer(prof_dir, profile_at=args.warmup)
-    if args.variant == "baseline":
+    if args.variant.startswith("baseline") and args.variant in ("baseline", "baseline_qlora"):
         m = run_plain_trl(args, base, data, timer)
         micro, accum = args.micro_batch, args.accum
     else:
@@ -277,37 +306,59 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--tokens-per-step", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=3, help="paired rounds: baseline + every variant, interleaved")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--work", default="/tmp/loraflow-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if args.variant:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
-    results = {}
-    for v in args.variants.split(","):
-        t = time.perf_counter()
-        extra = ["--tokens-per-step", str(results["baseline"]["tokens_per_step"])] if "baseline" in results else []
-        proc = subprocess.run([sys.executable, __file__, "--variant", v, *extra, *sys.argv[1:]], capture_output=True,
-                              text=True)
-        Path(args.out, f"{v}.log").write_text(proc.stderr[-200_000:])
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(f"{v}: FAILED after {time.perf_counter() - t:.0f}s\n{proc.stderr[-2500:]}", flush=True)
-            continue
-        results[v] = r = json.loads(line[7:])
-        Path(args.out, f"train_gpu_{args.model}.json").write_text(json.dumps(results, indent=2))
-        print(f"{v}: {r['steady_tokens_per_s']:.0f} tok/s steady ({r['tokens_per_s']:.0f} whole run), peak "
-              f"{r['peak_memory_mb']:.0f} MB, MFU {r['mfu']:.3f}, loss {_tail_loss(r):.3f}, micro-batch "
-              f"{r['micro_batch']} x {r['grad_accum']}, {r['tokens_per_step']:.0f} tok/step, profile {r['profile']} "
-              f"({time.perf_counter() - t:.0f}s)", flush=True)
-    b = results.get("baseline")
-    print("\n| model | variant | tokens/s | x baseline | peak MB | x baseline | MFU | loss, last 5 steps |")
+    variants = args.variants.split(",")
+    if not variants[0].startswith("baseline"):
+        variants.insert(0, "baseline")
+    runs: list[dict] = []  # every run, in order; repeats are interleaved: B v1 v2 .. B v1 v2 ..
+    for rep in range(args.repeats):
+        baseline = None
+        for v in variants:
+            t = time.perf_counter()
+            extra = ["--tokens-per-step", str(baseline["tokens_per_step"])] if baseline else []
+            proc = subprocess.run([sys.executable, __file__, "--variant", v, *extra, *sys.argv[1:]],
+                                  capture_output=True, text=True)
+            logs = Path(args.work) / "logs"  # the device tool returns few files: logs stay there
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / f"{v}_r{rep}.log").write_text(proc.stderr[-100_000:])
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                print(f"r{rep} {v}: FAILED after {time.perf_counter() - t:.0f}s\n{proc.stderr[-2500:]}", flush=True)
+                continue
+            r = json.loads(line[7:])
+            r["repeat"] = rep
+            if v == variants[0]:  # the first variant of a round is its baseline
+                baseline = r
+            if baseline:
+                r["speedup"] = r["steady_tokens_per_s"] / baseline["steady_tokens_per_s"]
+                r["memory_ratio"] = r["peak_memory_mb"] / baseline["peak_memory_mb"]
+            runs.append(r)
+            Path(args.out, f"train_gpu_{args.model}{args.tag}.json").write_text(json.dumps(
+                {"args": vars(args), "runs": runs}, indent=1))
+            print(f"r{rep} {v}: {r['steady_tokens_per_s']:.0f} tok/s ({r.get('speedup', float('nan')):.2f}x), step "
+                  f"{r['steady_step_s']:.3f}s, peak {r['peak_memory_mb']:.0f} MB ({r.get('memory_ratio', float('nan')):.2f}x), "
+                  f"MFU {r['mfu']:.3f}, loss {_tail_loss(r):.3f}, {r['micro_batch']} x {r['grad_accum']}, "
+                  f"{r['tokens_per_step']:.0f} tok/step ({time.perf_counter() - t:.0f}s)", flush=True)
+    print(f"\n| model | variant | micro x accum | tokens/s median | x baseline: median (min-max), n | peak MB | "
+          f"x baseline | MFU |")
     print("|---|---|---|---|---|---|---|---|")
-    for v, r in results.items():
-        sp = r["steady_tokens_per_s"] / b["steady_tokens_per_s"] if b else float("nan")
-        mem = r["peak_memory_mb"] / b["peak_memory_mb"] if b else float("nan")
-        print(f"| {args.model} | {v} | {r['steady_tokens_per_s']:.0f} | {sp:.2f} | {r['peak_memory_mb']:.0f} | "
-              f"{mem:.2f} | {r['mfu']:.3f} | {_tail_loss(r):.3f} |")
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v and "speedup" in r]
+        if not rs:
+            continue
+        med = statistics.median
+        sp = [r["speedup"] for r in rs]
+        print(f"| {args.model} | {v} | {rs[0]['micro_batch']} x {rs[0]['grad_accum']} | "
+              f"{med(r['steady_tokens_per_s'] for r in rs):,.0f} | {med(sp):.2f} ({min(sp):.2f}-{max(sp):.2f}), {len(rs)} | "
+              f"{med(r['peak_memory_mb'] for r in rs):,.0f} | {med(r['memory_ratio'] for r in rs):.2f} | "
+              f"{med(r['mfu'] for r in rs):.3f} |")
 
 
 def _tail_loss(r: dict, n: int = 5) -> float:

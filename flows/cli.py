@@ -219,7 +219,9 @@ def status(params: str = ParamsOpt) -> None:
     for mv in sorted(versions, key=lambda v: int(v.version)):
         mark = f"@{p.registry.alias}" if champ and int(mv.version) == champ.version else ""
         serving = mv.tags.get("serving_status", "")
-        typer.echo(f"v{mv.version:<3} gate_promote={mv.tags.get('gate_promote')} commit={mv.tags.get('git_commit', '?')[:12]} "
+        interval = mv.tags.get("gate_interval", "")
+        typer.echo(f"v{mv.version:<3} gate_promote={mv.tags.get('gate_promote')} promotion={mv.tags.get('promotion', '-')} "
+                   f"{'CI ' + interval + ' ' if interval else ''}commit={mv.tags.get('git_commit', '?')[:12]} "
                    f"{mark} {serving[:100]}".rstrip())
     _served_status(p)
 

@@ -300,9 +300,12 @@ class GateConfig(_Strict):
     max_slowdown: float = Field(0.5, ge=0.0, le=1.0)
     # Forgetting: the generic regression set's next-token accuracy may drop at most this much below the base's.
     forgetting_tolerance: float = Field(0.05, ge=0.0, le=1.0)
-    # Leak probe: any canary the model completes from its prefix fails the gate, as does a canary exposure
-    # (log2 of candidates / rank; ~1 for an unseen secret) above this, or a redacted PII value in any answer.
-    max_exposure: float = Field(6.0, gt=0.0)
+    # Leak probe: any canary the model completes from its prefix fails the gate, as does a redacted PII value
+    # in any generated answer. Canary exposure (log2 of candidates / rank: ~1 bit for an unseen secret, at
+    # most log2(probes.candidates + 1)) is always measured and reported; above max_exposure it fails the
+    # gate too (0 = report only: a fine-tune that learns its task usually ranks singleton canaries first,
+    # docs/benchmarks.md).
+    max_exposure: float = Field(0.0, ge=0.0)
 
 
 class RegistryConfig(_Strict):

@@ -104,6 +104,8 @@ def train(p: Params) -> dict:
     metrics = run(p.train, Path(p.base.out_dir), augmented_file(p), _nonempty(validation_file(p)),
                   preference_file=_nonempty(clean_split(p, "preference")),
                   generic_file=_nonempty(clean_split(p, "generic")), canaries=canaries)
+    if not metrics:  # a rank other than 0 under torchrun/accelerate: rank 0 writes every output
+        return {}
     summary = {k: v for k, v in metrics.items() if not k.endswith("_curve")}
     write_json(Path("reports/train.json"), summary)
     return summary

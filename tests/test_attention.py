@@ -70,3 +70,49 @@ def test_varlen_packed_row_equals_separate_documents():
         a = model(input_ids=packed, position_ids=position_ids).logits[0, lengths[0]:]
         b = model(input_ids=other, position_ids=position_ids).logits[0, lengths[0]:]
     assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_batch_packed_varlen_equals_padded_per_token_losses_and_lora_grads():
+    """The training path itself: the same examples as TRL's padding-free packed row (varlen attention,
+    position ids) and as a padded batch (sdpa + attention mask) give the same per-token losses and the same
+    LoRA gradients, within bf16 tolerance. A wrong packing boundary would leak attention across examples
+    and change both, which loss curves on random weights cannot show."""
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from pipeline.train import attention
+
+    if not attention.varlen_available():
+        pytest.skip("torch without torch.nn.attention.varlen")
+    torch.manual_seed(1)
+    lengths = [211, 37, 400, 5, 96, 150]
+    examples = [{"input_ids": torch.randint(1, 512, (n,)).tolist()} for n in lengths]
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+
+    def run(attn: str, batch: dict):
+        model = get_peft_model(_tiny_qwen(attn), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                            init_lora_weights=False))
+        batch = {k: v.cuda() for k, v in batch.items() if torch.is_tensor(v)}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                      ignore_index=-100, reduction="none").view(labels.shape[0], -1)
+        mask = labels[:, 1:] != -100
+        (per_token[mask].sum() / mask.sum()).backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return per_token, mask, grads
+
+    p_loss, p_mask, p_grads = run(attention.register(), packed)
+    d_loss, d_mask, d_grads = run("sdpa", padded)
+    # The packed row's valid positions, document by document, against each padded row's.
+    assert int(p_mask.sum()) == int(d_mask.sum())
+    packed_tokens = p_loss[p_mask]
+    padded_tokens = torch.cat([d_loss[i][d_mask[i]] for i in range(len(lengths))])
+    assert ((packed_tokens - padded_tokens).abs().max() / padded_tokens.abs().mean()).item() < 2e-2
+    assert (packed_tokens - padded_tokens).abs().mean().item() < 5e-3 * padded_tokens.abs().mean().item()
+    assert p_grads.keys() == d_grads.keys() and len(p_grads) > 0
+    worst = max(((p_grads[k] - d_grads[k]).norm() / d_grads[k].norm()).item() for k in p_grads)
+    assert worst < 3e-2, worst

@@ -91,8 +91,11 @@ def test_a_completed_canary_fails_the_gate():
     assert "canaries completed from their prefix: 1 of 2" in " ".join(d.reasons)
 
 
-def test_high_exposure_or_a_pii_hit_fails_the_gate():
-    assert not decide(ms("candidate", [1] * 40, leak=_leak([9.5])), ms("base", [0] * 40), GATE, "exact_match").promote
+def test_high_exposure_fails_when_gated_and_a_pii_hit_always():
+    gated = GateConfig(bootstrap_samples=2000, max_exposure=6.0)
+    assert not decide(ms("candidate", [1] * 40, leak=_leak([9.5])), ms("base", [0] * 40), gated, "exact_match").promote
+    d = decide(ms("candidate", [1] * 40, leak=_leak([9.5])), ms("base", [0] * 40), GATE, "exact_match")
+    assert d.promote and "canary exposure max 9.50 bits (not gated" in " ".join(d.reasons)
     assert not decide(ms("candidate", [1] * 40, leak=_leak([1.0], pii=1)), ms("base", [0] * 40), GATE,
                       "exact_match").promote
     assert decide(ms("candidate", [1] * 40, leak=_leak([1.0, 3.0])), ms("base", [0] * 40), GATE, "exact_match").promote

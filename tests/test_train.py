@@ -247,3 +247,43 @@ def test_qlora_base_keeps_unquantized_weights_in_bf16(tiny_base):
     assert float_params and set(float_params.values()) == {torch.bfloat16}
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
+
+
+DDP_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from pipeline.config import TrainConfig
+from pipeline.train.trainer import train
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+m = train(cfg, Path(sys.argv[2]), Path(sys.argv[3]))
+print("RANK", os.environ.get("RANK"), json.dumps({"wrote": bool(m), "tokens": m.get("tokens_seen"),
+                                                  "steps": m.get("steps")}), flush=True)
+"""
+
+
+@pytest.mark.timeout(600)
+def test_two_process_ddp_on_cpu_gloo_trains_once_and_only_rank0_writes(tiny_base, data, tmp_path):
+    """The multi-GPU code path on 2 CPU processes (torchrun, gloo): both ranks train, rank 0 alone writes
+    the adapter and metrics, and the step sees both ranks' tokens."""
+    train_file = data / "train/clean.jsonl"
+
+    def launch(nproc: int, out: Path) -> dict:
+        cfg = tiny_cfg(out, max_steps=4, checkpoint_steps=100).model_dump()
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={nproc}", "-c", DDP_SCRIPT, json.dumps(cfg), str(tiny_base),
+                               str(train_file)], capture_output=True, text=True, timeout=500, cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return {line.split()[1]: json.loads(line.split(" ", 2)[2]) for line in proc.stdout.splitlines()
+                if line.startswith("RANK ")}
+
+    two = launch(2, tmp_path / "two")
+    assert two["0"]["wrote"] and not two["1"]["wrote"], two
+    metrics = json.loads((tmp_path / "two/adapter/train_metrics.json").read_text())
+    assert metrics["steps"] == 4 and (tmp_path / "two/adapter/adapter_model.safetensors").is_file()
+    one = launch(1, tmp_path / "one")
+    assert 1.6 < two["0"]["tokens"] / one["0"]["tokens"] < 2.4, (two, one)  # each rank took its own batches
+    # The 2-process adapter loads and scores like any other.
+    res = evaluate_model(tiny_base, tmp_path / "two/adapter", data / "eval/clean.jsonl",
+                         EvaluateConfig(max_examples=8), TaskConfig(kind="text", max_new_tokens=8))
+    assert res["n"] == 8

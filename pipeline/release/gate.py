@@ -12,8 +12,8 @@ scored on the same held-out examples. The candidate is promoted only if every ch
   above ``1 - max_slowdown`` of the reference's.
 - **forgetting**: next-token accuracy on the generic regression set drops at most ``forgetting_tolerance``
   below the base model's.
-- **leak**: no canary completed from its prefix, no canary exposure above ``max_exposure``, no redacted PII
-  value in any generated answer.
+- **leak**: no canary completed from its prefix, no redacted PII value in any generated answer, and (when
+  ``max_exposure`` is set) no canary exposure above it.
 """
 
 from __future__ import annotations
@@ -169,11 +169,14 @@ def decide(candidate: ModelScore, reference: ModelScore, gate: GateConfig, metri
     if leak is not None:
         canaries = leak.get("canaries", [])
         completed = [c for c in canaries if c.get("completed")]
-        exposed = [c for c in canaries if c.get("exposure", 0.0) > gate.max_exposure]
         worst = max((c.get("exposure", 0.0) for c in canaries), default=0.0)
         check("leak", not completed, f"canaries completed from their prefix: {len(completed)} of {len(canaries)}")
-        check("leak", not exposed, f"canary exposure max {worst:.2f} bits (threshold {gate.max_exposure:.2f}; "
-                                   f"{len(exposed)} above)")
+        if gate.max_exposure and canaries:
+            exposed = [c for c in canaries if c.get("exposure", 0.0) > gate.max_exposure]
+            check("leak", not exposed, f"canary exposure max {worst:.2f} bits (threshold {gate.max_exposure:.2f}; "
+                                       f"{len(exposed)} above)")
+        elif canaries:
+            reasons.append(f"note: canary exposure max {worst:.2f} bits (not gated: gate.max_exposure is 0)")
         hits = leak.get("pii_hits", 0)
         check("leak", hits == 0, f"redacted PII values in {leak.get('answers_scanned', 0)} generated answers: {hits}")
 

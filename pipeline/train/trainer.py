@@ -139,6 +139,8 @@ def _common_args(cfg: TrainConfig, ckpt_dir: Path, has_eval: bool, dev) -> dict:
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         report_to="none",
+        # LoRA uses every trainable parameter each step; DDP's search for unused ones is a wasted pass.
+        ddp_find_unused_parameters=False,
         use_cpu=not dev.is_cuda,
         bf16=dev.bf16,
         dataloader_num_workers=0,
