@@ -299,7 +299,7 @@ class GateConfig(_Strict):
     # ... nor a generation speed (tokens/s) below (1 - max_slowdown) x the reference's.
     max_slowdown: float = Field(0.5, ge=0.0, le=1.0)
     # Forgetting: the generic regression set's next-token accuracy may drop at most this much below the base's.
-    forgetting_tolerance: float = Field(0.05, ge=0.0, le=1.0)
+    forgetting_tolerance: float = Field(0.1, ge=0.0, le=1.0)
     # Leak probe: any canary the model completes from its prefix fails the gate, as does a redacted PII value
     # in any generated answer. Canary exposure (log2 of candidates / rank: ~1 bit for an unseen secret, at
     # most log2(probes.candidates + 1)) is always measured and reported; above max_exposure it fails the

@@ -1,10 +1,11 @@
-"""Static checks of the deployment descriptions (no Docker daemon or Prefect server needed)."""
+"""Deployment descriptions: static checks (no Docker daemon or Prefect server needed) and the MLflow server target."""
 
 import importlib
 import inspect
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.config import load_params
@@ -129,3 +130,43 @@ def test_secrets_come_from_the_environment_without_defaults():
         assert re.search(r"\$\{" + var + r":-", text) is None, f"{var} has a default in the compose file"
         assert "${" + var + ":?" in text
         assert re.search(rf"^{var}=$", (ROOT / "deploy/compose/env.example").read_text(), re.M)
+
+
+@pytest.mark.timeout(180)
+def test_make_mlflow_server_serves_the_project_store(project):
+    """`make mlflow-server` (settings: mlflow/server.env) serves the store loraflow writes by default."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from pipeline.config import RegistryConfig
+    from pipeline.release import registry
+
+    registry.experiment_id(registry.client(RegistryConfig()), RegistryConfig())  # sqlite:///mlflow/mlflow.db
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    venv = Path(sys.executable).parents[1]
+    proc = subprocess.Popen(["make", "-o", "env", f"VENV={venv}", "mlflow-server"], cwd=project,
+                            env={**os.environ, "MLFLOW_PORT": str(port)}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            time.sleep(1)
+        served = registry.client(RegistryConfig(tracking_uri=f"http://127.0.0.1:{port}"))
+        assert served.get_experiment_by_name("loraflow") is not None
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

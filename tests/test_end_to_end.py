@@ -38,12 +38,13 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
     from flows.demo import run_demo
     from flows.retrain import retrain
     from pipeline.release import registry
+    import mlflow.artifacts
     from openai import OpenAI
 
     from pipeline.config import load_params
     from pipeline.release.lineage import dvc_lock_hashes
 
-    _set_params(train={"epochs": 6}, serve={"python": str(VLLM_PYTHON), "port": _free_port(),
+    _set_params(serve={"python": str(VLLM_PYTHON), "port": _free_port(),
                                             "gateway_port": _free_port()})
     p = load_params("params.yaml")
     subprocess.run(["git", "commit", "-qam", "test settings"], check=True, env=GIT_ENV)
@@ -94,8 +95,18 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
             "improvement": True, "validity": True, "guardrails": True, "forgetting": True, "leak": True}, gate
         leak = gate["candidate_leak"]
         assert len(leak["canaries"]) == 4 and leak["answers_scanned"] > 100 and leak["redacted_values_known"] > 100
-        card = (registry.download_adapter(p.registry, v1, Path("dl")) / "README.md").read_text()
+        served_dir = registry.download_adapter(p.registry, v1, Path("dl"))
+        card = (served_dir / "README.md").read_text()
         assert card.startswith("---\nbase_model: loraflow/builtin-tiny-llama\nlibrary_name: peft")
+        # Canary values reach neither the registry nor any report; their hashes do.
+        from pipeline.canaries import make_canaries
+
+        run_files = Path(mlflow.artifacts.download_artifacts(run_id=v1.run_id, dst_path="run-artifacts"))
+        logged = [q.read_bytes() for q in run_files.rglob("*") if q.is_file()] + [
+            q.read_bytes() for q in Path("reports").rglob("*") if q.is_file()]
+        for c in make_canaries(p.probes):
+            assert not any(c.secret.encode() in blob for blob in logged), "a canary value was written out"
+            assert c.digest in card
         mv = registry.client(p.registry).get_model_version(p.project.name, "1")
         assert "## Lineage" in mv.description and "exact_match" in mv.description
         assert v1.tags["task"] == "ticket-triage" and v1.tags["task_kind"] == "json"

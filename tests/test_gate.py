@@ -72,7 +72,7 @@ def test_generation_speed_guardrail():
 def test_forgetting_is_judged_against_the_base_even_when_the_reference_is_a_champion():
     base = ms("base", [0] * 40, forgetting=[0.8] * 20)
     champ = ms("champion v1", [0] * 40, forgetting=[0.5] * 20)
-    forgot = ms("candidate", [1] * 40, forgetting=[0.7] * 20)
+    forgot = ms("candidate", [1] * 40, forgetting=[0.65] * 20)
     d = decide(forgot, champ, GATE, "exact_match", base=base)
     assert not d.promote and not d.checks["forgetting"] and "vs base 0.800" in " ".join(d.reasons)
     kept = ms("candidate", [1] * 40, forgetting=[0.78] * 20)
