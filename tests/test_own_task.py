@@ -122,7 +122,9 @@ def test_own_sql_task_runs_end_to_end_and_keeps_every_valid_record(sql_project):
     assert any(f"company_train.jsonl:{n_train + 4}" in q["detail"] for q in conflict)
 
     metrics = json.loads((project / "reports/eval/metrics.json").read_text())
-    assert set(metrics["candidate"]) == {"n", "valid", "execution_accuracy", "exact_match"}
+    # The task's metrics, then what the gate's guardrails and probes add (speed, canary exposure).
+    assert set(metrics["candidate"]) == {"n", "valid", "execution_accuracy", "exact_match", "tokens_per_s",
+                                         "max_canary_exposure"}
     assert metrics["candidate"]["n"] == n_eval
     details = json.loads((project / "reports/eval/details.json").read_text())
     assert len(details["candidate"]["per_example"]["execution_accuracy"]) == n_eval
@@ -131,7 +133,8 @@ def test_own_sql_task_runs_end_to_end_and_keeps_every_valid_record(sql_project):
 
     decision = summary["decision"]
     assert decision["metric"] == "execution_accuracy"
-    assert any(r.startswith("execution_accuracy ") for r in decision["reasons"])
+    assert any(r.startswith(("PASS execution_accuracy ", "FAIL execution_accuracy ")) for r in decision["reasons"])
+    assert decision["interval"]["n"] == n_eval
     assert summary["registered_version"] == 1
     card = subprocess.run([str(loraflow), "status"], cwd=project, env=env, capture_output=True, text=True)
     assert "v1" in card.stdout

@@ -266,11 +266,13 @@ def test_two_process_ddp_on_cpu_gloo_trains_once_and_only_rank0_writes(tiny_base
     """The multi-GPU code path on 2 CPU processes (torchrun, gloo): both ranks train, rank 0 alone writes
     the adapter and metrics, and the step sees both ranks' tokens."""
     train_file = data / "train/clean.jsonl"
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
 
     def launch(nproc: int, out: Path) -> dict:
         cfg = tiny_cfg(out, max_steps=4, checkpoint_steps=100).model_dump()
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc_per_node={nproc}", "-c", DDP_SCRIPT, json.dumps(cfg), str(tiny_base),
+                               f"--nproc_per_node={nproc}", str(script), json.dumps(cfg), str(tiny_base),
                                str(train_file)], capture_output=True, text=True, timeout=500, cwd=ROOT,
                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
         assert proc.returncode == 0, proc.stderr[-3000:]

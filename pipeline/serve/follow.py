@@ -115,11 +115,12 @@ class Follower:
         restored = None
         if current is not None:
             # Compare-and-set: move the alias back only if it still names the rejected version.
-            now = registry.get_alias(self.registry_cfg, name)
-            if now is not None and now.version == champion.version:
-                registry.promote(self.registry_cfg, name, current.version)
+            try:
+                registry.promote(self.registry_cfg, name, current.version, expected=champion.version)
                 restored = current.version
                 self.say(f"{name}: alias @{self.registry_cfg.alias} moved back to v{current.version}, which keeps serving")
+            except registry.AliasMoved as moved:
+                self.say(f"{name}: alias left alone: {moved}")
         result = {"model": name, "version": champion.version, "rejected": reason, "alias_restored_to": restored}
         if self.on_reject is not None:
             self.on_reject(result)
