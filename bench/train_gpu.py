@@ -91,6 +91,11 @@ VARIANTS = {
                                adapter="qlora"),
     "qlora_packed_liger_a3": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
                                   adapter="qlora", accum=3),
+    # One lever at a time on the configuration that meets the speed and memory targets (5 x 3):
+    "qlora_packed_liger_a3_compile": dict(gradient_checkpointing=True, packing=True, attention="varlen",
+                                          liger_kernels=True, adapter="qlora", accum=3, torch_compile=True),
+    "qlora_packed_liger_a3_nogc": dict(gradient_checkpointing=False, packing=True, attention="varlen",
+                                       liger_kernels=True, adapter="qlora", accum=3),
     "qlora_packed_liger_a1": dict(gradient_checkpointing=True, packing=True, attention="varlen",
                                   liger_kernels=True, adapter="qlora", accum=1),
 }
