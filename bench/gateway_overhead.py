@@ -88,6 +88,16 @@ def gateway_only(upstream: str, internal: str, port: int, log_path: str) -> None
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+def demo_setup(prefix: str) -> tuple[Path, Path]:
+    """A temp folder with the demo data sanitized (``train/``, ``eval/``) and an untrained builtin base: serving
+    speed does not depend on the weights."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], tmp / "train", SanitizeConfig())
+    sanitize_files([ROOT / "data/raw/tickets_eval.jsonl"], tmp / "eval", SanitizeConfig())
+    return tmp, build_builtin(BaseModelConfig(pretrain_steps=0), [tmp / "train/clean.jsonl"], tmp / "base",
+                              progress=lambda s: None)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--gateway-only"]:
         return gateway_only(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
@@ -96,10 +106,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
-    sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], tmp / "train", SanitizeConfig())
-    sanitize_files([ROOT / "data/raw/tickets_eval.jsonl"], tmp / "eval", SanitizeConfig())
-    base = build_builtin(BaseModelConfig(pretrain_steps=0), [tmp / "train/clean.jsonl"], tmp / "base", progress=lambda s: None)
+    tmp, base = demo_setup("gw-bench-")
     adapters = []
     for seed in (0, 1):
         out = tmp / f"adapter-{seed}"

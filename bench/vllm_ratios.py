@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,12 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from bench.gateway_overhead import free_port  # noqa: E402
-from pipeline.config import BaseModelConfig, SanitizeConfig, ServeConfig, TrainConfig  # noqa: E402
-from pipeline.data.sanitize import sanitize_files  # noqa: E402
+from bench.gateway_overhead import demo_setup, free_port  # noqa: E402
+from pipeline.config import ServeConfig, TrainConfig  # noqa: E402
 from pipeline.io import load_chat_file  # noqa: E402
 from pipeline.serve.vllm import VLLMServer  # noqa: E402
-from pipeline.train.base_model import build_builtin  # noqa: E402
 from pipeline.train.trainer import train  # noqa: E402
 
 
@@ -72,11 +69,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="loraflow-vllm-ratios-"))
-    sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], tmp / "train", SanitizeConfig())
-    sanitize_files([ROOT / "data/raw/tickets_eval.jsonl"], tmp / "eval", SanitizeConfig())
-    base = build_builtin(BaseModelConfig(pretrain_steps=0), [tmp / "train/clean.jsonl"], tmp / "base",
-                         progress=lambda s: None)
+    tmp, base = demo_setup("loraflow-vllm-ratios-")
     adapter = tmp / "adapter"
     train(TrainConfig(out_dir=str(adapter), checkpoint_dir=str(tmp / "ck"), max_steps=4, batch_size=8,
                       lora_r=16, lora_alpha=32), base, tmp / "train/clean.jsonl")

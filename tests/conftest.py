@@ -85,14 +85,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(url: str, proc, output, timeout_s: float = 120) -> None:
+    """Until ``url``/health answers 200; fails with ``output()`` if ``proc`` dies or time runs out."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline and proc.poll() is None, output()
+        time.sleep(1)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real ``mlflow server`` on localhost with a SQLite store (webhooks to private addresses allowed);
     yields its URI and the artifact root."""
     import sys
-    import time
-
-    import httpx
 
     port = _free_port()
     env = {**os.environ, "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https"}
@@ -104,15 +118,7 @@ def mlflow_server(tmp_path):
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, log.read_text()[-2000:]
-            time.sleep(1)
+        wait_healthy(uri, proc, lambda: log.read_text()[-2000:])
         yield uri, art
     finally:
         os.killpg(proc.pid, 15)

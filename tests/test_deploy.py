@@ -10,6 +10,7 @@ import yaml
 
 from pipeline.config import load_params
 from pipeline.serve.vllm import launch_command
+from tests.conftest import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -140,9 +141,6 @@ def test_make_mlflow_server_serves_the_project_store(project):
     import socket
     import subprocess
     import sys
-    import time
-
-    import httpx
 
     from pipeline.config import RegistryConfig
     from pipeline.release import registry
@@ -156,15 +154,7 @@ def test_make_mlflow_server_serves_the_project_store(project):
                             env={**os.environ, "MLFLOW_PORT": str(port)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{port}", proc, lambda: proc.stdout.read().decode()[-2000:])
         served = registry.client(RegistryConfig(tracking_uri=f"http://127.0.0.1:{port}"))
         assert served.get_experiment_by_name("loraflow") is not None
     finally:
