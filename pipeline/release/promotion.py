@@ -149,7 +149,7 @@ def register_candidate(p: Params, decision: Decision, candidate: ModelScore, bas
                        "augment": Path(p.augment.out_dir, "report.json"),
                        "eval": Path(p.evaluate.out_dir, "details.json")},
             tags={k: v for k, v in tags.items() if not k.startswith("dvc.") and k not in SERVING_TAGS},
-            adapter_files={"README.md": card_path},
+            adapter_texts={"README.md": card},
         )
     return registry.register(p.registry, p.project.name, run_id, tags, card)
 
@@ -204,8 +204,7 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, say: Callable[[s
             if moved.current == info.version:  # someone promoted it meanwhile: nothing left to do
                 _tag(p, info.version, promotion="done")
                 return _summary(info.version, newly, decision, True, "promoted meanwhile by someone else")
-            say(f"{name}@{alias} moved from {registry._v(moved.expected)} to {registry._v(moved.current)} during "
-                f"this run: gating v{info.version} again against the new champion")
+            say(f"{moved}: moved during this run; gating v{info.version} again against the new champion")
             decision, gated_against = gate(p, candidate, base)
             for reason in decision.reasons:
                 say(f"gate (again): {reason}")

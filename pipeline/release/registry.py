@@ -67,10 +67,10 @@ def log_candidate(
     eval_metrics: dict,
     artifacts: dict[str, Path],
     tags: dict[str, str],
-    adapter_files: dict[str, Path] | None = None,
+    adapter_texts: dict[str, str] | None = None,
 ) -> str:
     """Log one training run (params, loss curve, eval metrics, adapter, reports); returns its run id.
-    ``adapter_files`` go next to the adapter (the Hugging Face model card ``README.md``)."""
+    ``adapter_texts`` (file name -> text) go next to the adapter (the Hugging Face card ``README.md``)."""
     import mlflow
 
     c = client(cfg)
@@ -89,11 +89,8 @@ def log_candidate(
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     mlflow.log_metric(f"{model}_{k}", v)
         mlflow.log_artifacts(str(adapter_dir), "adapter")
-        for dst, path in (adapter_files or {}).items():
-            with tempfile.TemporaryDirectory() as tmp:
-                named = Path(tmp) / dst
-                named.write_bytes(path.read_bytes())
-                mlflow.log_artifact(str(named), "adapter")
+        for name, text in (adapter_texts or {}).items():
+            mlflow.log_text(text, f"adapter/{name}")
         for name, path in artifacts.items():
             if path.is_file():
                 mlflow.log_artifact(str(path), name)
