@@ -244,6 +244,11 @@ class TrainConfig(_Strict):
     attention: Literal["auto", "sdpa", "varlen", "eager"] = "auto"
     liger_kernels: bool = False  # Liger's fused RMSNorm/RoPE/SwiGLU Triton kernels (CUDA)
     torch_compile: bool = False
+    # One autograd node per LoRA projection (base matmul, A, B, scale and add), the 4-bit weight
+    # re-dequantized in the backward; layers peft computes differently keep peft's forward.
+    fused_lora: bool = False
+    # Batches collated ahead in worker processes into pinned memory, copied without blocking.
+    dataloader_workers: int = Field(0, ge=0)
     # Trades compute for memory; off by default because the CPU demo model is tiny.
     gradient_checkpointing: bool = False
     seed: int = 0

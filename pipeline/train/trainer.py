@@ -143,7 +143,11 @@ def _common_args(cfg: TrainConfig, ckpt_dir: Path, has_eval: bool, dev) -> dict:
         ddp_find_unused_parameters=False,
         use_cpu=not dev.is_cuda,
         bf16=dev.bf16,
-        dataloader_num_workers=0,
+        dataloader_num_workers=cfg.dataloader_workers,
+        dataloader_persistent_workers=cfg.dataloader_workers > 0,
+        dataloader_prefetch_factor=4 if cfg.dataloader_workers else None,
+        dataloader_pin_memory=dev.is_cuda,
+        accelerator_config={"non_blocking": dev.is_cuda and cfg.dataloader_workers > 0},
         include_num_input_tokens_seen="non_padding",
         use_liger_kernel=cfg.liger_kernels,
         torch_compile=cfg.torch_compile,
@@ -210,6 +214,10 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                              eval_dataset=Dataset.from_list(dpo_eval) if dpo_eval else None,
                              processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
+    if cfg.fused_lora:
+        from pipeline.train.fused_lora import fuse_lora_layers
+
+        print(f"train: fused LoRA path on {fuse_lora_layers(trainer.model)} layers")
     if dev.is_cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
