@@ -246,7 +246,7 @@ class TrainConfig(_Strict):
     torch_compile: bool = False
     # One autograd node per LoRA projection (base matmul, A, B, scale and add), the 4-bit weight
     # re-dequantized in the backward; layers peft computes differently keep peft's forward.
-    fused_lora: bool = False
+    fused_lora: bool = True
     # Batches collated ahead in worker processes into pinned memory, copied without blocking.
     dataloader_workers: int = Field(0, ge=0)
     # Trades compute for memory; off by default because the CPU demo model is tiny.
