@@ -90,16 +90,21 @@ def fuse_lora_layers(model) -> int:
     from peft.tuners.lora import LoraLayer
 
     fused = _lora_function()
-    dense = [torch.nn.Linear]
     try:
         import bitsandbytes as bnb
 
-        dense.append(bnb.nn.Linear4bit)
+        four_bit = (bnb.nn.Linear4bit,)
     except ImportError:
-        pass
+        four_bit = ()
+
+    def supported(base) -> bool:
+        # Exactly nn.Linear or bitsandbytes 4-bit: other Linear subclasses (8-bit, other quantizers) keep
+        # their own forward, which this function would not reproduce.
+        return type(base) is torch.nn.Linear or isinstance(base, four_bit)
+
     patched = 0
     for module in model.modules():
-        if not isinstance(module, LoraLayer) or not isinstance(module.get_base_layer(), tuple(dense)):
+        if not isinstance(module, LoraLayer) or not supported(module.get_base_layer()):
             continue
         if not hasattr(module, "lora_A") or not isinstance(module.lora_A, torch.nn.ModuleDict):
             continue
