@@ -8,12 +8,12 @@ import torch
 from pipeline.train.fused_lora import fuse_lora_layers
 
 
-def _tiny_llama(dtype=torch.float32, device="cpu"):
+def _tiny_llama(dtype=torch.float32, device="cpu", **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                               max_position_embeddings=256)
+                               max_position_embeddings=256, **extra)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
 
@@ -101,6 +101,17 @@ def test_disabled_adapters_dropout_and_dora_keep_peft_forward():
         ref.eval(), fused.eval()
         with torch.no_grad():
             assert torch.allclose(ref(input_ids=ids).logits, fused(input_ids=ids).logits, atol=1e-6)
+
+
+def test_trainable_base_bias_keeps_peft_forward():
+    from pipeline.train.fused_lora import _fusable
+
+    model = _peft(_tiny_llama(attention_bias=True), bias="all")
+    fuse_lora_layers(model)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.get_base_layer().bias.requires_grad and _fusable(q) is None
+    _, _, grads = _loss_and_grads(model, torch.randint(0, 256, (1, 9)))
+    assert any(n.endswith("q_proj.base_layer.bias") for n in grads)  # the bias still trains
 
 
 @pytest.mark.gpu

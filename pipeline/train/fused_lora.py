@@ -3,7 +3,8 @@
 peft computes a LoRA layer as separate modules: the base layer (for QLoRA, bitsandbytes' ``Linear4bit``
 with its own autograd function and Python checks), ``lora_A``, ``lora_B``, a scale and an add, each a
 module call, kernel launch and autograd node. Training a small model on a GPU is bound by that host
-work (docs/benchmarks.md: ~0.3 s of host time per micro-batch, the GPU idle most of the step), so this
+work (docs/benchmarks.md: ~0.3 s of host time per micro-batch; the GPU waits on the host for about a
+third of the step), so this
 module replaces the adapter path of every plain LoRA layer with a single ``torch.autograd.Function``:
 the base matmul, the two low-rank matmuls with the scale folded into ``addmm``'s ``alpha``, and a
 hand-written backward that re-dequantizes the 4-bit weight instead of saving it. The math is peft's;
@@ -78,8 +79,8 @@ def _fusable(layer) -> str | None:
     if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
         return None
     base = layer.get_base_layer()
-    if getattr(base.weight, "requires_grad", False):
-        return None  # the fused backward gives no gradient to the base weight
+    if getattr(base.weight, "requires_grad", False) or (base.bias is not None and base.bias.requires_grad):
+        return None  # the fused backward gives no gradient to the base weight or bias
     return name
 
 
