@@ -63,53 +63,41 @@ MODELS = {
 # Every variant sees about the same tokens per optimizer step as the baseline (EFFECTIVE padded rows =
 # micro-batch 8 x accumulation 4). Packed variants hold max_length-token rows, so their rows per step are
 # scaled by mean example length / max_length; "accum" sets how those rows split into micro-batches.
+_PADDED = dict(gradient_checkpointing=True, attention="sdpa")
+_PACKED = dict(gradient_checkpointing=True, packing=True, attention="varlen")
+_LIGER = dict(_PACKED, liger_kernels=True)
+_Q5X3 = dict(_LIGER, adapter="qlora", accum=3)  # the configuration that meets the speed and memory targets
 VARIANTS = {
-    "baseline": dict(gradient_checkpointing=True, attention="sdpa"),
+    "baseline": _PADDED,
     # Plain TRL QLoRA, the usual recipe: BitsAndBytesConfig NF4 + prepare_model_for_kbit_training.
-    "baseline_qlora": dict(gradient_checkpointing=True, attention="sdpa", adapter="qlora"),
-    "baseline_mb32": dict(gradient_checkpointing=True, attention="sdpa", batch_size=32),
-    "no_gc": dict(gradient_checkpointing=False, attention="sdpa"),
-    "packed_sdpa": dict(gradient_checkpointing=True, packing=True, attention="sdpa"),
-    "packed": dict(gradient_checkpointing=True, packing=True, attention="varlen"),
-    "packed_a1": dict(gradient_checkpointing=True, packing=True, attention="varlen", accum=1),
-    "packed_a2": dict(gradient_checkpointing=True, packing=True, attention="varlen", accum=2),
-    "packed_liger": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True),
-    "packed_liger_a1": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
-                            accum=1),
-    "packed_liger_a2": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
-                            accum=2),
-    "packed_liger_nogc": dict(gradient_checkpointing=False, packing=True, attention="varlen", liger_kernels=True),
-    "packed_liger_compile": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
-                                 torch_compile=True),
-    "packed_liger_a2_compile": dict(gradient_checkpointing=True, packing=True, attention="varlen",
-                                    liger_kernels=True, accum=2, torch_compile=True),
-    "qlora": dict(gradient_checkpointing=True, attention="sdpa", adapter="qlora"),
-    "qlora_packed_liger_a2": dict(gradient_checkpointing=True, packing=True, attention="varlen",
-                                  liger_kernels=True, adapter="qlora", accum=2),
-    "qlora_packed_a2": dict(gradient_checkpointing=True, packing=True, attention="varlen", adapter="qlora", accum=2),
-    "qlora_packed_liger": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
-                               adapter="qlora"),
-    "qlora_packed_liger_a3": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
-                                  adapter="qlora", accum=3),
-    # One lever at a time on the configuration that meets the speed and memory targets (5 x 3):
-    "qlora_packed_liger_a3_compile": dict(gradient_checkpointing=True, packing=True, attention="varlen",
-                                          liger_kernels=True, adapter="qlora", accum=3, torch_compile=True),
-    "qlora_packed_liger_a3_nogc": dict(gradient_checkpointing=False, packing=True, attention="varlen",
-                                       liger_kernels=True, adapter="qlora", accum=3),
-    # bf16 LoRA at 5 x 3: the dequantization share; fused LoRA; collation in worker processes (pinned,
-    # non-blocking copies).
-    "packed_liger_a3": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
-                            accum=3),
-    "qlora_packed_liger_a3_fused": dict(gradient_checkpointing=True, packing=True, attention="varlen",
-                                        liger_kernels=True, adapter="qlora", accum=3, fused_lora=True),
-    "qlora_packed_liger_a3_workers": dict(gradient_checkpointing=True, packing=True, attention="varlen",
-                                          liger_kernels=True, adapter="qlora", accum=3, dataloader_workers=2),
-    "qlora_packed_liger_a2_fused": dict(gradient_checkpointing=True, packing=True, attention="varlen",
-                                        liger_kernels=True, adapter="qlora", accum=2, fused_lora=True),
-    "packed_liger_a3_fused": dict(gradient_checkpointing=True, packing=True, attention="varlen", liger_kernels=True,
-                                  accum=3, fused_lora=True),
-    "qlora_packed_liger_a1": dict(gradient_checkpointing=True, packing=True, attention="varlen",
-                                  liger_kernels=True, adapter="qlora", accum=1),
+    "baseline_qlora": dict(_PADDED, adapter="qlora"),
+    "baseline_mb32": dict(_PADDED, batch_size=32),
+    "no_gc": dict(_PADDED, gradient_checkpointing=False),
+    "packed_sdpa": dict(_PACKED, attention="sdpa"),
+    "packed": _PACKED,
+    "packed_a1": dict(_PACKED, accum=1),
+    "packed_a2": dict(_PACKED, accum=2),
+    "packed_liger": _LIGER,
+    "packed_liger_a1": dict(_LIGER, accum=1),
+    "packed_liger_a2": dict(_LIGER, accum=2),
+    "packed_liger_nogc": dict(_LIGER, gradient_checkpointing=False),
+    "packed_liger_compile": dict(_LIGER, torch_compile=True),
+    "packed_liger_a2_compile": dict(_LIGER, accum=2, torch_compile=True),
+    "qlora": dict(_PADDED, adapter="qlora"),
+    "qlora_packed_liger_a2": dict(_LIGER, adapter="qlora", accum=2),
+    "qlora_packed_a2": dict(_PACKED, adapter="qlora", accum=2),
+    "qlora_packed_liger": dict(_LIGER, adapter="qlora"),
+    "qlora_packed_liger_a3": _Q5X3,
+    # One lever at a time on 5 x 3:
+    "qlora_packed_liger_a3_compile": dict(_Q5X3, torch_compile=True),
+    "qlora_packed_liger_a3_nogc": dict(_Q5X3, gradient_checkpointing=False),
+    "packed_liger_a3": dict(_LIGER, accum=3),  # bf16 LoRA: the 4-bit share
+    "qlora_packed_liger_a3_fused": dict(_Q5X3, fused_lora=True),
+    # collation in worker processes (pinned, non-blocking copies)
+    "qlora_packed_liger_a3_workers": dict(_Q5X3, dataloader_workers=2),
+    "qlora_packed_liger_a2_fused": dict(_LIGER, adapter="qlora", accum=2, fused_lora=True),
+    "packed_liger_a3_fused": dict(_LIGER, accum=3, fused_lora=True),
+    "qlora_packed_liger_a1": dict(_LIGER, adapter="qlora", accum=1),
 }
 
 
