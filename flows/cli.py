@@ -1,6 +1,7 @@
 """The ``loraflow`` command line.
 
     loraflow demo                   # the whole loop on embedded defaults (make demo)
+    loraflow up | down | status     # the platform: Prefect + MLflow servers, a worker, the endpoint
     loraflow run                    # the Prefect flow `retrain`
     loraflow sanitize IN... --out DIR
     loraflow serve                  # the authenticated endpoint over vLLM, following the alias
@@ -22,20 +23,46 @@ ParamsOpt = typer.Option("params.yaml", "--params", "-p", envvar="LORAFLOW_PARAM
                          help="parameters file (or an overlay with `extends: params.yaml`)")
 
 
+def _profile_api_url() -> str:
+    """The API URL of the user's active Prefect profile (~/.prefect/profiles.toml), read without importing
+    Prefect (its settings are fixed at import)."""
+    import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return ""
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    return str(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL", ""))
+
+
 def _embedded_defaults() -> None:
-    """Laptop defaults, before Prefect is imported: project-local Prefect home, no analytics."""
-    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    """Laptop defaults, before Prefect is imported: project-local Prefect home (unless the user's profile
+    names a server, which then stays in charge), no analytics."""
+    if not os.environ.get("PREFECT_API_URL") and not _profile_api_url():
+        os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def _params(path: str):
+def _params(path: str, platform: bool = True):
+    """Validated params; while `loraflow up` runs here, commands use its servers (``platform=False``: not)."""
     from pipeline.config import ConfigError, load_params
 
     try:
-        return load_params(path)
+        p = load_params(path)
+        if platform:
+            from flows.platform import platform_env
+
+            env = platform_env(Path(p.platform.state_dir))
+            if env and any(os.environ.get(k) != v for k, v in env.items()):
+                os.environ.update({k: v for k, v in env.items() if not os.environ.get(k)})
+                p = load_params(path)
+        return p
     except ConfigError as err:
         typer.secho(f"error: invalid parameters\n{err}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -127,7 +154,7 @@ def _run_gateway(p) -> None:
     import signal
     import threading
 
-    from pipeline.serve.endpoint import Endpoint, start_vllm
+    from pipeline.serve.endpoint import Endpoint, start_vllm, vllm_key, wait_for_base
     from pipeline.serve.gateway import load_keys
 
     try:
@@ -136,7 +163,8 @@ def _run_gateway(p) -> None:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
     stop = threading.Event()
-    endpoint = Endpoint(p, start_vllm(p, _say), keys, say=_say, on_reject=_rejected_event,
+    key = vllm_key(p)
+    endpoint = Endpoint(p, None, keys, say=_say, on_reject=_rejected_event, upstream_key=key,
                         webhook_secret=os.environ.get("LORAFLOW_WEBHOOK_SECRET", ""))
 
     def on_term(*_) -> None:  # SIGTERM (docker stop, systemd, kill) ends like Ctrl-C: our vLLM goes with us
@@ -145,10 +173,14 @@ def _run_gateway(p) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        endpoint.open()
+        endpoint.start_gateway()
+        typer.echo(f"endpoint: {endpoint.url}", color=False)
+        if not wait_for_base(p, stop, _say):
+            return
+        endpoint.server = start_vllm(p, _say, api_key=key)
+        endpoint.attach_backend()
         _register_webhook(p, endpoint.webhook_secret)
         _say(f"serving {endpoint.served()}; following @{p.registry.alias} every {p.serve.poll_interval_s:.0f}s")
-        typer.echo(f"endpoint: {endpoint.url}", color=False)
         endpoint.follow(stop)
     except KeyboardInterrupt:
         pass
@@ -206,16 +238,24 @@ def drift(params: str = ParamsOpt) -> None:
 
 @app.command()
 def status(params: str = ParamsOpt) -> None:
-    """Registered versions, their gate result and which one holds the alias."""
+    """The platform's services and deployments, then each registered version, its gate result, which one
+    holds the alias and which one the gateway serves."""
     p = _params(params)
+    from flows.platform import platform_of, status as platform_status
     from pipeline.release import registry
 
+    st = platform_status(platform_of(p, params))
+    for svc in st["services"]:
+        typer.echo(f"{svc['name']:<15} {'up' if svc['up'] else 'down':<5} {svc['url']:<34} "
+                   f"{'pid ' + str(svc['pid']) if svc['pid'] else ''}".rstrip())
+    for dep in st["deployments"]:
+        typer.echo(f"deployment {dep['name']:<26} next run {dep['next_run'] or '-'}"
+                   + (" (paused)" if dep.get("paused") else ""))
     champ = registry.get_alias(p.registry, p.project.name)
     c = registry.client(p.registry)
     versions = c.search_model_versions(f"name = '{p.project.name}'")
     if not versions:
         typer.echo(f"no versions of {p.project.name} registered yet")
-        return
     for mv in sorted(versions, key=lambda v: int(v.version)):
         mark = f"@{p.registry.alias}" if champ and int(mv.version) == champ.version else ""
         serving = mv.tags.get("serving_status", "")
@@ -223,7 +263,67 @@ def status(params: str = ParamsOpt) -> None:
         typer.echo(f"v{mv.version:<3} gate_promote={mv.tags.get('gate_promote')} promotion={mv.tags.get('promotion', '-')} "
                    f"{'CI ' + interval + ' ' if interval else ''}commit={mv.tags.get('git_commit', '?')[:12]} "
                    f"{mark} {serving[:100]}".rstrip())
+    typer.echo(f"champion: {p.project.name}@{p.registry.alias} = v{champ.version}" if champ
+               else f"champion: {p.project.name} has no @{p.registry.alias}")
     _served_status(p)
+
+
+@app.command()
+def up(params: str = ParamsOpt) -> None:
+    """Start the platform in the background: Prefect server, MLflow server (UI + registry webhooks), a
+    Prefect worker serving the project's deployments, and the endpoint. Idempotent."""
+    p = _params(params, platform=False)
+    from flows.platform import platform_of, up as platform_up
+    from pipeline.platform.supervisor import PlatformError
+
+    plat = platform_of(p, params)
+    _say(f"loraflow up: state and logs in {plat.run_dir}")
+    try:
+        res = platform_up(plat, say=typer.echo)
+    except PlatformError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    if p.platform.serve:
+        typer.echo(f"client key: LORAFLOW_API_KEYS in {plat.state_dir / 'secrets.env'} (or your own LORAFLOW_API_KEYS)")
+    typer.echo(f"from this folder, in any shell: prefect deployment run retrain/production   ({res['seconds']}s)")
+
+
+@app.command()
+def down(params: str = ParamsOpt) -> None:
+    """Stop everything `loraflow up` started (vLLM and running flows included); data and secrets stay."""
+    p = _params(params, platform=False)
+    from flows.platform import down as platform_down, platform_of
+
+    res = platform_down(platform_of(p, params), say=typer.echo)
+    if res["busy_ports"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def service(name: str = typer.Argument(..., help="prefect-server | mlflow | worker | serve"),
+            params: str = ParamsOpt) -> None:
+    """Run one platform service in the foreground, with the command `loraflow up` uses (docker-compose.yml
+    runs these). `worker` first creates the work pool, limit and deployments once the Prefect server answers."""
+    p = _params(params, platform=False)
+    from flows.platform import platform_of
+    from pipeline.platform.services import SERVICE_NAMES, load_secrets, services
+
+    if name not in SERVICE_NAMES:
+        typer.secho(f"error: unknown service {name!r} (one of {', '.join(SERVICE_NAMES)})", fg="red", err=True)
+        raise typer.Exit(2)
+    plat = platform_of(p, params)
+    svc = next(s for s in services(plat, load_secrets(plat.state_dir)) if s.name == name)
+    env = {**os.environ, **{k: v for k, v in svc.env.items() if not os.environ.get(k) or k == "PREFECT_HOME"}}
+    if name == "worker":
+        from flows.platform import ensure_prefect_objects, wait_for_prefect
+
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("PREFECT_", "LORAFLOW_"))})
+        wait_for_prefect(env["PREFECT_API_URL"], p.platform.startup_timeout_s, _say)
+        ensure_prefect_objects(plat, say=_say)
+    if name == "serve":
+        _run_gateway(p)
+        return
+    os.execvpe(svc.argv[0], svc.argv, env)
 
 
 def _served_status(p) -> None:
@@ -232,8 +332,14 @@ def _served_status(p) -> None:
 
     from pipeline.serve.gateway import KEYS_ENV, env_keys
 
-    url = f"http://{p.serve.gateway_host}:{p.serve.gateway_port}/v1/models"
+    host = "127.0.0.1" if p.serve.gateway_host in ("0.0.0.0", "::") else p.serve.gateway_host
+    url = f"http://{host}:{p.serve.gateway_port}/v1/models"
     key = next(iter(env_keys()), "")
+    secrets_file = Path(p.platform.state_dir) / "secrets.env"
+    if not key and secrets_file.is_file():  # the key `loraflow up` generated
+        for line in secrets_file.read_text(encoding="utf-8").splitlines():
+            if line.startswith(f"{KEYS_ENV}="):
+                key = line.split("=", 1)[1].split(",")[0].strip()
     try:
         r = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=5)
     except httpx.HTTPError:

@@ -356,8 +356,42 @@ class ServeConfig(_Strict):
 class MonitorConfig(_Strict):
     out_dir: str = "reports/drift"
     drift_share: float = Field(0.5, gt=0.0, le=1.0)  # share of drifted columns that counts as drift
+    # Each check reads only the requests logged after the window the previous check judged (so one window
+    # never fires twice), at most the newest ``window_requests`` of them (0 = no cap) and only those of the
+    # last ``window_hours`` (0 = no age limit). Fewer than ``min_requests``: no verdict, the window stays open.
     min_requests: int = Field(20, gt=0)
+    window_requests: int = Field(0, ge=0)
+    window_hours: float = Field(0.0, ge=0.0)
     retrain_on_drift: bool = False
+
+
+class PlatformConfig(_Strict):
+    """``loraflow up``: the services it starts on this machine and the Prefect deployments it creates."""
+
+    state_dir: str = ".loraflow"  # PIDs and logs (run/), generated secrets (0600); data stays where it is
+    host: str = "127.0.0.1"  # Prefect and MLflow have no authentication: keep them on this host
+    prefect_port: int = Field(4200, gt=0, lt=65536)
+    mlflow_port: int = Field(5000, gt=0, lt=65536)
+    # Empty: SQLite files (Prefect's in .prefect/, MLflow's at registry.tracking_uri). A PostgreSQL URL
+    # (postgresql://user:password@host:5432/loraflow; LORAFLOW_DATABASE_URL wins) puts both on that
+    # server, in the databases <name>_mlflow and <name>_prefect (created when missing).
+    database_url: str = ""
+    serve: bool = True  # also start the endpoint (loraflow serve: vLLM + gateway)
+    work_pool: str = Field("loraflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    retrain_cron: str = "0 3 * * 1"  # scheduled retrain (weekly); empty = none
+    timezone: str = "UTC"
+    drift_check_minutes: float = Field(60.0, ge=0.0)  # drift-check interval; 0 = none
+    # No drift-triggered retrain that trains within this many minutes of the last one that did.
+    drift_cooldown_minutes: float = Field(60.0, ge=0.0)
+    startup_timeout_s: float = Field(180.0, gt=0.0)  # per service, until its health check answers
+
+    @model_validator(mode="after")
+    def _cron_and_database(self) -> "PlatformConfig":
+        if self.retrain_cron and len(self.retrain_cron.split()) != 5:
+            raise ValueError(f"retrain_cron: {self.retrain_cron!r} is not a 5-field cron expression")
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("database_url: only postgresql://user:password@host:port/name (or empty for SQLite)")
+        return self
 
 
 class DvcConfig(_Strict):
@@ -378,6 +412,7 @@ class Params(_Strict):
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
+    platform: PlatformConfig = PlatformConfig()
     dvc: DvcConfig = DvcConfig()
 
     @model_validator(mode="after")
@@ -431,7 +466,10 @@ def parse_params(raw: dict[str, Any], source: Path) -> Params:
 
 # Sections an environment overlay (``extends: params.yaml``) may change. The others feed DVC stages,
 # and DVC reads params.yaml itself, so changing them elsewhere would break lineage silently.
-DEPLOYMENT_SECTIONS = frozenset({"project", "gate", "registry", "serve", "monitor", "dvc"})
+DEPLOYMENT_SECTIONS = frozenset({"project", "gate", "registry", "serve", "monitor", "platform", "dvc"})
+# Set by `loraflow up` for the processes it starts (and by the CLI while the platform runs): the MLflow
+# tracking server that fronts registry.tracking_uri's store, so alias moves fire the registry webhooks.
+TRACKING_URI_ENV = "LORAFLOW_TRACKING_URI"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -467,4 +505,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
                               f"stage parameters belong in {parent} where DVC tracks them")
         base_path = (path.parent / parent)
         raw = _merge(_read_yaml(base_path), raw)
-    return parse_params(raw, path)
+    p = parse_params(raw, path)
+    import os
+
+    server = os.environ.get(TRACKING_URI_ENV, "")
+    if server and server != p.registry.tracking_uri:
+        p = p.model_copy(update={"registry": p.registry.model_copy(update={"tracking_uri": server})})
+    return p

@@ -60,7 +60,8 @@ def test_too_little_traffic_is_reported_not_judged(clean, tmp_path):
 
     _log(tmp_path / "t.jsonl", [("hi", "{}")] * 3)
     r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")), TASK)
-    assert r == {"status": "insufficient_data", "requests": 3, "min_requests": 20, "drift": False}
+    assert {k: r[k] for k in ("status", "requests", "min_requests", "drift")} == {
+        "status": "insufficient_data", "requests": 3, "min_requests": 20, "drift": False}
 
 
 def test_corrupt_traffic_log_names_file_and_line(clean, tmp_path):

@@ -6,12 +6,18 @@ the share of answers the task's parser accepts (``answer_valid``), and categoric
 only where the task names them: the label for ``label`` tasks, the ``task.fields`` of ``json`` answers.
 Drift is declared when the share of drifted columns reaches ``monitor.drift_share``. Writes
 ``drift.html`` and ``drift.json``.
+
+Each check judges a **window**: the requests logged after the window the previous check judged (its end is
+kept in ``<out_dir>/window.json``), capped to the newest ``monitor.window_requests`` and the last
+``monitor.window_hours``. A judged window is never judged again, so one burst of drifted traffic fires once.
+A window with fewer than ``monitor.min_requests`` requests gets no verdict and stays open for the next check.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pipeline.config import MonitorConfig, TaskConfig
@@ -57,31 +63,65 @@ def traffic_files(traffic_log: Path) -> list[Path]:
     return [*rotated, traffic_log] if traffic_log.is_file() else rotated
 
 
-def traffic_frame(traffic_log: Path, task: Task, model: str | None = None):
-    """Answered requests (status 200, or records without a status) of ``model`` (any when None): one log
-    may hold several models served side by side."""
+def _when(ts: object) -> datetime | None:
+    if not isinstance(ts, str):
+        return None
+    t = datetime.fromisoformat(ts)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def traffic_frame(traffic_log: Path, task: Task, model: str | None = None, after: datetime | None = None,
+                  cfg: MonitorConfig | None = None, now: datetime | None = None):
+    """Answered requests (status 200, or records without a status) of ``model`` (any when None) in the
+    window after ``after``; returns the frame and the window (first/last time, count). One log may hold
+    several models served side by side. Records without a time predate windows: only a first check sees them."""
     import pandas as pd
 
-    rows = []
+    rows, times = [], []
+    now = now or datetime.now(timezone.utc)
+    oldest = now - timedelta(hours=cfg.window_hours) if cfg and cfg.window_hours else None
     for path in traffic_files(traffic_log):
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, start=1):
                 try:
                     rec = json.loads(line)
                     served = rec.get("model", model)
-                    # Stable names from the gateway; "<model>-v<N>" from direct vLLM calls (the demo).
+                    # Stable names from the gateway; "<model>-v<N>" from direct vLLM calls.
                     if rec.get("status", 200) != 200 or (model and served != model
                                                          and not str(served).startswith(f"{model}-v")):
                         continue
+                    when = _when(rec.get("ts"))
+                    if (after is not None and (when is None or when <= after)) or \
+                            (oldest is not None and when is not None and when < oldest):
+                        continue
                     rows.append({"prompt": rec["prompt"], "response": rec["response"],
                                  **answer_columns(task, rec["response"])})
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                    times.append(when)
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
                     raise ValueError(f"{path}:{lineno}: not a traffic record ({err})") from None
-    return pd.DataFrame(rows)
+    if cfg and cfg.window_requests and len(rows) > cfg.window_requests:
+        rows, times = rows[-cfg.window_requests:], times[-cfg.window_requests:]
+    known = [t for t in times if t is not None]
+    window = {"start": min(known).isoformat() if known else None, "end": max(known).isoformat() if known else None,
+              "after": after.isoformat() if after else None, "requests": len(rows)}
+    return pd.DataFrame(rows), window
+
+
+def window_state(out_dir: Path) -> datetime | None:
+    """The end of the last judged window (None: nothing judged yet). An unreadable state file is an error,
+    never "nothing judged" (that would judge, and maybe fire on, old traffic again)."""
+    path = Path(out_dir) / "window.json"
+    if not path.is_file():
+        return None
+    try:
+        return _when(json.loads(path.read_text(encoding="utf-8"))["end"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: unreadable drift window state ({err}); fix or delete it (deleting re-judges "
+                         "all logged traffic once)") from None
 
 
 def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cfg: TaskConfig,
-                model: str | None = None) -> dict:
+                model: str | None = None, now: datetime | None = None) -> dict:
     import numpy as np
     from evidently import DataDefinition, Dataset, Report
     from evidently.descriptors import TextLength, WordCount
@@ -90,13 +130,16 @@ def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cf
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not traffic_files(traffic_log):
-        raise FileNotFoundError(f"{traffic_log}: no served traffic logged yet")
     task = build_task(task_cfg)
-    current = traffic_frame(traffic_log, task, model)
+    if not traffic_files(traffic_log):  # nothing served yet (a log that exists but cannot be read raises)
+        result = {"status": "insufficient_data", "requests": 0, "min_requests": cfg.min_requests, "drift": False,
+                  "window": {"start": None, "end": None, "after": None, "requests": 0}}
+        write_json(out / "drift.json", result)
+        return result
+    current, window = traffic_frame(traffic_log, task, model, window_state(out), cfg, now)
     if len(current) < cfg.min_requests:
         result = {"status": "insufficient_data", "requests": len(current), "min_requests": cfg.min_requests,
-                  "drift": False}
+                  "drift": False, "window": window}
         write_json(out / "drift.json", result)
         return result
     reference = reference_frame(train_file, task)
@@ -121,7 +164,13 @@ def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cf
         name = m["metric_name"]
         if name.startswith("ValueDrift(column="):
             col = name.split("column=")[1].split(",")[0]
-            per_column[col] = {"p_value": m["value"], "method": m["config"].get("method")}
+            cfg_m = m.get("config") or {}
+            threshold = cfg_m.get("threshold")
+            method = str(cfg_m.get("method") or "")
+            # p-value tests drift below their threshold; distances (Wasserstein, Jensen-Shannon...) above it.
+            drifted = threshold is not None and (m["value"] < threshold if "p_value" in method
+                                                 else m["value"] >= threshold)
+            per_column[col] = {"score": m["value"], "method": method, "threshold": threshold, "drifted": drifted}
     share = float(count["share"])
     result = {
         "status": "ok",
@@ -133,7 +182,12 @@ def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cf
         "threshold": cfg.drift_share,
         "drift": share >= cfg.drift_share,
         "columns": per_column,
+        "drifted": sorted(c for c, v in per_column.items() if v["drifted"]),
+        "window": window,
         "html": str(out / "drift.html"),
     }
     write_json(out / "drift.json", result)
+    # Judged: the next check starts after this window (records without a time are behind us too).
+    write_json(out / "window.json", {"end": window["end"] or (now or datetime.now(timezone.utc)).isoformat(),
+                                     "requests": window["requests"], "drift": result["drift"]})
     return result

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.evaluate.scoring import evaluate_model
-from pipeline.hashing import dir_sha256, file_sha256
+from pipeline.hashing import base_weights_sha256, dir_sha256, file_sha256
 from pipeline.io import load_chat_file, read_json, write_json
 from pipeline.release import registry
 from pipeline.release.card import model_card
@@ -46,16 +46,11 @@ def champion_score(p: Params, champion: registry.VersionInfo) -> ModelScore | No
     """
     base_dir = Path(p.base.out_dir)
     if champion.tags.get("base_sha256") != file_sha256(base_dir / "config.json") or \
-            champion.tags.get("base_weights_sha256") != _weights_sha(base_dir):
+            champion.tags.get("base_weights_sha256") != base_weights_sha256(base_dir):
         return None
     adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
     res = evaluate_model(base_dir, adapter, clean_split(p, "eval"), p.evaluate, p.task)
     return ModelScore.from_details(f"champion v{champion.version}", res)
-
-
-def _weights_sha(base_dir: Path) -> str:
-    weights = sorted(base_dir.glob("*.safetensors"))
-    return file_sha256(weights[0]) if len(weights) == 1 else dir_sha256(base_dir)
 
 
 def gate(p: Params, candidate: ModelScore, base: ModelScore) -> tuple[Decision, registry.VersionInfo | None]:
@@ -83,7 +78,7 @@ def lineage_tags(p: Params) -> dict[str, str]:
         "params_sha256": params_sha256(p.model_dump()),
         "base_model": p.base.model,
         "base_sha256": file_sha256(base_dir / "config.json"),
-        "base_weights_sha256": _weights_sha(base_dir),
+        "base_weights_sha256": base_weights_sha256(base_dir),
         "train_data_sha256": file_sha256(augmented_file(p)),
         "eval_data_sha256": file_sha256(clean_split(p, "eval")),
         "task": p.task.name,

@@ -236,3 +236,7 @@ def log_report(cfg: RegistryConfig, run_name: str, files: dict[str, Path], metri
         for name, path in files.items():
             mlflow.log_artifact(str(path), name)
         return run.info.run_id
+
+
+def set_run_tag(cfg: RegistryConfig, run_id: str, key: str, value: str) -> None:
+    client(cfg).set_tag(run_id, key, value)

@@ -59,6 +59,9 @@ class Follower:
     say: Callable[[str], None] = print
     on_reject: Callable[[dict], None] | None = None  # e.g. a Prefect event, wired in flows/
     rejected: dict[str, set[int]] = field(default_factory=dict)
+    # The weights vLLM runs (None: unknown, an attached server), and how to restart it on another base.
+    base_sha: str | None = None
+    rebase: Callable[[str], VLLMServer] | None = None
 
     def reconcile(self) -> list[dict]:
         """One pass over every served model; returns what changed."""
@@ -77,6 +80,16 @@ class Follower:
         internal = f"{name}-v{champion.version}-{secrets.token_hex(3)}"
         started = time.monotonic()
         task = task_of(champion, self.default_task)
+        want = champion.tags.get("base_weights_sha256")
+        if want and self.base_sha and want != self.base_sha:
+            if self.rebase is None:
+                return self._reject(name, champion, current, "trained on another base than the one vLLM serves; "
+                                    "restart vLLM on that base")
+            try:
+                self.server = self.rebase(want)
+            except Exception as e:  # noqa: BLE001 - the version cannot be served here; the alias goes back
+                return self._reject(name, champion, current, f"base change failed: {e}")
+            self.base_sha, current = want, None
         try:
             adapter = registry.download_adapter(self.registry_cfg, champion, self.adapters_dir)
             self.server.load_adapter(internal, adapter)

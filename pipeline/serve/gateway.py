@@ -78,6 +78,11 @@ class Routes:
         with self._lock:
             return sorted(self._routes.values(), key=lambda r: r.name)
 
+    def clear(self) -> None:
+        """Forget every route (the vLLM behind them restarts); in-flight counts drain on their own."""
+        with self._lock:
+            self._routes.clear()
+
     def set(self, route: Route) -> Route | None:
         with self._lock:
             previous = self._routes.get(route.name)
