@@ -57,7 +57,7 @@ def deployment_specs(plat: Platform) -> list[dict]:
          "schedules": retrain_schedules,
          "trigger": {"expect": [DRIFT_EVENT], "match": {"prefect.resource.id": f"mlflow.model.{model}"},
                      "parameters": {"params_file": plat.params_file, "model": model, "trigger": "drift",
-                                    "drift_event": "{{ event.id }}", "drift_summary": "{{ event.payload.summary }}"}}},
+                                    "drift_summary": "{{ event.payload.summary }}"}}},
         {"flow": "drift-check", "name": "production", "entrypoint": "flows/monitor.py:drift_check",
          "description": "Evidently drift on the newest window of served traffic; emits "
                         f"{DRIFT_EVENT} once per drifted window.",
@@ -129,12 +129,19 @@ def ensure_prefect_objects(plat: Platform, say: Callable[[str], None] = print, j
     return changed
 
 
-def worker_online(plat: Platform) -> bool:
-    """A worker polls the work pool (Prefect's REST API, as the UI asks)."""
+def worker_online(plat: Platform, since: float = 0.0) -> bool:
+    """A worker polls the work pool, with a heartbeat after ``since`` (unix time: a worker that just stopped
+    still shows ONLINE for a while). Prefect's REST API, as the UI asks."""
+    from datetime import datetime
+
     try:
         r = httpx.post(f"{plat.prefect_api_url}/work_pools/{plat.cfg.work_pool}/workers/filter", json={}, timeout=5)
-        return r.status_code == 200 and any(w.get("status") == "ONLINE" for w in r.json())
-    except httpx.HTTPError:
+        if r.status_code != 200:
+            return False
+        return any(w.get("status") == "ONLINE" and w.get("last_heartbeat_time")
+                   and datetime.fromisoformat(w["last_heartbeat_time"].replace("Z", "+00:00")).timestamp() >= since
+                   for w in r.json())
+    except (httpx.HTTPError, ValueError):
         return False
 
 
@@ -171,9 +178,9 @@ def platform_env(state_dir: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------- up / down / status
 
-def _check(plat: Platform, svc: Service) -> Callable[[], bool]:
+def _check(plat: Platform, svc: Service, record: dict) -> Callable[[], bool]:
     if svc.name == "worker":
-        return lambda: worker_online(plat)
+        return lambda: worker_online(plat, since=record["started"] - 1)
     return lambda: supervisor.http_ok(svc.health)
 
 
@@ -202,7 +209,7 @@ def up(plat: Platform, say: Callable[[str], None] = print) -> dict:
                 started.append(svc.name)
         for svc in batch:
             record, new = records[svc.name]
-            waited = supervisor.wait_ready(svc, record, _check(plat, svc), plat.cfg.startup_timeout_s, say)
+            waited = supervisor.wait_ready(svc, record, _check(plat, svc, record), plat.cfg.startup_timeout_s, say)
             state = f"started, healthy after {waited:.1f}s" if new else "already running"
             lines.append(f"{svc.name:<15} {svc.url:<34} pid {record['pid']:<7} {state}")
 

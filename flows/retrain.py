@@ -107,21 +107,20 @@ def _last_drift_retrain(cooldown_min: float) -> dict | None:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "manual", drift_event: str = "",
-            drift_summary: str = ""):
+def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "manual", drift_summary: str = ""):
     """Reproduce the data/model stages, gate the candidate, register it and promote it if it wins.
 
     One retrain per model at a time (a file lock, plus a Prefect concurrency limit with a server): a
     cron run and a drift-triggered run never both register. Serving is not this flow's business:
     `loraflow serve` follows the alias (webhook + polling). ``model`` (the deployment's) must be the params
-    file's project.name; ``trigger``/``drift_*`` say why it runs (the drift trigger fills them)."""
+    file's project.name; ``trigger``/``drift_summary`` say why it runs (the drift trigger fills them)."""
     p = load_params(params_file)  # invalid params stop the run here, before any work
     if model and model != p.project.name:
         raise ConfigError(f"{params_file}: project.name is {p.project.name!r}, but this deployment retrains {model!r}")
     logger = get_run_logger()
     resource = {"prefect.resource.id": f"mlflow.model.{p.project.name}"}
     if trigger == "drift":
-        logger.info("triggered by drift: %s", drift_summary or drift_event or "(no summary)")
+        logger.info("triggered by drift: %s", drift_summary or "(no summary)")
         last = _last_drift_retrain(p.platform.drift_cooldown_minutes) if p.platform.drift_cooldown_minutes else None
         if last:
             msg = (f"cooldown: drift-triggered retrain {last['name']} started {last['started']}, within "
