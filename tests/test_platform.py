@@ -297,18 +297,24 @@ def postgres(tmp_path):
         bindir = Path(shutil.which("initdb")).parent
     if bindir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
-    data, port = tmp_path / "pg", _free_port()
+    import tempfile
+
+    # PostgreSQL refuses to run as root: as root, the cluster belongs to the `postgres` user, in a folder
+    # it can reach (pytest's own tmp folders are private to root).
     run_as = [] if os.geteuid() else ["runuser", "-u", "postgres", "--"]
+    home = Path(tempfile.mkdtemp(prefix="loraflow-pg-"))
     if run_as:
-        shutil.chown(tmp_path, "postgres")
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "loraflow", "--auth=trust"],
-                   check=True, capture_output=True)
-    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-o", f"-p {port} -k {tmp_path} -h 127.0.0.1",
-                    "-l", str(tmp_path / "pg.log"), "-w", "start"], check=True, capture_output=True)
+        shutil.chown(home, "postgres")
+    data, port = home / "data", _free_port()
     try:
+        subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "loraflow", "--auth=trust"],
+                       check=True, capture_output=True)
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-o", f"-p {port} -k {home} -h 127.0.0.1",
+                        "-l", str(home / "pg.log"), "-w", "start"], check=True, capture_output=True)
         yield f"postgresql://loraflow@127.0.0.1:{port}/loraflow"
     finally:
         subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @needs_vllm
@@ -322,11 +328,11 @@ def test_platform_on_postgresql(tmp_path, postgres):
         first_version_served_and_ui_promotion(plat)
         drift_without_new_data(plat)
         # Both servers really are on PostgreSQL: their tables hold what the scenario wrote.
-        eng = sa.create_engine(postgres.replace("/loraflow", "/loraflow_mlflow"))
+        eng = sa.create_engine(postgres.rsplit("/", 1)[0] + "/loraflow_mlflow")
         with eng.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM model_versions")).scalar() >= 2
         eng.dispose()
-        eng = sa.create_engine(postgres.replace("/loraflow", "/loraflow_prefect"))
+        eng = sa.create_engine(postgres.rsplit("/", 1)[0] + "/loraflow_prefect")
         with eng.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM deployment")).scalar() == 2
         eng.dispose()

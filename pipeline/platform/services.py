@@ -200,8 +200,9 @@ def ensure_databases(url: str, timeout_s: float = 10) -> list[str]:
     import sqlalchemy as sa
 
     mlflow_url, prefect_url = database_urls(url)
-    admin = sa.create_engine(url.replace("postgres://", "postgresql://", 1), isolation_level="AUTOCOMMIT",
-                             connect_args={"connect_timeout": int(timeout_s)})
+    # The server's maintenance database (the named one is only a prefix and need not exist).
+    maintenance = urlunsplit(("postgresql",) + tuple(urlsplit(url))[1:2] + ("/postgres",) + tuple(urlsplit(url))[3:])
+    admin = sa.create_engine(maintenance, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": int(timeout_s)})
     created = []
     try:
         with admin.connect() as conn:

@@ -122,8 +122,24 @@ def register(cfg: RegistryConfig, name: str, run_id: str, tags: dict[str, str], 
     except MlflowException as err:
         if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
             raise
-    mv = c.create_model_version(name, f"runs:/{run_id}/adapter", run_id=run_id, tags=tags, description=card)
+    mv = c.create_model_version(name, f"runs:/{run_id}/adapter", run_id=run_id, tags=tags,
+                                description=version_description(card, run_id))
     return _info(mv)
+
+
+# MLflow's SQL schema holds a version description in VARCHAR(5000): PostgreSQL and MySQL reject longer ones
+# (SQLite does not check), so a long card is cut there; the whole card is the adapter's README.md.
+MAX_DESCRIPTION = 5000
+
+
+def version_description(card: str, run_id: str) -> str:
+    """The card without its YAML front matter (the hub's metadata; the UI shows the markdown), cut to fit."""
+    if card.startswith("---\n") and "\n---\n" in card[4:]:
+        card = card[4:].split("\n---\n", 1)[1].lstrip("\n")
+    if len(card) <= MAX_DESCRIPTION:
+        return card
+    note = f"\n\n[... cut at MLflow's {MAX_DESCRIPTION}-character limit; the whole card: runs:/{run_id}/adapter/README.md]"
+    return card[:MAX_DESCRIPTION - len(note)] + note
 
 
 def _info(mv) -> VersionInfo:
