@@ -11,7 +11,7 @@ VLLM_CONSTRAINTS ?= $(VLLM_REQUIREMENTS:.txt=.lock)
 # The pip index mirror on the reference machines prints one warning per missing package; hide only those.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test env vllm-env test-env clean-runs mlflow-server
+.PHONY: demo test env vllm-env test-env clean-runs up down
 demo: env vllm-env
 	$(VENV)/bin/loraflow demo
 
@@ -41,15 +41,15 @@ $(VLLM_VENV)/.installed: $(VLLM_REQUIREMENTS)
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	touch $@
 
-# The MLflow tracking server on the project's store (settings: mlflow/server.env; UI and registry webhooks).
-mlflow-server: env
-	set -a && source mlflow/server.env && set +a && \
-	$(VENV)/bin/mlflow server --backend-store-uri "$$MLFLOW_BACKEND_STORE_URI" \
-	  $$( [ -n "$$MLFLOW_ARTIFACTS_DESTINATION" ] && echo --serve-artifacts --artifacts-destination "$$MLFLOW_ARTIFACTS_DESTINATION" \
-	      || echo --default-artifact-root "$$MLFLOW_DEFAULT_ARTIFACT_ROOT" ) \
-	  --host "$$MLFLOW_HOST" --port "$$MLFLOW_PORT"
+# The platform (Prefect server, MLflow server with UI + webhooks, a worker, the endpoint) in the background.
+up: env vllm-env
+	$(VENV)/bin/loraflow up
+down:
+	$(VENV)/bin/loraflow down
 
 # Forget local run state (MLflow store, Prefect home, DVC outputs and cache); data/raw stays.
 clean-runs:
+	@if [ -d .loraflow/run ] && ls .loraflow/run/*.json >/dev/null 2>&1; then \
+	  echo "the platform is running: make down first"; exit 1; fi
 	rm -rf mlflow/mlflow.db mlflow/artifacts .prefect reports data/clean data/augmented data/serving \
 	       artifacts .dvc/cache .dvc/tmp .dvc-storage

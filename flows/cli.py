@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -76,7 +74,14 @@ def _say(msg: str) -> None:
 def demo(params: str = ParamsOpt, requests: int = typer.Option(40, help="sample requests to send"),
          keep_serving: bool = typer.Option(False, help="keep the endpoint answering afterwards (Ctrl-C stops it)")) -> None:
     """Retrain, serve the champion through the gateway, send sample traffic, check drift, print a summary."""
-    _params(params)
+    p = _params(params, platform=False)
+    from flows.platform import platform_env
+
+    if platform_env(Path(p.platform.state_dir)):
+        typer.secho("error: `loraflow up` is running here and owns the endpoint's ports; the demo starts its own "
+                    "vLLM and gateway. Use the platform (README, \"The platform\") or `loraflow down` first.",
+                    fg="red", err=True)
+        raise typer.Exit(1)
     from flows.demo import format_summary, run_demo
 
     report, endpoint = run_demo(params, requests=requests, keep_serving=keep_serving, progress=_say)
@@ -101,7 +106,16 @@ def run(params: str = ParamsOpt) -> None:
     from flows.retrain import retrain
 
     summary = retrain(params_file=params)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    for stage, r in summary.get("stages", {}).items():
+        typer.echo(f"stage {stage:<9} {'ran' if r['ran'] else 'unchanged (skipped)':<20} {r['seconds']:>7.1f}s")
+    if summary.get("message"):
+        typer.echo(summary["message"])
+    else:
+        champ = summary.get("champion")
+        typer.echo(f"{summary['model_name']} v{summary['registered_version']}: {summary['note']}; "
+                   + (f"@{champ['alias']} = v{champ['version']}" if champ else "no champion"))
+        for reason in summary.get("decision", {}).get("reasons", []):
+            typer.echo(f"  {reason}")
 
 
 @app.command()
@@ -233,7 +247,14 @@ def drift(params: str = ParamsOpt) -> None:
     _params(params)
     from flows.monitor import drift_check
 
-    typer.echo(json.dumps(drift_check(params_file=params), indent=2, default=str))
+    r = drift_check(params_file=params)
+    if r["status"] != "ok":
+        typer.echo(f"no verdict: {r['requests']} new requests since the last judged window (< monitor.min_requests "
+                   f"{r['min_requests']})")
+        return
+    typer.echo(f"{'DRIFT' if r['drift'] else 'no drift'}: share {r['drift_share']:.2f} (threshold {r['threshold']:.2f}) "
+               f"over {r['requests']} requests; drifted: {', '.join(r['drifted']) or 'none'}; report {r['html']} "
+               f"(MLflow {r.get('report', '-')})")
 
 
 @app.command()

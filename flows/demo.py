@@ -102,7 +102,7 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
                     "served_metric": p.task.primary_metric,
                     "served_score": round(correct / max(len(answers), 1), 4), "requests": len(answers)},
         "drift": {k: drift.get(k) for k in ("status", "drift", "drift_share", "threshold", "requests", "html")},
-        "where": {"mlflow_ui": f"mlflow ui --backend-store-uri {p.registry.tracking_uri} --port 5000",
+        "where": {"mlflow_ui": f"loraflow up, then http://127.0.0.1:{p.platform.mlflow_port}",
                   "model_card": "reports/README.md", "drift_report": drift.get("html"),
                   "sanitize_report": "reports/sanitize.json", "traffic_log": p.serve.traffic_log},
         "timings": timings,

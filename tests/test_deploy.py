@@ -89,29 +89,141 @@ def test_compose_overlay_points_at_compose_services():
     assert not p.monitor.retrain_on_drift  # the deployment trigger retrains; twice would be wrong
 
 
-def test_prefect_deployments_point_at_real_flows_with_valid_parameters():
-    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+def _compose_platform():
+    """The platform as the compose services resolve it: the overlay their LORAFLOW_PARAMS names, the
+    environment compose gives them, the image's working directory."""
+    from flows.platform import platform_of
+
+    env = SERVICES["prefect-worker"]["environment"]
+    p = load_params(ROOT / env["LORAFLOW_PARAMS"])
+    return platform_of(p, env["LORAFLOW_PARAMS"], Path("/opt/loraflow")), env
+
+
+def test_every_compose_variable_is_in_the_env_example():
+    used = set(re.findall(r"\$\{([A-Z_]+)[:?}]", (ROOT / "docker-compose.yml").read_text()))
+    listed = set(re.findall(r"^([A-Z_]+)=", (ROOT / "deploy/compose/env.example").read_text(), re.M))
+    assert used and used <= listed, used - listed
+
+
+def test_compose_runs_the_commands_loraflow_up_runs(monkeypatch):
+    """Each loraflow service is `loraflow service <name>` (or `serve`), and what that command would start
+    listens where compose publishes it and where its health check and the other services look."""
+    from pipeline.platform.services import services
+
+    plat, env = _compose_platform()
+    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", SERVICES["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"])
+    monkeypatch.setattr("pipeline.platform.services.Path.mkdir", lambda *a, **k: None)
+    specs = {s.name: s for s in services(plat, {k: "x" for k in ("LORAFLOW_WEBHOOK_SECRET", "LORAFLOW_API_KEYS",
+                                                              "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY")})}
+    assert SERVICES["mlflow"]["command"] == ["service", "mlflow"]
+    assert SERVICES["prefect-server"]["command"] == ["service", "prefect-server"]
+    assert SERVICES["prefect-worker"]["command"] == ["service", "worker"]
+    assert SERVICES["serve-follower"]["command"] == ["serve"]
+    for name, svc, port in (("mlflow", specs["mlflow"], plat.cfg.mlflow_port),
+                            ("prefect-server", specs["prefect-server"], plat.cfg.prefect_port)):
+        argv = svc.argv
+        assert argv[argv.index("--host") + 1] == "0.0.0.0" and argv[argv.index("--port") + 1] == str(port)
+        assert any(p.endswith(f":{port}:{port}") for p in SERVICES[name]["ports"]), name
+        assert f":{port}/" in " ".join(SERVICES[name]["healthcheck"]["test"]), name
+    assert "--serve-artifacts" in specs["mlflow"].argv  # MinIO behind the server, not a path in a container
+    # Clients reach the servers by compose service name, on the ports the servers listen on.
+    assert env["PREFECT_API_URL"] == f"http://prefect-server:{plat.cfg.prefect_port}/api"
+    assert plat.p.registry.tracking_uri == f"http://mlflow:{plat.cfg.mlflow_port}"
+    assert plat.p.serve.base_url == "http://vllm:8000" and "--port=8000" in SERVICES["vllm"]["command"]
+    gw = plat.p.serve
+    assert gw.webhook_url == f"http://serve-follower:{gw.gateway_port}/hooks/mlflow"
+    assert SERVICES["serve-follower"]["ports"] == [f"{gw.gateway_port}:{gw.gateway_port}"]
+    assert not plat.cfg.serve  # the endpoint is its own service, not started by the worker's platform
+    # One database setting for both servers, from the environment (the password stays in .env).
+    assert env["LORAFLOW_DATABASE_URL"].startswith("postgresql://") and not plat.cfg.database_url
+    init = (ROOT / "deploy/postgres/init.sql").read_text()
+    from pipeline.platform.services import database_urls
+
+    for url in database_urls(env["LORAFLOW_DATABASE_URL"].replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}", "pw")):
+        assert f"CREATE DATABASE {url.rsplit('/', 1)[1]};" in init
+
+
+def _volume_of(service: str, container_path: str) -> tuple[str, str] | None:
+    """(volume, path inside it) holding ``container_path`` in ``service``."""
+    best = None
+    for vol in SERVICES[service].get("volumes", []):
+        src, dst = vol.split(":")[:2]
+        if container_path == dst or container_path.startswith(dst.rstrip("/") + "/"):
+            if best is None or len(dst) > len(best[2]):
+                best = (src, container_path[len(dst):].lstrip("/"), dst)
+    return best[:2] if best else None
+
+
+def test_compose_paths_one_service_writes_are_the_paths_another_reads():
+    plat, _ = _compose_platform()
+    p, wd = plat.p, "/opt/loraflow/"
+    # The gateway writes the request log; the worker's drift-check reads it.
+    log = p.serve.traffic_log
+    assert _volume_of("serve-follower", log) == _volume_of("prefect-worker", log) is not None
+    # The drift window state survives a worker restart.
+    assert _volume_of("prefect-worker", p.monitor.out_dir) is not None
+    # vLLM loads the base the worker builds and the adapters the gateway's follower downloads.
+    base = wd + p.base.out_dir
+    assert _volume_of("prefect-worker", base) == _volume_of("vllm", "/shared/base")
+    assert _volume_of("serve-follower", p.serve.adapters_dir)[0] == _volume_of("vllm", "/shared")[0]
+    # DVC's default remote (relative to .dvc/) is a named volume, not the container's own layer.
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / ".dvc/config")
+    remote = cfg[f'remote "{cfg["core"]["remote"]}"']["url"]
+    resolved = str(Path("/opt/loraflow/.dvc", remote).resolve()) if "://" not in remote else remote
+    vol = _volume_of("prefect-worker", resolved)
+    assert vol is not None and vol[0] in COMPOSE["volumes"], resolved
+
+
+def test_compose_deployments_read_the_params_file_compose_mounts():
+    from flows.platform import deployment_specs
+
+    plat, env = _compose_platform()
+    for spec in deployment_specs(plat):
+        assert spec["parameters"]["params_file"] == env["LORAFLOW_PARAMS"]
+        if spec["trigger"]:
+            assert spec["trigger"]["parameters"]["params_file"] == env["LORAFLOW_PARAMS"]
+    assert (ROOT / env["LORAFLOW_PARAMS"]).is_file()
+
+
+def test_deployments_point_at_real_flows_with_valid_parameters():
+    from flows.platform import deployment_specs, platform_of
+
+    plat = platform_of(load_params(ROOT / "params.yaml"), "params.yaml", ROOT)
     names = set()
-    for dep in spec["deployments"]:
-        path, func = dep["entrypoint"].split(":")
-        module = path.removesuffix(".py").replace("/", ".")
-        flow = getattr(importlib.import_module(module), func)
-        assert flow.__class__.__name__ == "Flow", dep["name"]
+    for spec in deployment_specs(plat):
+        path, func = spec["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
+        assert flow.__class__.__name__ == "Flow" and flow.name == spec["flow"]
         accepted = set(inspect.signature(flow.fn).parameters)
-        assert set(dep["parameters"]) <= accepted
-        for trig in dep.get("triggers", []):
-            assert set(trig.get("parameters", {})) <= accepted
-        names.add(f"{flow.name}/{dep['name']}")
-        for sched in dep.get("schedules", []):
-            assert re.fullmatch(r"[\d*/,-]+( [\d*/,-]+){4}", sched["cron"])
-    assert {"retrain/production", "drift-check/hourly"} <= names
+        assert set(spec["parameters"]) <= accepted
+        if spec["trigger"]:
+            assert set(spec["trigger"]["parameters"]) <= accepted
+            assert spec["trigger"]["expect"] == ["loraflow.drift.detected"]
+        names.add(f"{spec['flow']}/{spec['name']}")
+    assert names == {"retrain/production", "drift-check/production"}
+    assert '"loraflow.drift.detected"' in (ROOT / "flows/monitor.py").read_text()
 
 
-def test_drift_event_emitted_is_the_one_the_retrain_trigger_expects():
-    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    expected = {e for d in spec["deployments"] for t in d.get("triggers", []) for e in t["expect"]}
-    source = (ROOT / "flows/monitor.py").read_text()
-    assert expected == {"loraflow.drift.detected"} and '"loraflow.drift.detected"' in source
+def test_long_running_compose_services_have_health_checks():
+    for name, svc in SERVICES.items():
+        if name != "minio-buckets":
+            assert "healthcheck" in svc, f"{name} has no health check"
+
+
+def test_dockerignore_keeps_secrets_environments_and_run_state_out_of_images():
+    import pathspec
+
+    spec = pathspec.PathSpec.from_lines("gitwildmatch", (ROOT / ".dockerignore").read_text().splitlines())
+    for path in (".env", ".venv/bin/python", ".venv-vllm/lib/x.py", ".loraflow/secrets.env", "prefect.toml",
+                 "mlflow/mlflow.db", "artifacts/base/model.safetensors", "data/clean/train/clean.jsonl",
+                 "data/serving/requests.jsonl", "reports/gate.json", ".dvc-storage/ab/cd", ".git/config"):
+        assert spec.match_file(path), f"{path} would be copied into the image"
+    for path in ("params.yaml", "deploy/compose/params.yaml", "flows/cli.py", "pipeline/config.py", "dvc.yaml",
+                 "data/raw/tickets_train.jsonl", "requirements/pipeline.txt", ".dvc/config"):
+        assert not spec.match_file(path), f"{path} is needed in the image"
 
 
 def test_only_the_authenticated_gateway_is_published_beyond_localhost():
@@ -134,8 +246,9 @@ def test_secrets_come_from_the_environment_without_defaults():
 
 
 @pytest.mark.timeout(180)
-def test_make_mlflow_server_serves_the_project_store(project):
-    """`make mlflow-server` (settings: mlflow/server.env) serves the store loraflow writes by default."""
+def test_loraflow_service_mlflow_serves_the_project_store(project):
+    """`loraflow service mlflow` (what `loraflow up` and compose start) serves the store loraflow writes
+    without a server, so runs made before `up` appear in the UI."""
     import os
     import signal
     import socket
@@ -149,10 +262,10 @@ def test_make_mlflow_server_serves_the_project_store(project):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    venv = Path(sys.executable).parents[1]
-    proc = subprocess.Popen(["make", "-o", "env", f"VENV={venv}", "mlflow-server"], cwd=project,
-                            env={**os.environ, "MLFLOW_PORT": str(port)}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    Path("local.yaml").write_text(f"extends: params.yaml\nplatform: {{mlflow_port: {port}}}\n")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("loraflow")), "service", "mlflow", "-p", "local.yaml"],
+                            cwd=project, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, lambda: proc.stdout.read().decode()[-2000:])
         served = registry.client(RegistryConfig(tracking_uri=f"http://127.0.0.1:{port}"))

@@ -70,3 +70,61 @@ def test_corrupt_traffic_log_names_file_and_line(clean, tmp_path):
     (tmp_path / "t.jsonl").write_text('{"prompt": "a", "response": "b"}\nnot json\n')
     with pytest.raises(ValueError, match=r"t\.jsonl:2: not a traffic record"):
         check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")), TASK)
+
+
+def _timed_log(path: Path, rows, start_s: int):
+    from datetime import datetime, timedelta, timezone
+
+    t0 = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    with open(path, "a") as fh:
+        for i, (prompt, response) in enumerate(rows):
+            fh.write(json.dumps({"ts": (t0 + timedelta(seconds=start_s + i)).isoformat(), "model": "m",
+                                 "status": 200, "prompt": prompt, "response": response}) + "\n")
+
+
+def test_a_judged_window_never_fires_again_and_the_next_holds_only_new_requests(clean, tmp_path):
+    from datetime import datetime, timezone
+
+    from pipeline.monitor.drift import check_drift
+
+    cfg = MonitorConfig(out_dir=str(tmp_path / "r"))
+    shifted = [("Could you explain in detail how to configure the enterprise single sign on " * 3,
+                '{"category": "technical", "priority": "low"}')] * 30
+    now = datetime(2026, 12, 2, tzinfo=timezone.utc)
+    _timed_log(tmp_path / "t.jsonl", shifted, 0)
+    first = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", cfg, TASK, "m", now=now)
+    assert first["drift"] and first["window"]["requests"] == 30 and first["window"]["after"] is None
+    assert "prompt_length" in first["drifted"]
+    again = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", cfg, TASK, "m", now=now)
+    assert again["status"] == "insufficient_data" and again["requests"] == 0 and not again["drift"]
+    rows = [json.loads(x)["messages"] for x in (clean / "eval/clean.jsonl").read_text().splitlines()]
+    _timed_log(tmp_path / "t.jsonl", [(m[0]["content"], m[1]["content"]) for m in rows[:40]], 1000)
+    third = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", cfg, TASK, "m", now=now)
+    assert third["window"]["requests"] == 40 and third["window"]["after"] == first["window"]["end"]
+    assert not third["drift"]  # only the new, in-distribution requests were judged
+
+
+def test_window_caps_by_count_and_age(clean, tmp_path):
+    from datetime import datetime, timezone
+
+    from pipeline.monitor.drift import check_drift
+
+    rows = [json.loads(x)["messages"] for x in (clean / "eval/clean.jsonl").read_text().splitlines()]
+    _timed_log(tmp_path / "t.jsonl", [(m[0]["content"], m[1]["content"]) for m in rows[:60]], 0)
+    now = datetime(2026, 12, 1, 0, 1, tzinfo=timezone.utc)  # 60 s after the first record
+    r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl",
+                    MonitorConfig(out_dir=str(tmp_path / "a"), window_requests=25), TASK, "m", now=now)
+    assert r["window"]["requests"] == 25 and r["window"]["start"].endswith("00:00:35+00:00")
+    r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl",
+                    MonitorConfig(out_dir=str(tmp_path / "b"), window_hours=30 / 3600), TASK, "m", now=now)
+    assert r["requests"] == 30  # records 30 s .. 59 s after the first, i.e. at most 30 s old
+
+
+def test_unreadable_window_state_is_an_error_not_a_fresh_start(clean, tmp_path):
+    from pipeline.monitor.drift import check_drift
+
+    _timed_log(tmp_path / "t.jsonl", [("hi", "{}")] * 3, 0)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r/window.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"window\.json: unreadable drift window state"):
+        check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")), TASK)
