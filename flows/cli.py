@@ -335,6 +335,12 @@ def service(name: str = typer.Argument(..., help="prefect-server | mlflow | work
     plat = platform_of(p, params)
     svc = next(s for s in services(plat, load_secrets(plat.state_dir)) if s.name == name)
     env = {**os.environ, **{k: v for k, v in svc.env.items() if not os.environ.get(k) or k == "PREFECT_HOME"}}
+    if name in ("prefect-server", "mlflow") and plat.database_url:
+        from pipeline.platform.services import ensure_databases
+
+        created = ensure_databases(plat.database_url)
+        if created:
+            _say(f"created databases {', '.join(created)}")
     if name == "worker":
         from flows.platform import ensure_prefect_objects, wait_for_prefect
 

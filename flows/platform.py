@@ -187,6 +187,11 @@ def _check(plat: Platform, svc: Service, record: dict) -> Callable[[], bool]:
 def up(plat: Platform, say: Callable[[str], None] = print) -> dict:
     """Start whatever is not running, create what is missing, wait for every health check."""
     started_at = time.monotonic()
+    vllm_python = Path(plat.p.serve.python)
+    vllm_python = vllm_python if vllm_python.is_absolute() else plat.root / vllm_python
+    if plat.cfg.serve and not plat.p.serve.url and not vllm_python.exists():
+        raise supervisor.PlatformError(f"serve.python: {plat.p.serve.python} not found: create vLLM's environment "
+                                       "with `make vllm-env` (or set platform.serve: false, or serve.url)")
     if plat.database_url:
         created = ensure_databases(plat.database_url)
         say(f"database: PostgreSQL {redact_url(plat.database_url)}"
