@@ -99,13 +99,19 @@ def demo(params: str = ParamsOpt, requests: int = typer.Option(40, help="sample 
 
 
 @app.command()
-def run(params: str = ParamsOpt) -> None:
+def run(params: str = ParamsOpt,
+        as_json: bool = typer.Option(False, "--json", help="print the whole run summary as JSON (for scripts)")) -> None:
     """Run the Prefect flow `retrain` (unchanged DVC stages are skipped; a running `loraflow serve` follows
     the alias by itself)."""
     _params(params)
     from flows.retrain import retrain
 
     summary = retrain(params_file=params)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
     for stage, r in summary.get("stages", {}).items():
         typer.echo(f"stage {stage:<9} {'ran' if r['ran'] else 'unchanged (skipped)':<20} {r['seconds']:>7.1f}s")
     if summary.get("message"):
@@ -188,13 +194,14 @@ def _run_gateway(p) -> None:
     signal.signal(signal.SIGTERM, on_term)
     try:
         endpoint.start_gateway()
-        typer.echo(f"endpoint: {endpoint.url}", color=False)
+        _say(f"gateway answering at {endpoint.url} (503 until a version is served)")
         if not wait_for_base(p, stop, _say):
             return
         endpoint.server = start_vllm(p, _say, api_key=key)
         endpoint.attach_backend()
         _register_webhook(p, endpoint.webhook_secret)
         _say(f"serving {endpoint.served()}; following @{p.registry.alias} every {p.serve.poll_interval_s:.0f}s")
+        typer.echo(f"endpoint: {endpoint.url}", color=False)  # the line scripts wait for: vLLM is ready
         endpoint.follow(stop)
     except KeyboardInterrupt:
         pass

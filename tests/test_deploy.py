@@ -89,12 +89,13 @@ def test_compose_overlay_points_at_compose_services():
     assert not p.monitor.retrain_on_drift  # the deployment trigger retrains; twice would be wrong
 
 
-def _compose_platform():
+def _compose_platform(monkeypatch):
     """The platform as the compose services resolve it: the overlay their LORAFLOW_PARAMS names, the
-    environment compose gives them, the image's working directory."""
+    environment compose gives them (the database URL, with a stand-in password), the image's working directory."""
     from flows.platform import platform_of
 
     env = SERVICES["prefect-worker"]["environment"]
+    monkeypatch.setenv("LORAFLOW_DATABASE_URL", re.sub(r"\$\{[^}]+\}", "pw", env["LORAFLOW_DATABASE_URL"]))
     p = load_params(ROOT / env["LORAFLOW_PARAMS"])
     return platform_of(p, env["LORAFLOW_PARAMS"], Path("/opt/loraflow")), env
 
@@ -110,9 +111,8 @@ def test_compose_runs_the_commands_loraflow_up_runs(monkeypatch):
     listens where compose publishes it and where its health check and the other services look."""
     from pipeline.platform.services import services
 
-    plat, env = _compose_platform()
+    plat, env = _compose_platform(monkeypatch)
     monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", SERVICES["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"])
-    monkeypatch.setattr("pipeline.platform.services.Path.mkdir", lambda *a, **k: None)
     specs = {s.name: s for s in services(plat, {k: "x" for k in ("LORAFLOW_WEBHOOK_SECRET", "LORAFLOW_API_KEYS",
                                                               "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY")})}
     assert SERVICES["mlflow"]["command"] == ["service", "mlflow"]
@@ -135,11 +135,12 @@ def test_compose_runs_the_commands_loraflow_up_runs(monkeypatch):
     assert SERVICES["serve-follower"]["ports"] == [f"{gw.gateway_port}:{gw.gateway_port}"]
     assert not plat.cfg.serve  # the endpoint is its own service, not started by the worker's platform
     # One database setting for both servers, from the environment (the password stays in .env).
-    assert env["LORAFLOW_DATABASE_URL"].startswith("postgresql://") and not plat.cfg.database_url
+    assert plat.database_url.startswith("postgresql://loraflow:pw@postgres:5432/") and not plat.cfg.database_url
+    assert "LORAFLOW_DATABASE_URL" in SERVICES["mlflow"]["environment"]
     init = (ROOT / "deploy/postgres/init.sql").read_text()
     from pipeline.platform.services import database_urls
 
-    for url in database_urls(env["LORAFLOW_DATABASE_URL"].replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}", "pw")):
+    for url in database_urls(plat.database_url):
         assert f"CREATE DATABASE {url.rsplit('/', 1)[1]};" in init
 
 
@@ -154,8 +155,8 @@ def _volume_of(service: str, container_path: str) -> tuple[str, str] | None:
     return best[:2] if best else None
 
 
-def test_compose_paths_one_service_writes_are_the_paths_another_reads():
-    plat, _ = _compose_platform()
+def test_compose_paths_one_service_writes_are_the_paths_another_reads(monkeypatch):
+    plat, _ = _compose_platform(monkeypatch)
     p, wd = plat.p, "/opt/loraflow/"
     # The gateway writes the request log; the worker's drift-check reads it.
     log = p.serve.traffic_log
@@ -177,10 +178,10 @@ def test_compose_paths_one_service_writes_are_the_paths_another_reads():
     assert vol is not None and vol[0] in COMPOSE["volumes"], resolved
 
 
-def test_compose_deployments_read_the_params_file_compose_mounts():
+def test_compose_deployments_read_the_params_file_compose_mounts(monkeypatch):
     from flows.platform import deployment_specs
 
-    plat, env = _compose_platform()
+    plat, env = _compose_platform(monkeypatch)
     for spec in deployment_specs(plat):
         assert spec["parameters"]["params_file"] == env["LORAFLOW_PARAMS"]
         if spec["trigger"]:

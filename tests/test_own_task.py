@@ -104,7 +104,7 @@ def test_own_sql_task_runs_end_to_end_and_keeps_every_valid_record(sql_project):
     env = {**os.environ, "LORAFLOW_DEBUG": "1"}
     env.pop("PREFECT_API_URL", None)  # embedded defaults, as a new user has them
     loraflow = Path(sys.executable).parent / "loraflow"
-    res = subprocess.run([str(loraflow), "run"], cwd=project, env=env, capture_output=True, text=True, timeout=1100)
+    res = subprocess.run([str(loraflow), "run", "--json"], cwd=project, env=env, capture_output=True, text=True, timeout=1100)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary, _ = json.JSONDecoder().raw_decode(res.stdout[res.stdout.index('{\n  "stages"'):])
 
