@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -385,13 +385,19 @@ class PlatformConfig(_Strict):
     drift_cooldown_minutes: float = Field(60.0, ge=0.0)
     startup_timeout_s: float = Field(180.0, gt=0.0)  # per service, until its health check answers
 
-    @model_validator(mode="after")
-    def _cron_and_database(self) -> "PlatformConfig":
-        if self.retrain_cron and len(self.retrain_cron.split()) != 5:
-            raise ValueError(f"retrain_cron: {self.retrain_cron!r} is not a 5-field cron expression")
-        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
-            raise ValueError("database_url: only postgresql://user:password@host:port/name (or empty for SQLite)")
-        return self
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if v and len(v.split()) != 5:
+            raise ValueError("not a 5-field cron expression (minute hour day month weekday)")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres(cls, v: str) -> str:
+        if v and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("only postgresql://user:password@host:port/name (or empty for SQLite)")
+        return v
 
 
 class DvcConfig(_Strict):
@@ -451,8 +457,8 @@ def _format_errors(path: Path, err: ValidationError) -> str:
             continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see params.yaml for the valid keys)"
-        got = e.get("input")
-        suffix = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        got = re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", repr(e.get("input")))  # no password in errors
+        suffix = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got})"
         lines.append(f"{path}: {key}: {msg}{suffix}")
     return "\n".join(lines)
 

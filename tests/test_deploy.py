@@ -172,7 +172,8 @@ def test_compose_paths_one_service_writes_are_the_paths_another_reads(monkeypatc
 
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / ".dvc/config")
-    remote = cfg[f'remote "{cfg["core"]["remote"]}"']["url"]
+    name = cfg["core"]["remote"]
+    remote = next(cfg[sec]["url"] for sec in cfg.sections() if sec.strip("'") == f'remote "{name}"')
     resolved = str(Path("/opt/loraflow/.dvc", remote).resolve()) if "://" not in remote else remote
     vol = _volume_of("prefect-worker", resolved)
     assert vol is not None and vol[0] in COMPOSE["volumes"], resolved

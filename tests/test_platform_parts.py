@@ -104,10 +104,10 @@ def test_platform_settings_are_validated_naming_the_key(tmp_path):
 
     f = tmp_path / "p.yaml"
     f.write_text("platform: {retrain_cron: 'every monday'}\n")
-    with pytest.raises(ConfigError, match=r"platform\.retrain_cron: .*5-field cron"):
+    with pytest.raises(ConfigError, match=r"p\.yaml: platform\.retrain_cron: not a 5-field cron"):
         load_params(f)
     f.write_text("platform: {database_url: 'mysql://x'}\n")
-    with pytest.raises(ConfigError, match=r"platform\.database_url: only postgresql"):
+    with pytest.raises(ConfigError, match=r"platform\.database_url: only postgresql.*\(got 'mysql://x'\)"):
         load_params(f)
 
 
@@ -172,3 +172,13 @@ def test_long_cards_fit_mlflow_description_column():
     d = version_description(card, "run1")
     assert len(d) <= MAX_DESCRIPTION and d.startswith("# m") and "runs:/run1/adapter/README.md" in d
     assert version_description("short", "r") == "short"
+
+
+def test_a_bad_database_url_is_reported_without_its_password(tmp_path):
+    from pipeline.config import ConfigError, load_params
+
+    f = tmp_path / "p.yaml"
+    f.write_text("platform: {database_url: 'mysql://app:hunter2@db/x'}\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(f)
+    assert "hunter2" not in str(err.value) and "app:***@db" in str(err.value)
