@@ -208,6 +208,10 @@ def platform_up(root: Path) -> tuple[Platform, float]:
     assert (root / "prefect.toml").is_file()
     again = plat.loraflow("up").stdout
     assert "nothing changed" in again and "started" not in again, again
+    # Before the first retrain the gateway already answers: authenticated, and "not ready" rather than "no such model".
+    assert httpx.get(f"{plat.gateway}/v1/models", timeout=10).status_code == 401
+    early = plat.chat("hello")
+    assert early.status_code == 503 and early.headers["retry-after"] and "no version loaded" in early.text
     return plat, took
 
 

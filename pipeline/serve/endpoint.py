@@ -92,7 +92,7 @@ class Endpoint:
         self.log = RequestLog(Path(p.serve.traffic_log), int(p.serve.log_max_mb * 2**20),
                               p.serve.log_retention_days, tuple(p.sanitize.phone_regions))
         app = build_app(self.routes, p.serve.base_url, key, self.keys, self.log,
-                        webhook_secret=self.webhook_secret, on_alias=self._on_alias)
+                        webhook_secret=self.webhook_secret, on_alias=self._on_alias, known=frozenset(self.models))
         self.gateway = GatewayServer(app, p.serve.gateway_host, p.serve.gateway_port).start()
         return self
 

@@ -244,10 +244,11 @@ def verify_webhook(secret: str, headers, body: bytes, seen: set[str]) -> str | N
 
 
 def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[str], log: RequestLog,
-              timeout_s: float = 300.0, webhook_secret: str = "", on_alias=None):
+              timeout_s: float = 300.0, webhook_secret: str = "", on_alias=None, known: frozenset[str] = frozenset()):
     """The Starlette app: /v1/models, /v1/chat/completions, /v1/completions, /health, and /hooks/mlflow
     (MLflow registry webhooks, HMAC-verified; only with a ``webhook_secret``): ``on_alias(name, alias,
-    version)`` runs for every authentic alias event."""
+    version)`` runs for every authentic alias event. ``known``: names this endpoint serves once a version is
+    loaded (503 with Retry-After until then, instead of 404)."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route as Endpoint
@@ -289,6 +290,11 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         if problem:
             return _error(400, problem, "invalid_request")
         route = routes.acquire(body["model"])
+        if route is None and body["model"] in known:
+            resp = _error(503, f"the model '{body['model']}' has no version loaded yet (starting, or its base model "
+                               "is being swapped); retry shortly", "model_not_ready")
+            resp.headers["Retry-After"] = "10"
+            return resp
         if route is None:
             return _error(404, f"the model '{body['model']}' does not exist; GET /v1/models lists the served names",
                           "model_not_found")
