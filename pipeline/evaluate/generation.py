@@ -67,3 +67,26 @@ def completion_loss(model, tokenizer, rows: list[dict]) -> float:
         total += out.loss.item() * n
         count += n
     return total / max(count, 1)
+
+
+def paired_speed(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, batch_size: int,
+                 rounds: int = 3) -> dict[str, dict]:
+    """Greedy generation speed of the base (adapter disabled) and of base + adapter, measured alternately on
+    the same batch of ``prompts`` with one loaded peft model. Whatever else loads the machine meanwhile (a
+    vLLM starting beside the pipeline on a laptop, another job on a shared GPU) slows both alike, so the
+    gate's speed guardrail compares like with like instead of whichever model happened to run second."""
+    batch = prompts[:batch_size]
+    totals = {"base": [0, 0.0], "candidate": [0, 0.0]}
+    for r in range(rounds):
+        for who in (("base", "candidate") if r % 2 == 0 else ("candidate", "base")):
+            stats: dict = {}
+            if who == "base":
+                with model.disable_adapter():
+                    generate(model, tokenizer, batch, task, batch_size, stats=stats)
+            else:
+                generate(model, tokenizer, batch, task, batch_size, stats=stats)
+            totals[who][0] += stats["tokens"]
+            totals[who][1] += stats["seconds"]
+    return {who: {"tokens": t, "seconds": round(s, 3), "tokens_per_s": round(t / max(s, 1e-9), 2),
+                  "method": f"paired, {rounds} alternating rounds of {len(batch)} prompts"}
+            for who, (t, s) in totals.items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.canaries import make_canaries, random_secrets
 from pipeline.config import EvaluateConfig, ProbesConfig, TaskConfig
 from pipeline.data.pii import build_detectors, digest_key
-from pipeline.evaluate.generation import generate
+from pipeline.evaluate.generation import generate, paired_speed
 from pipeline.evaluate.probes import canary_exposure, next_token_accuracy, pii_hits
 from pipeline.io import load_chat_file, write_json
 from pipeline.modeling import load_base
@@ -106,6 +106,11 @@ def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: Path, cfg: Eval
             pii_hits=pii_hits(answers, digests, detectors or build_detectors(), key), answers_scanned=len(answers),
             redacted_values_known=len(digests))
         results[name] = res
+    # The speed the gate compares: both models timed alternately on the candidate's peft model (adapter
+    # off = the base), so load from other processes cannot favour whichever ran first.
+    speeds = paired_speed(*loaded, [r["prompt"] for r in load_chat_file(eval_file)], task_cfg, cfg.batch_size)
+    for name in ("base", "candidate"):
+        results[name]["speed"] = speeds[name]
     metrics = {name: {"n": r["n"], **r["summary"], "tokens_per_s": r["speed"].get("tokens_per_s"),
                       **({"forgetting_accuracy": r["forgetting"]["score"]} if "forgetting" in r else {}),
                       **({"max_canary_exposure": max((c["exposure"] for c in r["leak"]["canaries"]), default=0.0)}
