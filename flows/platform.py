@@ -66,17 +66,18 @@ def deployment_specs(plat: Platform) -> list[dict]:
     ]
 
 
-def _spec_tag(spec: dict, root: Path, env: dict) -> str:
-    blob = json.dumps({**spec, "root": str(root), "env": env}, sort_keys=True, default=str)
+def _spec_tag(spec: dict, root: Path) -> str:
+    blob = json.dumps({**spec, "root": str(root)}, sort_keys=True, default=str)
     return "loraflow-spec-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def ensure_prefect_objects(plat: Platform, say: Callable[[str], None] = print, job_env: dict | None = None) -> list[str]:
+def ensure_prefect_objects(plat: Platform, say: Callable[[str], None] = print) -> list[str]:
     """Work pool, per-model retrain concurrency limit (1) and the deployments; idempotent. Returns what
     changed (empty: everything already as configured)."""
     from prefect import Flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
     from prefect.events import DeploymentEventTrigger
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
@@ -98,8 +99,7 @@ def ensure_prefect_objects(plat: Platform, say: Callable[[str], None] = print, j
             changed.append(f"concurrency limit {limit} = 1 created")
         for spec in deployment_specs(plat):
             full = f"{spec['flow']}/{spec['name']}"
-            env = dict(job_env or {})
-            tag = _spec_tag(spec, plat.root, env)
+            tag = _spec_tag(spec, plat.root)
             try:
                 existing = client.read_deployment_by_name(full)
                 if tag in (existing.tags or []) and existing.work_pool_name == pool:
@@ -112,16 +112,11 @@ def ensure_prefect_objects(plat: Platform, say: Callable[[str], None] = print, j
                                                match=trig["match"], parameters=trig["parameters"])] if trig else []
             schedules = []
             for s in spec["schedules"]:
-                if "cron" in s:
-                    from prefect.client.schemas.schedules import CronSchedule
-                    schedules.append(CronSchedule(cron=s["cron"], timezone=s["timezone"]))
-                else:
-                    from prefect.client.schemas.schedules import IntervalSchedule
-                    schedules.append(IntervalSchedule(interval=timedelta(seconds=s["interval"])))
+                schedules.append(CronSchedule(cron=s["cron"], timezone=s["timezone"]) if "cron" in s
+                                 else IntervalSchedule(interval=timedelta(seconds=s["interval"])))
             dep = flow.to_deployment(name=spec["name"], description=spec["description"], parameters=spec["parameters"],
                                      schedules=schedules, triggers=triggers, tags=["loraflow", tag],
-                                     job_variables={"env": env, "working_dir": str(plat.root)} if env else
-                                     {"working_dir": str(plat.root)})
+                                     job_variables={"working_dir": str(plat.root)})
             dep.apply(work_pool_name=pool)
             changed.append(f"deployment {full} {'updated' if existing else 'created'}")
     for line in changed:
