@@ -366,14 +366,11 @@ def _served_status(p) -> None:
 
     from pipeline.serve.gateway import KEYS_ENV, env_keys
 
-    host = "127.0.0.1" if p.serve.gateway_host in ("0.0.0.0", "::") else p.serve.gateway_host
-    url = f"http://{host}:{p.serve.gateway_port}/v1/models"
-    key = next(iter(env_keys()), "")
-    secrets_file = Path(p.platform.state_dir) / "secrets.env"
-    if not key and secrets_file.is_file():  # the key `loraflow up` generated
-        for line in secrets_file.read_text(encoding="utf-8").splitlines():
-            if line.startswith(f"{KEYS_ENV}="):
-                key = line.split("=", 1)[1].split(",")[0].strip()
+    from pipeline.platform.services import loopback, stored_secrets
+
+    url = f"http://{loopback(p.serve.gateway_host)}:{p.serve.gateway_port}/v1/models"
+    # Else the key `loraflow up` generated.
+    key = next(iter(env_keys()), "") or stored_secrets(Path(p.platform.state_dir)).get(KEYS_ENV, "").split(",")[0]
     try:
         r = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=5)
     except httpx.HTTPError:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.config import Params
+from pipeline.config import TRACKING_URI_ENV, Params
 from pipeline.platform import supervisor
 from pipeline.platform.services import (SERVICE_NAMES, Platform, Service, ensure_databases, load_secrets,
                                         redact_url, services)
@@ -225,7 +225,7 @@ def up(plat: Platform, say: Callable[[str], None] = print) -> dict:
         if not any(supervisor.alive(supervisor.read_record(run_dir, n)) for n in SERVICE_NAMES):
             remove_prefect_toml(plat.root)
         raise
-    client_env = {"PREFECT_API_URL": plat.prefect_api_url, "LORAFLOW_TRACKING_URI": plat.mlflow_url}
+    client_env = {"PREFECT_API_URL": plat.prefect_api_url, TRACKING_URI_ENV: plat.mlflow_url}
     (run_dir / "platform.json").write_text(json.dumps({"run_dir": str(run_dir), "client_env": client_env,
                                                        "gateway": plat.gateway_url}, indent=2), encoding="utf-8")
     for line in lines:
@@ -250,9 +250,9 @@ def down(plat: Platform, say: Callable[[str], None] = print) -> dict:
 
 
 def status(plat: Platform) -> dict:
-    """Services, deployments (next scheduled run), champion and served version of the model."""
+    """Services (up/down, URL, PID) and deployments (next scheduled run)."""
     urls = {"worker": f"work pool {plat.cfg.work_pool}"}
-    out = {"services": [], "deployments": [], "model": {}}
+    out = {"services": [], "deployments": []}
     for st in supervisor.states(plat.run_dir, list(SERVICE_NAMES), urls):
         out["services"].append({"name": st.name, "up": st.running, "url": st.url, "pid": st.pid})
     if supervisor.http_ok(f"{plat.prefect_api_url}/health"):

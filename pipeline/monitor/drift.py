@@ -131,11 +131,7 @@ def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cf
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = build_task(task_cfg)
-    if not traffic_files(traffic_log):  # nothing served yet (a log that exists but cannot be read raises)
-        result = {"status": "insufficient_data", "requests": 0, "min_requests": cfg.min_requests, "drift": False,
-                  "window": {"start": None, "end": None, "after": None, "requests": 0}}
-        write_json(out / "drift.json", result)
-        return result
+    # Nothing served yet is no log at all: an empty window (a log that exists but cannot be read raises).
     current, window = traffic_frame(traffic_log, task, model, window_state(out), cfg, now)
     if len(current) < cfg.min_requests:
         result = {"status": "insufficient_data", "requests": len(current), "min_requests": cfg.min_requests,

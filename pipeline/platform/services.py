@@ -28,6 +28,11 @@ SECRET_NAMES = ("LORAFLOW_WEBHOOK_SECRET", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY
 SERVICE_NAMES = ("prefect-server", "mlflow", "worker", "serve")
 
 
+def loopback(host: str) -> str:
+    """How this machine's clients reach a server bound to ``host`` (all interfaces: via 127.0.0.1)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -62,7 +67,7 @@ class Platform:
     @property
     def connect_host(self) -> str:
         """How this machine's clients reach a service bound to ``platform.host``."""
-        return "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::", "") else self.cfg.host
+        return loopback(self.cfg.host)
 
     @property
     def prefect_api_url(self) -> str:
@@ -78,8 +83,7 @@ class Platform:
 
     @property
     def gateway_url(self) -> str:
-        host = "127.0.0.1" if self.p.serve.gateway_host in ("0.0.0.0", "::") else self.p.serve.gateway_host
-        return f"http://{host}:{self.p.serve.gateway_port}"
+        return f"http://{loopback(self.p.serve.gateway_host)}:{self.p.serve.gateway_port}"
 
 
 def database_urls(url: str) -> tuple[str, str]:
@@ -100,9 +104,8 @@ def redact_url(url: str) -> str:
     return url
 
 
-def load_secrets(state_dir: Path) -> dict[str, str]:
-    """The platform's secrets: the environment's where set, else the generated ones in secrets.env (made
-    once, mode 0600, so a restart keeps webhook signatures and client keys valid)."""
+def stored_secrets(state_dir: Path) -> dict[str, str]:
+    """What ``load_secrets`` generated into ``<state_dir>/secrets.env`` (empty when nothing was)."""
     path = state_dir / "secrets.env"
     stored: dict[str, str] = {}
     if path.is_file():
@@ -110,6 +113,14 @@ def load_secrets(state_dir: Path) -> dict[str, str]:
             key, sep, value = line.partition("=")
             if sep and not key.startswith("#"):
                 stored[key.strip()] = value.strip()
+    return stored
+
+
+def load_secrets(state_dir: Path) -> dict[str, str]:
+    """The platform's secrets: the environment's where set, else the generated ones in secrets.env (made
+    once, mode 0600, so a restart keeps webhook signatures and client keys valid)."""
+    path = state_dir / "secrets.env"
+    stored = stored_secrets(state_dir)
     missing = [k for k in SECRET_NAMES if k not in stored]
     if missing:
         for key in missing:

@@ -34,7 +34,6 @@ class ServiceState:
     running: bool
     pid: int | None
     url: str
-    healthy: bool | None = None
 
 
 def _record(run_dir: Path, name: str) -> Path:
