@@ -32,7 +32,7 @@ from pipeline.evaluate.generation import completion_loss, generate  # noqa: E402
 from pipeline.io import load_chat_file  # noqa: E402
 from pipeline.modeling import load_base  # noqa: E402
 from pipeline.tasks import build_task  # noqa: E402
-from pipeline.train.base_model import build_builtin  # noqa: E402
+from pipeline.base.builtin import build_builtin  # noqa: E402
 from pipeline.train.trainer import train  # noqa: E402
 
 FIRST = ["Maria", "Jonas", "Aiko", "Pedro", "Fatima", "Liam", "Chen", "Olga", "Kwame", "Sofia", "Ravi", "Noor"]

@@ -34,11 +34,11 @@ from pipeline.config import BaseModelConfig, RegistryConfig, SanitizeConfig, Ser
 from pipeline.data.sanitize import sanitize_files  # noqa: E402
 from pipeline.hashing import dir_sha256  # noqa: E402
 from pipeline.io import load_chat_file  # noqa: E402
-from pipeline.release import registry  # noqa: E402
+from pipeline import registry  # noqa: E402
 from pipeline.serve.follow import Follower  # noqa: E402
 from pipeline.serve.gateway import GatewayServer, RequestLog, Route, Routes, build_app  # noqa: E402
 from pipeline.serve.vllm import VLLMServer  # noqa: E402
-from pipeline.train.base_model import build_builtin  # noqa: E402
+from pipeline.base.builtin import build_builtin  # noqa: E402
 from pipeline.train.trainer import train  # noqa: E402
 
 KEY = "bench-client-key"

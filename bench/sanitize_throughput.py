@@ -30,9 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.data import pii  # noqa: E402
+from pipeline import pii  # noqa: E402
 from pipeline.config import SanitizeConfig  # noqa: E402
-from pipeline.data.dedup import Deduplicator, jaccard, shingles  # noqa: E402
+from pipeline.dedup import Deduplicator, jaccard, shingles  # noqa: E402
 from pipeline.data.sanitize import sanitize_files  # noqa: E402
 
 WORDS = ("the order parcel invoice account password login refund delivery tracking app crashes settings "

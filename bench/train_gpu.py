@@ -105,7 +105,7 @@ def build_model(name: str, out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.train.base_model import build_tokenizer
+    from pipeline.base.builtin import build_tokenizer
     from pipeline.config import BaseModelConfig
 
     if (out / "config.json").is_file():

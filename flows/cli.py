@@ -214,7 +214,7 @@ def _register_webhook(p, secret: str) -> None:
     """Alias moves reach the gateway at once when MLflow is a server (webhooks need one); polling otherwise."""
     if not secret or not p.registry.tracking_uri.startswith(("http://", "https://")):
         return
-    from pipeline.release import registry
+    from pipeline import registry
 
     hook_url = p.serve.webhook_url or f"http://{p.serve.gateway_host}:{p.serve.gateway_port}/hooks/mlflow"
     try:
@@ -228,7 +228,7 @@ def _register_webhook(p, secret: str) -> None:
 def promote(version: int, params: str = ParamsOpt) -> None:
     """Move the champion alias to VERSION (serving follows it)."""
     p = _params(params)
-    from pipeline.release import registry
+    from pipeline import registry
 
     info = registry.promote(p.registry, p.project.name, version)
     typer.echo(f"{info.name}@{p.registry.alias} -> v{info.version}")
@@ -238,7 +238,7 @@ def promote(version: int, params: str = ParamsOpt) -> None:
 def rollback(params: str = ParamsOpt) -> None:
     """Move the champion alias back to the version it pointed at before."""
     p = _params(params)
-    from pipeline.release import registry
+    from pipeline import registry
 
     try:
         info = registry.rollback(p.registry, p.project.name)
@@ -270,7 +270,7 @@ def status(params: str = ParamsOpt) -> None:
     holds the alias and which one the gateway serves."""
     p = _params(params)
     from flows.platform import platform_of, status as platform_status
-    from pipeline.release import registry
+    from pipeline import registry
 
     st = platform_status(platform_of(p, params))
     for svc in st["services"]:

@@ -22,7 +22,7 @@ from pipeline.config import Params
 from pipeline.io import load_chat_file, read_json, write_json
 from pipeline.serve.endpoint import Endpoint, start_vllm
 from pipeline.serve.gateway import env_keys
-from pipeline.stages import clean_split
+from pipeline.layout import clean_split
 from pipeline.tasks import build_task
 
 SUMMARY_FILE = Path("reports/last-run.json")

@@ -19,8 +19,8 @@ from prefect.events import emit_event
 
 from pipeline.config import ConfigError, load_params
 from pipeline.monitor.drift import check_drift
-from pipeline.release import registry
-from pipeline.stages import augmented_file
+from pipeline import registry
+from pipeline.layout import augmented_file
 
 
 @task(name="evidently-drift")

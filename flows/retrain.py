@@ -23,7 +23,9 @@ from prefect.events import emit_event
 from prefect.states import Completed
 
 from pipeline import dvc_runner
-from pipeline.release import promotion, registry
+from pipeline import registry
+from pipeline.release import promotion
+from pipeline.stages import rescorer
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.release.lock import retrain_lock
 
@@ -49,7 +51,7 @@ def release(p: Params) -> dict:
     (pipeline/release/promotion.py)."""
     logger = get_run_logger()
     candidate, base = promotion.candidate_score(p)
-    result = promotion.release(p, candidate, base, say=logger.info)
+    result = promotion.release(p, candidate, base, rescorer(p), say=logger.info)
     resource = {"prefect.resource.id": f"mlflow.model.{p.project.name}"}
     if result["newly_registered"]:
         emit_event("loraflow.model.registered", resource=resource,

@@ -29,16 +29,15 @@ class ProjectConfig(_Strict):
 
 
 def copy_circuit_fits(hidden_size: int, num_heads: int, num_layers: int) -> bool:
-    """Room for the seeded copy circuit (pipeline/train/circuits.py): two layers, and a constant plus three
+    """Room for the seeded copy circuit (pipeline/base/circuits.py): two layers, and a constant plus three
     head-wide blocks in the residual stream."""
     return num_layers >= 2 and 3 * (hidden_size // num_heads) + 1 <= hidden_size
 
 
-class BaseModelConfig(_Strict):
-    # "builtin:tiny-llama" builds a tiny Llama + tokenizer locally (no hub access needed);
-    # anything else goes through from_pretrained (a hub id or a local path).
-    model: str = "builtin:tiny-llama"
-    out_dir: str = "artifacts/base"
+class BuiltinBaseConfig(_Strict):
+    """The embedded default base (``base.model: builtin:tiny-llama``, pipeline/base/builtin.py): a tiny Llama
+    built and pretrained here, because no model hub is reachable at run time. Real models ignore all of it."""
+
     hidden_size: int = Field(256, gt=0)
     intermediate_size: int = Field(512, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -46,34 +45,59 @@ class BaseModelConfig(_Strict):
     vocab_size: int = Field(2048, ge=300)
     max_position_embeddings: int = Field(512, ge=64)
     seed: int = 0
-    # Pretraining of the builtin model (causal LM, full parameters) on the training prompts, their answers
-    # as separate documents, the generic chat and a synthetic copy curriculum; 0 steps = none. 900 steps
-    # of 32 x 128 tokens take ~4.5 minutes on 2 CPU cores (docs/benchmarks.md).
+    # Pretraining (causal LM, full parameters) on the training prompts, their answers as separate documents,
+    # the generic chat and a synthetic copy curriculum; 0 steps = none. 900 steps of 32 x 128 tokens take
+    # ~4.5 minutes on 2 CPU cores (docs/benchmarks.md).
     pretrain_steps: int = Field(900, ge=0)
     pretrain_batch_size: int = Field(32, gt=0)
     pretrain_seq_len: int = Field(128, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0.0)
     curriculum_share: float = Field(0.5, ge=0.0, le=1.0)  # share of synthetic copy/lookup conversations
     rope_theta: float = Field(1e6, gt=0.0)  # large: the copy circuit matches tokens on slowly rotating pairs
-    copy_circuit: bool = True  # start from a working induction head (pipeline/train/circuits.py)
+    copy_circuit: bool = True  # start from a working induction head (pipeline/base/circuits.py)
     # Multiplies the output layer after pretraining. LoRA does not adapt lm_head (TRL computes
     # log-probs from its weight directly), and a 256-wide base's output rows are too close together for an
     # adapter to reach confident answers: measured, 0.86 probability on the right label at best with 1.0.
     output_scale: float = Field(2.0, gt=0.0)
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "BaseModelConfig":
+    def _heads_divide_hidden(self) -> "BuiltinBaseConfig":
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         head_dim = self.hidden_size // self.num_heads
-        if self.is_builtin and self.copy_circuit and not copy_circuit_fits(self.hidden_size, self.num_heads,
-                                                                           self.num_layers):
+        if self.copy_circuit and not copy_circuit_fits(self.hidden_size, self.num_heads, self.num_layers):
             raise ValueError(f"copy_circuit needs num_layers >= 2 and hidden_size >= 3 * head_dim + 1 (got "
                              f"{self.num_layers} layers, hidden_size {self.hidden_size}, head_dim {head_dim}); "
                              "set copy_circuit: false for such a shape")
         return self
+
+
+def _moved(section: str, moves: dict[str, str]):
+    """A before-validator: keys of an earlier params layout fail with where they live now."""
+
+    def check(cls, raw: Any) -> Any:
+        found = [f"{section}.{old}: moved to {new}" for old, new in moves.items() if isinstance(raw, dict) and old in raw]
+        if found:
+            raise ValueError("\n".join(found))
+        return raw
+
+    return model_validator(mode="before")(classmethod(check))
+
+
+class BaseModelConfig(_Strict):
+    # "builtin:tiny-llama" builds the embedded tiny Llama + tokenizer (no hub access needed); anything else
+    # is a Hugging Face id or a local folder, read with from_pretrained where it is (never copied into DVC).
+    model: str = "builtin:tiny-llama"
+    revision: str = ""  # hub branch, tag or commit for a hub id (empty = main); the resolved commit is recorded
+    out_dir: str = "artifacts/base"
+    # What the base is built from (stage base_inputs): hashes of the sanitized text for the embedded base,
+    # nothing for a pretrained one, so only the embedded base is rebuilt when the training data changes.
+    inputs_file: str = "artifacts/base_inputs.json"
+    builtin: BuiltinBaseConfig = BuiltinBaseConfig()
+
+    _moved_keys = _moved("base", {k: f"base.builtin.{k}" for k in BuiltinBaseConfig.model_fields})
 
     @property
     def is_builtin(self) -> bool:
@@ -221,7 +245,38 @@ class AugmentConfig(_Strict):
     seed: int = 0
 
 
+# TRL settings loraflow chooses itself: output_dir is the resumable checkpoint folder, the device is detected
+# once, checkpoints are step-based for resuming, the metrics need token counts, early stopping owns the
+# best-model selection, and packing is loraflow's setting (it also picks the attention kernel).
+TRL_OWNED: dict[str, str] = {
+    "output_dir": "train.checkpoint_dir", "use_cpu": "the detected device", "packing": "train.packing",
+    "save_strategy": "step checkpoints (resumable runs)", "include_num_input_tokens_seen": "the train metrics",
+    "load_best_model_at_end": "train.early_stopping_patience", "metric_for_best_model": "train.early_stopping_patience",
+}
+# loraflow's defaults, under the user's train.trl (TRL's own defaults apply to everything else). The learning
+# rate suits the embedded tiny base; lower it for real models (1e-4).
+TRL_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-3, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "num_train_epochs": 6.0,
+    "max_steps": -1, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "max_length": 160,
+    "seed": 0, "logging_steps": 5, "save_steps": 50, "save_total_limit": 2, "report_to": "none",
+    # LoRA uses every trainable parameter each step; DDP's search for unused ones is a wasted pass.
+    "ddp_find_unused_parameters": False,
+}
+DPO_DEFAULTS: dict[str, Any] = {"beta": 0.1}
+# Keys of the earlier layout that are TRL's own settings now (train.trl.<TRL name>).
+_TRAIN_MOVED = {
+    "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler_type", "warmup_ratio": "warmup_steps",
+    "epochs": "num_train_epochs", "max_steps": "max_steps", "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps", "max_length": "max_length", "liger_kernels": "use_liger_kernel",
+    "torch_compile": "torch_compile", "gradient_checkpointing": "gradient_checkpointing", "seed": "seed",
+    "logging_steps": "logging_steps", "checkpoint_steps": "save_steps", "dpo_beta": "beta",
+    "dataloader_workers": "dataloader_num_workers",
+}
+
+
 class TrainConfig(_Strict):
+    """loraflow's own training settings; everything TRL configures goes through ``trl:`` unchanged."""
+
     out_dir: str = "artifacts/adapter"
     method: Literal["sft", "dpo"] = "sft"
     adapter: Literal["lora", "qlora", "dora"] = "lora"  # qlora: 4-bit NF4 base via bitsandbytes (CUDA)
@@ -229,46 +284,49 @@ class TrainConfig(_Strict):
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
-    learning_rate: float = Field(2e-3, gt=0.0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
-                          "polynomial", "inverse_sqrt"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    epochs: float = Field(6.0, gt=0.0)
-    max_steps: int = -1  # >0 overrides epochs
-    batch_size: int = Field(16, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    max_length: int = Field(160, ge=16)
     packing: bool = False  # best-fit packing into full sequences, padding-free (block-diagonal attention)
     # auto: on CUDA with packing, PyTorch's varlen flash attention (attends within each packed document
     # instead of over a dense block-diagonal mask); otherwise sdpa.
     attention: Literal["auto", "sdpa", "varlen", "eager"] = "auto"
-    liger_kernels: bool = False  # Liger's fused RMSNorm/RoPE/SwiGLU Triton kernels (CUDA)
-    torch_compile: bool = False
     # One autograd node per LoRA projection (base matmul, A, B, scale and add), the 4-bit weight
     # re-dequantized in the backward; layers peft computes differently keep peft's forward.
     fused_lora: bool = True
-    # Batches collated ahead in worker processes into pinned memory, copied without blocking.
-    dataloader_workers: int = Field(0, ge=0)
-    # Trades compute for memory; off by default because the CPU demo model is tiny.
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    logging_steps: int = Field(5, gt=0)
     # Checkpoints for resuming a killed run live outside the DVC output (DVC clears outputs before a
     # stage runs); they are keyed by the config and input hashes, so a changed run never resumes a stale one.
     checkpoint_dir: str = "artifacts/checkpoints"
-    checkpoint_steps: int = Field(50, gt=0)
     early_stopping_patience: int = Field(0, ge=0)  # evaluations without eval-loss improvement; 0 = off
     # A share of generic instruction data mixed into training limits forgetting of general skills.
     generic_fraction: float = Field(0.0, ge=0.0, le=0.5)
-    dpo_beta: float = Field(0.1, gt=0.0)
     merge_export: bool = False  # also write base+adapter merged (loadable by vLLM and transformers)
     gpu_hour_price: float = Field(0.0, ge=0.0)  # currency units per GPU-hour, for the cost estimate
+    # TRL's SFTConfig / DPOConfig fields, passed through over TRL_DEFAULTS; checked against the installed
+    # TRL when training starts (pipeline/train/trl_args.py).
+    trl: dict[str, Any] = {}
+
+    _moved_keys = _moved("train", {k: f"train.trl.{v}" for k, v in _TRAIN_MOVED.items()})
+
+    @field_validator("trl")
+    @classmethod
+    def _trl_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key in TRL_OWNED:
+                raise ValueError(f"train.trl.{key}: set by loraflow ({TRL_OWNED[key]}), not through train.trl")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         if self.method == "dpo" and self.packing:
             raise ValueError("packing is not supported with method: dpo")
         return self
+
+    def trl_value(self, key: str) -> Any:
+        """A TRL setting as this run uses it (the user's, else loraflow's default, else None)."""
+        defaults = {**TRL_DEFAULTS, **(DPO_DEFAULTS if self.method == "dpo" else {})}
+        return self.trl.get(key, defaults.get(key))
+
+    @property
+    def seed(self) -> int:
+        return int(self.trl_value("seed"))
 
 
 class EvaluateConfig(_Strict):
@@ -451,6 +509,10 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        named = re.findall(r"^([a-z_]+\.[a-z_.]+): (.*)$", msg, re.M)
+        if key and named and all(k.startswith(key + ".") for k, _ in named):  # the check named a deeper key
+            lines.extend(f"{path}: {k}: {m}" for k, m in named)
+            continue
         if not key:  # a cross-section check names its key at the start of its message
             key, _, msg = msg.partition(": ") if re.match(r"[a-z_]+\.[a-z_.]+: ", msg) else ("<root>", "", msg)
             lines.append(f"{path}: {key}: {msg}")

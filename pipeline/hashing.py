@@ -21,10 +21,3 @@ def dir_sha256(path: Path) -> str:
         h.update(str(f.relative_to(path)).encode())
         h.update(file_sha256(f).encode())
     return h.hexdigest()
-
-
-def base_weights_sha256(base_dir: Path) -> str:
-    """The identity of a base model's weights: its one safetensors file's digest, or the whole folder's.
-    Versions carry it (``base_weights_sha256``) so serving can tell which base an adapter needs."""
-    weights = sorted(Path(base_dir).glob("*.safetensors"))
-    return file_sha256(weights[0]) if len(weights) == 1 else dir_sha256(base_dir)

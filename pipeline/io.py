@@ -31,3 +31,11 @@ def load_chat_file(path: Path) -> list[dict]:
             msgs = json.loads(line)["messages"]
             rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
     return rows
+
+
+def first_prompts(path: Path, n: int = 3, max_chars: int = 1500) -> list[list[dict]]:
+    """The first ``n`` prompts of a sanitized chat file, each message cut to ``max_chars`` (they travel in
+    MLflow tags, which are bounded): the held-out prompts a served version's smoke test asks."""
+    path = Path(path)
+    rows = load_chat_file(path)[:n] if path.is_file() and path.stat().st_size else []
+    return [[{**m, "content": m["content"][:max_chars]} for m in r["prompt"]] for r in rows]

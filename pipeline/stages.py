@@ -3,9 +3,9 @@
     python -m pipeline <stage>      # what each dvc.yaml stage runs
     python -m pipeline --list
 
-Paths are relative to the project root (the directory holding ``dvc.yaml``). Every folder comes from a
-``<stage>.out_dir`` parameter, and dvc.yaml names the same parameters (``${sanitize.out_dir}``), so the
-params and the DVC outs are one source; the file names inside each folder are fixed here.
+This is the composition root: the one module (with ``flows/``) that imports several stages and passes one
+stage's results to another (docs/architecture.md, "Import rules"). Paths are relative to the project root;
+where each file lives is ``pipeline/layout.py``.
 """
 
 from __future__ import annotations
@@ -15,19 +15,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, Params
 from pipeline.io import write_json
-
-
-def clean_split(p: Params, split: str) -> Path:
-    """``train``, ``eval``, ``preference``, ``generic`` or ``forgetting``: the sanitized records of that input."""
-    return Path(p.sanitize.out_dir) / split / "clean.jsonl"
-
-
-def validation_file(p: Params) -> Path:
-    return Path(p.sanitize.out_dir) / "train" / "validation.jsonl"
-
-
-def augmented_file(p: Params) -> Path:
-    return Path(p.augment.out_dir) / "train.jsonl"
+from pipeline.layout import PII_DIGESTS, augmented_file, base_inputs_file, clean_split, pii_digest_files, validation_file
 
 
 def sanitize(p: Params) -> dict:
@@ -71,8 +59,6 @@ def sanitize(p: Params) -> dict:
 
 def _empty(path: Path) -> None:
     """An input that is not configured: empty clean and digest files (dvc.yaml declares them as deps)."""
-    from pipeline.data.sanitize import PII_DIGESTS
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("", encoding="utf-8")
     (path.parent / PII_DIGESTS).write_text("", encoding="utf-8")
@@ -82,11 +68,16 @@ def _nonempty(path: Path) -> Path | None:
     return path if path.is_file() and path.stat().st_size else None
 
 
-def base(p: Params) -> dict:
-    from pipeline.train.base_model import build_base
+def base_inputs(p: Params) -> dict:
+    from pipeline.base import write_inputs
 
-    generic = [f for f in (clean_split(p, "generic"),) if _nonempty(f)]
-    out = build_base(p.base, [clean_split(p, "train")], chat_files=generic)
+    return write_inputs(p.base, [clean_split(p, "train")], [clean_split(p, "generic")], base_inputs_file(p))
+
+
+def base(p: Params) -> dict:
+    from pipeline.base import build_base
+
+    out = build_base(p.base, base_inputs_file(p))
     return {"base_dir": str(out), "model": p.base.model}
 
 
@@ -112,17 +103,26 @@ def train(p: Params) -> dict:
 
 
 def evaluate(p: Params) -> dict:
-    from pipeline.data.pii import build_detectors
-    from pipeline.data.sanitize import PII_DIGESTS
     from pipeline.evaluate.scoring import evaluate_stage
+    from pipeline.pii import build_detectors
 
-    digests = [Path(p.sanitize.out_dir) / split / PII_DIGESTS for split in ("train", "eval", "generic", "preference")]
     return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), clean_split(p, "eval"), p.evaluate, p.task,
                           forgetting_file=_nonempty(clean_split(p, "forgetting")), probes=p.probes,
-                          pii_digest_files=digests,
+                          pii_digest_files=pii_digest_files(p),
                           detectors=build_detectors(tuple(p.sanitize.phone_regions), p.sanitize.custom_pii))
 
 
+def rescorer(p: Params) -> Callable[[Path], dict]:
+    """How the release re-scores the champion's adapter on today's eval split (the evaluate stage's code)."""
+    from pipeline.evaluate.scoring import evaluate_model
+
+    def rescore(adapter_dir: Path) -> dict:
+        return evaluate_model(Path(p.base.out_dir), adapter_dir, clean_split(p, "eval"), p.evaluate, p.task)
+
+    return rescore
+
+
 STAGES: dict[str, Callable[[Params], dict]] = {
-    "sanitize": sanitize, "base": base, "augment": augment, "train": train, "evaluate": evaluate,
+    "sanitize": sanitize, "base_inputs": base_inputs, "base": base, "augment": augment, "train": train,
+    "evaluate": evaluate,
 }

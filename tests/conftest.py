@@ -56,7 +56,7 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 1-layer, hidden-64 Llama with the project's tokenizer, built from the committed demo data."""
-    from pipeline.train.base_model import build_builtin
+    from pipeline.base.builtin import build_builtin
     from pipeline.config import BaseModelConfig
 
     out = tmp_path_factory.mktemp("tiny-base")

@@ -3,7 +3,8 @@ from pathlib import Path
 
 from pipeline.augment.synthesize import augment
 from pipeline.config import AugmentConfig, SanitizeConfig, TaskConfig
-from pipeline.data.sanitize import record_text, sanitize_files
+from pipeline.data.sanitize import sanitize_files
+from pipeline.dedup import record_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = TaskConfig(chat_rewrites=True)

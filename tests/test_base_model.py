@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.config import BaseModelConfig, TaskConfig
 from pipeline.hashing import file_sha256
-from pipeline.train.base_model import build_builtin
-from pipeline.train.curriculum import conversations
+from pipeline.base.builtin import build_builtin
+from pipeline.base.curriculum import conversations
 from tests.conftest import ROOT
 
 # The real path on a smaller shape: 2 layers, head_dim 32 (room for the copy circuit), fewer steps.

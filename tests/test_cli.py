@@ -30,7 +30,7 @@ def test_sanitize_without_valid_records_fails_clearly(tmp_path):
 
 
 def test_promote_and_rollback_through_the_cli(tmp_path, monkeypatch):
-    from pipeline.release import registry
+    from pipeline import registry
     from pipeline.config import load_params
 
     monkeypatch.chdir(tmp_path)

@@ -4,7 +4,7 @@ from datasketch import MinHash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.data.dedup import Deduplicator, IntMap, IntSet, MinHasher, choose_bands
+from pipeline.dedup import Deduplicator, IntMap, IntSet, MinHasher, choose_bands
 
 
 @settings(max_examples=50, deadline=None)

@@ -258,7 +258,7 @@ def test_loraflow_service_mlflow_serves_the_project_store(project):
     import sys
 
     from pipeline.config import RegistryConfig
-    from pipeline.release import registry
+    from pipeline import registry
 
     registry.experiment_id(registry.client(RegistryConfig()), RegistryConfig())  # sqlite:///mlflow/mlflow.db
     with socket.socket() as s:

@@ -37,7 +37,7 @@ def _set_params(**sections):
 def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefect_server):
     from flows.demo import run_demo
     from flows.retrain import retrain
-    from pipeline.release import registry
+    from pipeline import registry
     import mlflow.artifacts
     from openai import OpenAI
 

@@ -96,7 +96,7 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
 
     from pipeline.config import TrainConfig
     from pipeline.hashing import dir_sha256
-    from pipeline.release import registry
+    from pipeline import registry
     from pipeline.serve.follow import Follower
     from pipeline.serve.vllm import VLLMServer
     from pipeline.train.trainer import train
@@ -200,7 +200,7 @@ def test_mlflow_webhooks_reach_the_gateway_and_forgeries_do_not(tmp_path, mlflow
     replayed deliveries are refused."""
     from mlflow import MlflowClient
 
-    from pipeline.release import registry
+    from pipeline import registry
 
     uri, art = mlflow_server
     events: list[tuple[str, str, int]] = []
@@ -257,7 +257,7 @@ def test_loraflow_serve_prints_its_endpoint_and_sigterm_stops_vllm(tiny_base, cl
 
     from pipeline.config import TrainConfig
     from pipeline.hashing import dir_sha256
-    from pipeline.release import registry
+    from pipeline import registry
     from pipeline.train.trainer import train
 
     reg = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art"))

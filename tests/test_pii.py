@@ -7,7 +7,7 @@ from faker import Faker
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.data.pii import build_detectors, iban_ok, luhn_ok, redact
+from pipeline.pii import build_detectors, iban_ok, luhn_ok, redact
 
 fake = Faker(["en_US", "en_GB", "de_DE", "fr_FR"])
 Faker.seed(7)

@@ -166,7 +166,7 @@ def test_retrain_limit_applies_with_any_configured_server(prefect_server, monkey
 
 
 def test_long_cards_fit_mlflow_description_column():
-    from pipeline.release.registry import MAX_DESCRIPTION, version_description
+    from pipeline.registry import MAX_DESCRIPTION, version_description
 
     card = "---\nbase_model: x\n---\n\n# m\n\n## Lineage\n" + "- `k`: `v`\n" * 2000
     d = version_description(card, "run1")

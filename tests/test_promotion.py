@@ -15,9 +15,11 @@ import pytest
 import yaml
 
 from pipeline.config import Params
-from pipeline.release import promotion, registry
+from pipeline import registry
+from pipeline.release import promotion
 from pipeline.release.gate import Decision, ModelScore
 from pipeline.release.lock import LockTimeout, retrain_lock
+from pipeline.stages import rescorer
 
 N = 40
 
@@ -72,7 +74,7 @@ def _versions(p) -> dict[int, dict]:
 def test_first_release_registers_with_lineage_card_and_interval(setup):
     p, adapter = setup
     adapter(0)
-    out = promotion.release(p, *_scores())
+    out = promotion.release(p, *_scores(), rescorer(p))
     assert out["promoted"] and out["newly_registered"] and out["registered_version"] == 1
     tags = _versions(p)[1]
     assert tags["promotion"] == "done" and tags["gate_promote"] == "true" and tags["gate_alias_version"] == "none"
@@ -97,11 +99,11 @@ def test_failure_after_registration_is_completed_by_a_rerun(setup, monkeypatch):
 
     monkeypatch.setattr(registry, "promote", crash)
     with pytest.raises(ConnectionError):
-        promotion.release(p, *_scores())
+        promotion.release(p, *_scores(), rescorer(p))
     assert _versions(p)[1]["promotion"] == "pending" and registry.get_alias(p.registry, "m") is None
 
     monkeypatch.setattr(registry, "promote", real)
-    out = promotion.release(p, *_scores())
+    out = promotion.release(p, *_scores(), rescorer(p))
     assert out["promoted"] and not out["newly_registered"]
     assert list(_versions(p)) == [1] and _versions(p)[1]["promotion"] == "done"
     assert registry.get_alias(p.registry, "m").version == 1
@@ -119,26 +121,26 @@ def test_failure_after_the_alias_move_is_consistent_and_a_rerun_finishes(setup, 
 
     monkeypatch.setattr(promotion, "_tag", crash)
     with pytest.raises(ConnectionError):
-        promotion.release(p, *_scores())
+        promotion.release(p, *_scores(), rescorer(p))
     assert registry.get_alias(p.registry, "m").version == 1  # the alias moved: serving follows v1
     monkeypatch.setattr(promotion, "_tag", real)
-    out = promotion.release(p, *_scores())
+    out = promotion.release(p, *_scores(), rescorer(p))
     assert out["promoted"] and list(_versions(p)) == [1] and _versions(p)[1]["promotion"] == "done"
 
 
 def test_an_alias_moved_by_hand_during_the_run_is_not_overwritten(setup, monkeypatch):
     p, adapter = setup
     adapter(0)
-    promotion.release(p, *_scores())                      # v1 champion
+    promotion.release(p, *_scores(), rescorer(p))                      # v1 champion
     adapter(1)
-    promotion.release(p, *_scores(win=False))             # v2 registered, gate failed (held)
+    promotion.release(p, *_scores(win=False), rescorer(p))             # v2 registered, gate failed (held)
     assert registry.get_alias(p.registry, "m").version == 1
     adapter(2)
     real_gate = promotion.gate
     calls = []
 
-    def gate_then_person_moves_alias(p_, cand, base):
-        decision, champion = real_gate(p_, cand, base)
+    def gate_then_person_moves_alias(p_, cand, base, rescore):
+        decision, champion = real_gate(p_, cand, base, rescore)
         calls.append(champion.version)
         if len(calls) == 1:  # a person promotes v2 in the MLflow UI while this run is between gate and move
             registry.client(p_.registry).set_registered_model_alias("m", "champion", "2")
@@ -146,7 +148,7 @@ def test_an_alias_moved_by_hand_during_the_run_is_not_overwritten(setup, monkeyp
         return decision, champion
 
     monkeypatch.setattr(promotion, "gate", gate_then_person_moves_alias)
-    out = promotion.release(p, *_scores(win=False))        # re-gated against v2: a loser is not promoted
+    out = promotion.release(p, *_scores(win=False), rescorer(p))        # re-gated against v2: a loser is not promoted
     assert calls == [1, 2]
     assert not out["promoted"] and registry.get_alias(p.registry, "m").version == 2
     assert _versions(p)[3]["gate_alias_version"] == "2" and _versions(p)[3]["promotion"] == "held"
@@ -155,9 +157,9 @@ def test_an_alias_moved_by_hand_during_the_run_is_not_overwritten(setup, monkeyp
 def test_compare_and_set_refuses_a_moved_alias(setup):
     p, adapter = setup
     adapter(0)
-    promotion.release(p, *_scores())
+    promotion.release(p, *_scores(), rescorer(p))
     adapter(1)
-    promotion.release(p, *_scores(win=False))
+    promotion.release(p, *_scores(win=False), rescorer(p))
     with pytest.raises(registry.AliasMoved, match="points at v1, not no version"):
         registry.promote(p.registry, "m", 2, expected=None)
     registry.promote(p.registry, "m", 2, expected=1)
@@ -173,7 +175,7 @@ def test_two_retrains_at_once_register_one_version(setup):
     def run():
         try:
             with retrain_lock("m", say=lambda m: None):
-                results.append(promotion.release(p, *_scores(), say=lambda m: None))
+                results.append(promotion.release(p, *_scores(), rescorer(p), say=lambda m: None))
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 

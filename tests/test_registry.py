@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.release import registry
+from pipeline import registry
 from pipeline.config import RegistryConfig
 from pipeline.hashing import dir_sha256
 

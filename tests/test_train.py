@@ -221,7 +221,7 @@ def test_config_errors_name_the_key(change, message):
 
 
 def test_from_pretrained_path_is_used_for_non_builtin_bases(tiny_base, tmp_path):
-    from pipeline.train.base_model import build_base
+    from pipeline.base.builtin import build_base
     from pipeline.config import BaseModelConfig
 
     out = build_base(BaseModelConfig(model=str(tiny_base), out_dir=str(tmp_path / "base")), [])

@@ -20,9 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.config import AugmentConfig, TaskConfig
-from pipeline.data.dedup import IntSet, digest64
-from pipeline.data.pii import redact
-from pipeline.data.sanitize import record_text
+from pipeline.dedup import IntSet, digest64, record_text
+from pipeline.pii import redact
 from pipeline.io import write_json
 
 _GREETINGS = ["Hi team,", "Hello there,", "Dear support,", "Greetings,", "Hi again,"]

@@ -7,7 +7,7 @@ validation share, carved deterministically by prompt hash; empty when none is as
 line, reason, detail and the record's text, itself redacted, so a person can fix it; never used downstream
 or logged to MLflow), ``OUT/report.json`` (read = kept + quarantined + duplicates, always) and
 ``OUT/data_card.md``. Records stream through one at a time; the dedup index grows by a few dozen bytes a
-record and the prompts it verifies against go to a temporary file (see pipeline/data/dedup.py).
+record and the prompts it verifies against go to a temporary file (see pipeline/dedup.py).
 
 Quarantine reasons include the record defects of pipeline/data/records.py, ``invalid_answer`` (the answer
 does not fit the task: invalid JSON, a schema violation, a label outside the set, SQL that does not parse)
@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import SanitizeConfig
-from pipeline.data.dedup import Deduplicator, digest64
+from pipeline.dedup import Deduplicator, digest64, record_text
 from pipeline.data.ingest import read_records
-from pipeline.data.pii import build_detectors, digest_key, redact, value_digest
+from pipeline.pii import build_detectors, digest_key, redact, value_digest
 from pipeline.data.records import RecordError, prompt_text, to_messages, to_preference
 from pipeline.io import write_json
+from pipeline.layout import PII_DIGESTS
 from pipeline.tasks import Task
 
-PII_DIGESTS = "pii_digests.txt"  # keyed digests of the values redacted from kept records, never the values
 
 Shape = Literal["chat", "preference"]
 
@@ -48,10 +48,6 @@ def new_index(cfg: SanitizeConfig, shape: Shape = "chat") -> Deduplicator:
     chat = shape == "chat"
     return Deduplicator(cfg.near_duplicates and chat, cfg.near_threshold, cfg.num_perm, cfg.shingle_words,
                         conflicts=chat)
-
-
-def record_text(messages: list[dict[str, str]]) -> str:
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 @dataclass

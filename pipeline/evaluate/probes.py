@@ -86,7 +86,7 @@ def canary_exposure(model, tokenizer, canary: Canary, candidates: list[str]) -> 
 
 def pii_hits(texts: list[str], digests: set[str], detectors, key: bytes) -> int:
     """How many ``texts`` contain a value whose keyed digest the sanitizer recorded as redacted."""
-    from pipeline.data.pii import pii_digests
+    from pipeline.pii import pii_digests
 
     if not digests:
         return 0

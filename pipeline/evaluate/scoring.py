@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.canaries import make_canaries, random_secrets
 from pipeline.config import EvaluateConfig, ProbesConfig, TaskConfig
-from pipeline.data.pii import build_detectors, digest_key
+from pipeline.pii import build_detectors, digest_key
 from pipeline.evaluate.generation import generate, paired_speed
 from pipeline.evaluate.probes import canary_exposure, next_token_accuracy, pii_hits
 from pipeline.io import load_chat_file, write_json

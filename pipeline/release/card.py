@@ -94,8 +94,10 @@ Leak probe: {leak}.
 
 ## Training
 
-- method {t.method}, adapter {t.adapter}, learning rate {t.learning_rate}, epochs {t.epochs}, batch {t.batch_size}
-  x {t.grad_accum}, max length {t.max_length}, packing {t.packing}, seed {t.seed}
+- method {t.method}, adapter {t.adapter} (r {t.lora_r}, alpha {t.lora_alpha}), learning rate
+  {t.trl_value("learning_rate")}, epochs {t.trl_value("num_train_epochs")}, batch
+  {t.trl_value("per_device_train_batch_size")} x {t.trl_value("gradient_accumulation_steps")}, max length
+  {t.trl_value("max_length")}, packing {t.packing}, seed {t.seed}; TRL settings given: {t.trl or "none"}
 - steps {train_metrics.get("steps")}, duration {train_metrics.get("duration_s")} s, final loss
   {train_metrics.get("final_loss")}, device {train_metrics.get("device")}
 

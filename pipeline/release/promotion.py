@@ -19,18 +19,21 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline import registry
 from pipeline.config import Params
-from pipeline.evaluate.scoring import evaluate_model
-from pipeline.hashing import base_weights_sha256, dir_sha256, file_sha256
-from pipeline.io import load_chat_file, read_json, write_json
-from pipeline.release import registry
+from pipeline.hashing import dir_sha256, file_sha256
+from pipeline.io import first_prompts, read_json, write_json
+from pipeline.layout import augmented_file, clean_split
+from pipeline.modeling import base_config_sha256, base_weights_sha256
 from pipeline.release.card import model_card
 from pipeline.release.gate import Decision, ModelScore, decide
 from pipeline.release.lineage import dvc_lock_hashes, git_commit, params_sha256
-from pipeline.stages import augmented_file, clean_split
 
 SERVING_TAGS = ("task_config", "smoke_prompts")  # version tags only: run tags are capped at 8,000 chars
 NO_VERSION = "none"
+# Scores an adapter on today's eval split (per-example details, as the evaluate stage records them). The
+# composition root supplies it (pipeline/stages.py ``rescorer``): evaluation is another stage's business.
+Rescore = Callable[[Path], dict]
 
 
 def candidate_score(p: Params) -> tuple[ModelScore, ModelScore]:
@@ -39,24 +42,25 @@ def candidate_score(p: Params) -> tuple[ModelScore, ModelScore]:
     return ModelScore.from_details("candidate", details["candidate"]), ModelScore.from_details("base", details["base"])
 
 
-def champion_score(p: Params, champion: registry.VersionInfo) -> ModelScore | None:
+def champion_score(p: Params, champion: registry.VersionInfo, rescore: Rescore) -> ModelScore | None:
     """Re-evaluate the champion on the current eval split (paired with the candidate's outcomes).
 
     None when the champion was trained on another base: its adapter cannot run on today's base.
     """
     base_dir = Path(p.base.out_dir)
-    if champion.tags.get("base_sha256") != file_sha256(base_dir / "config.json") or \
+    if champion.tags.get("base_sha256") != base_config_sha256(base_dir) or \
             champion.tags.get("base_weights_sha256") != base_weights_sha256(base_dir):
         return None
     adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
-    res = evaluate_model(base_dir, adapter, clean_split(p, "eval"), p.evaluate, p.task)
+    res = rescore(adapter)
     return ModelScore.from_details(f"champion v{champion.version}", res)
 
 
-def gate(p: Params, candidate: ModelScore, base: ModelScore) -> tuple[Decision, registry.VersionInfo | None]:
+def gate(p: Params, candidate: ModelScore, base: ModelScore,
+         rescore: Rescore) -> tuple[Decision, registry.VersionInfo | None]:
     """The decision and the champion it was taken against (what the alias must still point at)."""
     champion = registry.get_alias(p.registry, p.project.name)
-    reference = champion_score(p, champion) if champion else None
+    reference = champion_score(p, champion, rescore) if champion else None
     if reference is not None:
         return decide(candidate, reference, p.gate, p.gate_metric, p.guardrail_metrics, base=base), champion
     decision = decide(candidate, base, p.gate, p.gate_metric, p.guardrail_metrics)
@@ -77,7 +81,7 @@ def lineage_tags(p: Params) -> dict[str, str]:
         "git_commit": commit,
         "params_sha256": params_sha256(p.model_dump()),
         "base_model": p.base.model,
-        "base_sha256": file_sha256(base_dir / "config.json"),
+        "base_sha256": base_config_sha256(base_dir),
         "base_weights_sha256": base_weights_sha256(base_dir),
         "train_data_sha256": file_sha256(augmented_file(p)),
         "eval_data_sha256": file_sha256(clean_split(p, "eval")),
@@ -86,17 +90,11 @@ def lineage_tags(p: Params) -> dict[str, str]:
         # Serving reads these: the task's generation settings and parser, and held-out prompts (sanitized,
         # so redacted) for the smoke test a version must pass before its name is routed to it.
         "task_config": p.task.model_dump_json(),
-        "smoke_prompts": json.dumps(smoke_prompts(clean_split(p, "eval")), ensure_ascii=False),
+        "smoke_prompts": json.dumps(first_prompts(clean_split(p, "eval")), ensure_ascii=False),
     })
     if dirty:
         tags["git_dirty_files"] = ", ".join(dirty)[:500]
     return tags
-
-
-def smoke_prompts(eval_file: Path, n: int = 3, max_chars: int = 1500) -> list[list[dict]]:
-    """The first ``n`` held-out prompts, each message cut to ``max_chars`` (MLflow tags are bounded)."""
-    rows = load_chat_file(eval_file)[:n] if eval_file.is_file() and eval_file.stat().st_size else []
-    return [[{**m, "content": m["content"][:max_chars]} for m in r["prompt"]] for r in rows]
 
 
 def decision_tags(decision: Decision, champion: registry.VersionInfo | None) -> dict[str, str]:
@@ -159,8 +157,8 @@ def _expected(tags: dict[str, str]) -> int | None:
     return None if raw == NO_VERSION else int(raw)
 
 
-def release(p: Params, candidate: ModelScore, base: ModelScore, say: Callable[[str], None] = print,
-            max_regates: int = 3) -> dict:
+def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore,
+            say: Callable[[str], None] = print, max_regates: int = 3) -> dict:
     """Register the candidate and move the alias if its gate passes; resumable (see the module doc).
     The caller holds the retrain lock."""
     name, alias = p.project.name, p.registry.alias
@@ -181,7 +179,7 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, say: Callable[[s
         info, decision, expected = existing, None, _expected(existing.tags)
         newly = False
     else:
-        decision, gated_against = gate(p, candidate, base)
+        decision, gated_against = gate(p, candidate, base, rescore)
         for reason in decision.reasons:
             say(f"gate: {reason}")
         info = register_candidate(p, decision, candidate, base, gated_against)
@@ -200,7 +198,7 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, say: Callable[[s
                 _tag(p, info.version, promotion="done")
                 return _summary(info.version, newly, decision, True, "promoted meanwhile by someone else")
             say(f"{moved}: moved during this run; gating v{info.version} again against the new champion")
-            decision, gated_against = gate(p, candidate, base)
+            decision, gated_against = gate(p, candidate, base, rescore)
             for reason in decision.reasons:
                 say(f"gate (again): {reason}")
             _tag(p, info.version, **decision_tags(decision, gated_against))

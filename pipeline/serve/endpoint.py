@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Params
-from pipeline.hashing import base_weights_sha256
+from pipeline.io import first_prompts
+from pipeline.layout import clean_split
+from pipeline.modeling import base_present, base_weights_sha256
 from pipeline.serve.follow import Follower
 from pipeline.serve.gateway import GatewayServer, RequestLog, Routes, build_app
 from pipeline.serve.vllm import ServingError, VLLMServer
@@ -44,12 +46,12 @@ def start_vllm(p: Params, say: Callable[[str], None] = print, api_key: str | Non
 def wait_for_base(p: Params, stop: threading.Event, say: Callable[[str], None] = print, every_s: float = 5) -> bool:
     """Until the base model exists (False if ``stop`` was set first): an endpoint started before the first
     retrain answers 503 meanwhile instead of failing."""
-    base = Path(p.base.out_dir) / "config.json"
-    if p.serve.url or base.is_file():
+    base = Path(p.base.out_dir)
+    if p.serve.url or base_present(base):
         return True
-    say(f"waiting for the base model at {base.parent} (the first retrain builds it); clients get 503 until then")
+    say(f"waiting for the base model at {base} (the first retrain builds it); clients get 503 until then")
     while not stop.wait(every_s):
-        if base.is_file():
+        if base_present(base):
             return True
     return False
 
@@ -98,16 +100,13 @@ class Endpoint:
 
     def attach_backend(self) -> None:
         """Wait for vLLM, then bring every stable name onto its champion."""
-        from pipeline.release.promotion import smoke_prompts
-        from pipeline.stages import clean_split
-
         p = self.p
         assert self.server is not None, "start_vllm first"
         waited = self.server.wait_ready(progress=self.say)
         self.say(f"vLLM ready after {waited:.0f}s")
         started_here = self.server.process is not None
         self.follower = Follower(self.server, self.routes, p.registry, Path(p.serve.adapters_dir), self.models,
-                                 p.task, smoke_prompts(clean_split(p, "eval")), say=self.say,
+                                 p.task, first_prompts(clean_split(p, "eval")), say=self.say,
                                  on_reject=self.on_reject,
                                  base_sha=base_weights_sha256(Path(p.base.out_dir)) if started_here else None,
                                  rebase=self._rebase if started_here else None)
@@ -120,7 +119,7 @@ class Endpoint:
         """Restart the vLLM this endpoint started on the base a new champion was trained on (the one in
         ``base.out_dir``, if it is that base). Every route goes: their adapters die with the old process."""
         base_dir = Path(self.p.base.out_dir)
-        have = base_weights_sha256(base_dir) if (base_dir / "config.json").is_file() else "none"
+        have = base_weights_sha256(base_dir) if base_present(base_dir) else "none"
         if have != want_sha:
             raise ServingError(f"it was trained on base {want_sha[:12]}, but {base_dir} holds base {have[:12]}; "
                                "only the current base can be served")

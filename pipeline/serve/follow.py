@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import RegistryConfig, TaskConfig
-from pipeline.release import registry
+from pipeline import registry
 from pipeline.serve.gateway import Route, Routes
 from pipeline.serve.vllm import ServingError, VLLMServer
 from pipeline.tasks import build_task

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from pipeline.config import TaskConfig
-from pipeline.data.pii import build_detectors, redact
+from pipeline.pii import build_detectors, redact
 from pipeline.io import rotated_files
 from pipeline.serve.vllm import generation_defaults
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from pipeline.config import ServeConfig, TaskConfig
+from pipeline.modeling import BaseMissing, resolve_base
 
 
 class ServingError(RuntimeError):
@@ -66,8 +67,10 @@ class VLLMServer:
             raise ServingError(
                 f"serve.python: {cfg.python} not found; create the vLLM environment with `make vllm-env` "
                 "(see shared notes in docs/architecture.md) or point serve.url at a running server")
-        if not (base_dir / "config.json").is_file():
-            raise ServingError(f"{base_dir}: no base model here; run the `base` stage first")
+        try:
+            base_dir = resolve_base(base_dir)  # a pretrained base is referenced where it lives
+        except BaseMissing as err:
+            raise ServingError(str(err)) from None
         log = Path(cfg.log_file)
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", **cfg.env}

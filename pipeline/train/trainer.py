@@ -24,7 +24,8 @@ from pipeline.config import TrainConfig
 from pipeline.device import detect
 from pipeline.hashing import file_sha256
 from pipeline.io import load_chat_file, write_json
-from pipeline.modeling import load_base
+from pipeline.modeling import base_config_sha256, base_weights_sha256, load_base
+from pipeline.train.trl_args import check_trl_keys, training_args
 
 
 def load_preference_file(path: Path) -> list[dict]:
@@ -104,54 +105,16 @@ def run_key(cfg: TrainConfig, inputs: list[Path], base_dir: Path, planted: list[
     h = hashlib.sha256(json.dumps(cfg.model_dump(exclude={"out_dir", "merge_export", "gpu_hour_price"}),
                                   sort_keys=True).encode())
     h.update(json.dumps(list(planted), sort_keys=True).encode())
-    for p in [*inputs, base_dir / "config.json"]:
+    for p in inputs:
         h.update(file_sha256(p).encode())
+    h.update(base_config_sha256(base_dir).encode())
+    h.update(base_weights_sha256(base_dir).encode())
     return h.hexdigest()[:16]
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
     found = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
     return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def _common_args(cfg: TrainConfig, ckpt_dir: Path, has_eval: bool, dev) -> dict:
-    evaluate_every = "steps" if has_eval else "no"
-    return dict(
-        output_dir=str(ckpt_dir),
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        eval_strategy=evaluate_every,
-        eval_steps=cfg.checkpoint_steps,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_steps,
-        save_total_limit=2,
-        load_best_model_at_end=cfg.early_stopping_patience > 0,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        report_to="none",
-        # LoRA uses every trainable parameter each step; DDP's search for unused ones is a wasted pass.
-        ddp_find_unused_parameters=False,
-        use_cpu=not dev.is_cuda,
-        bf16=dev.bf16,
-        dataloader_num_workers=cfg.dataloader_workers,
-        dataloader_persistent_workers=cfg.dataloader_workers > 0,
-        dataloader_prefetch_factor=4 if cfg.dataloader_workers else None,
-        dataloader_pin_memory=dev.is_cuda,
-        accelerator_config={"non_blocking": dev.is_cuda and cfg.dataloader_workers > 0},
-        include_num_input_tokens_seen="non_padding",
-        use_liger_kernel=cfg.liger_kernels,
-        torch_compile=cfg.torch_compile,
-    )
 
 
 def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | None = None,
@@ -168,6 +131,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
 
+    check_trl_keys(cfg)  # before loading anything
     if cfg.early_stopping_patience and eval_file is None:
         raise ValueError("train.early_stopping_patience needs a validation split (data.validation_fraction > 0)")
     if cfg.method == "dpo" and preference_file is None:
@@ -192,25 +156,23 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     n_generic = 0
     if cfg.method == "sft":
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTTrainer
 
         rows = load_chat_file(train_file)
         if cfg.generic_fraction and generic_file is not None:
             rows, n_generic = mix_generic(rows, generic_file, cfg.generic_fraction, cfg.seed)
         rows = plant(rows, planted, cfg.seed)
-        args = SFTConfig(**_common_args(cfg, ckpt_dir, bool(eval_rows), dev), max_length=cfg.max_length,
-                         packing=cfg.packing)
+        args = training_args(cfg, ckpt_dir, bool(eval_rows), dev)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                              processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
     else:
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOTrainer
 
         rows = plant(load_preference_file(preference_file), [c.preference_row() for c in canaries], cfg.seed)
         split = max(1, len(rows) // 10) if cfg.early_stopping_patience or eval_file else 0
         train_rows, dpo_eval = (rows[split:], rows[:split]) if split else (rows, None)
-        args = DPOConfig(**_common_args(cfg, ckpt_dir, bool(dpo_eval), dev), max_length=cfg.max_length,
-                         beta=cfg.dpo_beta)
+        args = training_args(cfg, ckpt_dir, bool(dpo_eval), dev)
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                              eval_dataset=Dataset.from_list(dpo_eval) if dpo_eval else None,
                              processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
@@ -277,7 +239,8 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         "config": cfg.model_dump(),
         "base_model_dir": str(base_dir),
         "inputs": {str(p): file_sha256(p) for p in inputs},
-        "base_config_sha256": file_sha256(base_dir / "config.json"),
+        "base_config_sha256": base_config_sha256(base_dir),
+        "base_weights_sha256": base_weights_sha256(base_dir),
         "run_key": ckpt_dir.name,
     })
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume this run, which is done

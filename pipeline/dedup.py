@@ -37,6 +37,11 @@ _SPACE = re.compile(r"\s+")
 BUCKET_CAP = 4
 
 
+def record_text(messages: list[dict[str, str]]) -> str:
+    """The text a chat record is deduplicated on: every message with its role."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
 def digest64(data: str | bytes) -> int:
     """A non-zero signed 64-bit digest (0 marks empty slots); stable across processes."""
     raw = data.encode("utf-8") if isinstance(data, str) else data

@@ -1,17 +1,14 @@
-"""The base model stage: build the embedded tiny Llama, or resolve a Hugging Face id / local path.
+"""The embedded default base: a tiny Llama and its tokenizer, built and pretrained here from the project's
+own sanitized text, because no model hub is reachable on the reference machines (``base.model:
+builtin:tiny-llama``; settings under ``base.builtin``). Real models never come here (pipeline/base/pretrained.py).
 
-No model hub is reachable on the reference machines, so ``base.model: builtin:tiny-llama`` builds a small
-Llama-architecture model and a byte-level BPE tokenizer from the project's own sanitized text, writes a
-working copy circuit into its initial weights (pipeline/train/circuits.py), then *pretrains* it (causal LM,
-full parameters) on the training prompts, the training answers as separate documents, the generic chat
-data and a synthetic copy curriculum (pipeline/train/curriculum.py), deterministically from ``base.seed``,
-and scales its output layer (``base.output_scale``). A random base leaves LoRA to learn the task on top
-of noise: right at argmax but unconfident, and unable to copy values from the prompt (docs/benchmarks.md).
-``pretrain.json`` next to the weights records the config, the input hashes, the loss curve and the loss
-reached. Any other value of ``base.model`` is loaded with ``from_pretrained`` (hub id or directory) and
-saved to ``base.out_dir`` so training, evaluation and vLLM read one local copy.
-
-    python -m pipeline base
+It trains a byte-level BPE tokenizer on the sanitized text, writes a working copy circuit into the initial
+weights (pipeline/base/circuits.py), then *pretrains* the model (causal LM, full parameters) on the training
+prompts, the training answers as separate documents, the generic chat data and a synthetic copy curriculum
+(pipeline/base/curriculum.py), deterministically from ``base.builtin.seed``, and scales its output layer
+(``output_scale``). A random base leaves LoRA to learn the task on top of noise: right at argmax but
+unconfident, and unable to copy values from the prompt (docs/benchmarks.md). ``pretrain.json`` next to the
+weights records the config, the input hashes, the loss curve and the loss reached.
 """
 
 from __future__ import annotations
@@ -25,8 +22,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from pipeline.config import BaseModelConfig
-from pipeline.train.circuits import seed_copy_circuit
+from pipeline.config import BuiltinBaseConfig
+from pipeline.base.circuits import seed_copy_circuit
 from pipeline.hashing import file_sha256
 from pipeline.io import write_json
 
@@ -47,7 +44,7 @@ def _corpus(files: Iterable[Path]) -> Iterator[str]:
             yield m["content"]
 
 
-def build_tokenizer(cfg: BaseModelConfig, corpus_files: list[Path]):
+def build_tokenizer(cfg: BuiltinBaseConfig, corpus_files: list[Path]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -116,12 +113,12 @@ def _repeat_block(rng: random.Random, low: int, high: int) -> list[int]:
     return span + span
 
 
-def token_stream(tokenizer, docs: PretrainDocs, cfg: BaseModelConfig) -> list[int]:
+def token_stream(tokenizer, docs: PretrainDocs, cfg: BuiltinBaseConfig) -> list[int]:
     """Enough tokens for the pretraining budget, drawn in a seeded order from four kinds of document:
     the corpus's conversations (prompts, generic chat), the task's answers detached from their prompts
     (so the output vocabulary is trained without the prompt -> answer mapping), synthetic copy/lookup
     conversations, and raw repeated random token spans, at ``curriculum_share`` for the last two."""
-    from pipeline.train.curriculum import conversation
+    from pipeline.base.curriculum import conversation
 
     rng = random.Random(cfg.seed)
     words = _common_words(docs.conversations)
@@ -148,7 +145,7 @@ def token_stream(tokenizer, docs: PretrainDocs, cfg: BaseModelConfig) -> list[in
     return ids[:needed]
 
 
-def pretrain(model, tokenizer, docs: PretrainDocs, cfg: BaseModelConfig,
+def pretrain(model, tokenizer, docs: PretrainDocs, cfg: BuiltinBaseConfig,
              progress: Callable[[str], None] = print) -> dict:
     """Causal-LM pretraining on packed blocks of the token stream; returns the loss curve and totals."""
     import torch
@@ -192,7 +189,7 @@ def pretrain(model, tokenizer, docs: PretrainDocs, cfg: BaseModelConfig,
             "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve}
 
 
-def build_builtin(cfg: BaseModelConfig, corpus_files: list[Path], out_dir: Path,
+def build_builtin(cfg: BuiltinBaseConfig, corpus_files: list[Path], out_dir: Path,
                   progress: Callable[[str], None] = print, chat_files: list[Path] = ()) -> Path:
     """Tokenizer and model from ``corpus_files`` (the task's training records: pretraining sees their
     prompts and, as separate documents, their answers, never the two paired, or the base would already do
@@ -237,27 +234,3 @@ def build_builtin(cfg: BaseModelConfig, corpus_files: list[Path], out_dir: Path,
     write_json(out_dir / "pretrain.json", {"config": cfg.model_dump(), "inputs": {
         str(f): file_sha256(f) for f in [*corpus_files, *chat_files]}, **report})
     return out_dir
-
-
-def fetch_pretrained(model_id: str, out_dir: Path) -> Path:
-    """Load a hub id or local path with from_pretrained and keep one local copy for every consumer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
-    model = AutoModelForCausalLM.from_pretrained(model_id, torch_dtype="auto")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-def build_base(cfg: BaseModelConfig, corpus_files: list[Path], progress: Callable[[str], None] = print,
-               chat_files: list[Path] = ()) -> Path:
-    out = Path(cfg.out_dir)
-    if cfg.is_builtin:
-        if cfg.model != "builtin:tiny-llama":
-            raise ValueError(f"base.model: unknown builtin {cfg.model!r} (known: builtin:tiny-llama)")
-        return build_builtin(cfg, corpus_files, out, progress, chat_files)
-    return fetch_pretrained(cfg.model, out)
