@@ -104,18 +104,6 @@ class BaseModelConfig(_Strict):
         return self.model.startswith("builtin:")
 
 
-# Metrics each answer kind scores per example; ``valid`` is always "the task's parser accepted the answer".
-# Aggregate-only metrics (not a mean of per-example values) are listed separately.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "json": ("valid", "json_valid", "schema_valid", "exact_match", "field_accuracy"),
-    "text": ("valid", "exact_match", "rouge_l", "chrf"),
-    "label": ("valid", "accuracy"),
-    "sql": ("valid", "execution_accuracy", "exact_match"),
-    "custom": ("valid",),
-}
-TASK_AGGREGATE_METRICS: dict[str, tuple[str, ...]] = {"label": ("macro_f1",)}
-
-
 class TaskConfig(_Strict):
     """What a good answer is: the answer kind, how it is parsed and scored, how it is generated.
 
@@ -123,7 +111,7 @@ class TaskConfig(_Strict):
     """
 
     name: str = "task"
-    kind: Literal["json", "text", "label", "sql", "custom"] = "text"
+    kind: str = "text"  # an answer kind registered in pipeline/tasks/ (json, text, label, sql, custom, yours)
     description: str = ""  # intended use, for the model card
     limitations: str = ""  # known limits, for the model card
     # json: an inline JSON Schema, or the path of a schema file; answers must validate against it.
@@ -150,35 +138,29 @@ class TaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _kind_settings(self) -> "TaskConfig":
-        if self.kind == "label" and len(set(self.labels)) < 2:
-            raise ValueError("kind label needs at least two distinct labels in task.labels")
-        if self.kind == "sql" and not self.database:
-            raise ValueError("kind sql needs task.database (a SQLite file to execute queries against)")
-        if self.kind == "custom":
-            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.scorer):
-                raise ValueError(f"kind custom needs task.scorer as 'module:function' (got {self.scorer!r})")
-            if not self.metrics:
-                raise ValueError("kind custom needs task.metrics: the metric names the scorer returns")
-        if self.json_schema is not None and self.kind != "json":
-            raise ValueError("json_schema is only used with kind json")
-        if self.fields and self.kind != "json":
-            raise ValueError("fields is only used with kind json")
+        from pipeline.tasks import check_task_config  # the kind's module knows what it needs
+
+        check_task_config(self)
         return self
 
     @property
     def metric_names(self) -> tuple[str, ...]:
         """Per-example metrics this task produces."""
-        extra = tuple(m for m in self.metrics if m != "valid") if self.kind == "custom" else ()
-        return TASK_METRICS[self.kind] + extra
+        from pipeline.tasks import kind_class
+
+        return kind_class(self.kind).metric_names(self)
 
     @property
     def all_metric_names(self) -> tuple[str, ...]:
-        return self.metric_names + TASK_AGGREGATE_METRICS.get(self.kind, ())
+        from pipeline.tasks import kind_class
+
+        return self.metric_names + kind_class(self.kind).aggregate_metrics
 
     @property
     def primary_metric(self) -> str:
-        return {"json": "exact_match", "text": "exact_match", "label": "accuracy", "sql": "execution_accuracy",
-                "custom": (self.metrics or ["valid"])[0]}[self.kind]
+        from pipeline.tasks import kind_class
+
+        return kind_class(self.kind).primary_metric(self)
 
 
 class DataConfig(_Strict):

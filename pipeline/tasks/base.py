@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 from pipeline.config import TaskConfig
 
@@ -22,14 +24,43 @@ class Score:
     parsed: object = field(default=None, repr=False)  # the parsed answer (labels for macro-F1)
 
 
-class Task:
-    """One answer kind. Subclasses set ``kind`` and implement ``check_reference`` and ``score``."""
+# task: settings that belong to one answer kind or another; a kind lists the ones it reads in ``settings``.
+KIND_SETTINGS = ("json_schema", "fields", "labels", "database", "scorer", "metrics")
 
-    kind = ""
+
+class Task:
+    """One answer kind, everything about it in one class: what it is called, the metrics it scores per
+    example and in aggregate, the one the gate tests by default, the settings and files it reads, and how
+    it checks a reference and scores a prediction. Subclasses are registered with ``@register``
+    (pipeline/tasks/__init__.py) and found by ``task.kind``."""
+
+    kind: ClassVar[str] = ""
+    metrics_per_example: ClassVar[tuple[str, ...]] = ("valid",)  # ``valid``: the task's parser accepted it
+    aggregate_metrics: ClassVar[tuple[str, ...]] = ()  # computed over the whole split, not per example
+    primary: ClassVar[str] = "valid"  # the gate's metric when gate.metric is empty
+    settings: ClassVar[frozenset[str]] = frozenset()  # which of KIND_SETTINGS this kind reads
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
-        self.metrics = cfg.metric_names
+        self.metrics = self.metric_names(cfg)
+
+    @classmethod
+    def check_config(cls, cfg: TaskConfig) -> None:
+        """Raise ValueError (naming the ``task.<key>``) when ``cfg`` lacks what this kind needs."""
+
+    @classmethod
+    def metric_names(cls, cfg: TaskConfig) -> tuple[str, ...]:
+        return cls.metrics_per_example
+
+    @classmethod
+    def primary_metric(cls, cfg: TaskConfig) -> str:
+        return cls.primary
+
+    @classmethod
+    def resources(cls, cfg: TaskConfig) -> list[Path]:
+        """Files this task reads besides params.yaml (a schema, a database, a scorer module): the stages
+        that score answers depend on them (the ``task`` stage hashes them)."""
+        return []
 
     def check_reference(self, answer: str) -> str | None:
         """Why a reference answer does not fit the task (a data defect), or None."""

@@ -9,10 +9,13 @@ scores the example 0 with the reason; it never stops the evaluation.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import re
 import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, TaskConfig
+from pipeline.tasks import register
 from pipeline.tasks.base import Score, Task
 
 
@@ -29,8 +32,41 @@ def load_scorer(spec: str):
     return fn
 
 
+def scorer_file(spec: str) -> Path | None:
+    """The source file of the scorer's module (without running it), when it is a file of its own."""
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        found = importlib.util.find_spec(spec.partition(":")[0])
+    except (ImportError, ValueError):
+        return None
+    return Path(found.origin) if found and found.origin and found.origin.endswith(".py") else None
+
+
+@register
 class CustomTask(Task):
     kind = "custom"
+    settings = frozenset({"scorer", "metrics"})
+
+    @classmethod
+    def check_config(cls, cfg: TaskConfig) -> None:
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", cfg.scorer):
+            raise ValueError(f"task.scorer: kind custom needs 'module:function' (got {cfg.scorer!r})")
+        if not cfg.metrics:
+            raise ValueError("task.metrics: kind custom needs the metric names the scorer returns")
+
+    @classmethod
+    def metric_names(cls, cfg: TaskConfig) -> tuple[str, ...]:
+        return ("valid", *(m for m in cfg.metrics if m != "valid"))
+
+    @classmethod
+    def primary_metric(cls, cfg: TaskConfig) -> str:
+        return (cfg.metrics or ["valid"])[0]
+
+    @classmethod
+    def resources(cls, cfg: TaskConfig) -> list[Path]:
+        found = scorer_file(cfg.scorer)
+        return [found] if found else []
 
     def __init__(self, cfg: TaskConfig) -> None:
         super().__init__(cfg)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import ConfigError, TaskConfig
+from pipeline.tasks import register
 from pipeline.tasks.base import Score, Task, strip_fence
 
 
@@ -26,8 +27,16 @@ def load_schema(cfg: TaskConfig) -> dict | None:
     return schema
 
 
+@register
 class JsonTask(Task):
     kind = "json"
+    metrics_per_example = ("valid", "json_valid", "schema_valid", "exact_match", "field_accuracy")
+    primary = "exact_match"
+    settings = frozenset({"json_schema", "fields"})
+
+    @classmethod
+    def resources(cls, cfg: TaskConfig) -> list[Path]:
+        return [Path(cfg.json_schema)] if isinstance(cfg.json_schema, str) else []
 
     def __init__(self, cfg: TaskConfig) -> None:
         super().__init__(cfg)

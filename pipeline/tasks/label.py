@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from pipeline.tasks import register
 from pipeline.tasks.base import Score, Task
 from pipeline.tasks.text import normalise
 
 
+@register
 class LabelTask(Task):
     kind = "label"
+    metrics_per_example = ("valid", "accuracy")
+    aggregate_metrics = ("macro_f1",)
+    primary = "accuracy"
+    settings = frozenset({"labels"})
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if len(set(cfg.labels)) < 2:
+            raise ValueError("task.labels: kind label needs at least two distinct labels")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

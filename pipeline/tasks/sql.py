@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.config import ConfigError, TaskConfig
+from pipeline.tasks import register
 from pipeline.tasks.base import Score, Task, strip_fence
 
 MAX_ROWS = 100_000  # a runaway cross join must not exhaust memory
@@ -73,8 +74,21 @@ class ReadOnlyDatabase:
         return Counter(tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows)
 
 
+@register
 class SqlTask(Task):
     kind = "sql"
+    metrics_per_example = ("valid", "execution_accuracy", "exact_match")
+    primary = "execution_accuracy"
+    settings = frozenset({"database"})
+
+    @classmethod
+    def check_config(cls, cfg: TaskConfig) -> None:
+        if not cfg.database:
+            raise ValueError("task.database: kind sql needs a SQLite file to execute queries against")
+
+    @classmethod
+    def resources(cls, cfg: TaskConfig) -> list[Path]:
+        return [Path(cfg.database)]
 
     def __init__(self, cfg: TaskConfig) -> None:
         super().__init__(cfg)

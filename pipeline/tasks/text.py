@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from pipeline.tasks import register
 from pipeline.tasks.base import Score, Task
 from pipeline.text import tokens
 
@@ -26,8 +27,11 @@ class _Tokens:
         return tokens(text)
 
 
+@register
 class TextTask(Task):
     kind = "text"
+    metrics_per_example = ("valid", "exact_match", "rouge_l", "chrf")
+    primary = "exact_match"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
