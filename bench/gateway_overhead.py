@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from pipeline.config import BaseModelConfig, RegistryConfig, SanitizeConfig, ServeConfig, TaskConfig, TrainConfig  # noqa: E402
+from pipeline.config import BuiltinBaseConfig, RegistryConfig, SanitizeConfig, ServeConfig, TaskConfig, TrainConfig  # noqa: E402
 from pipeline.data.sanitize import sanitize_files  # noqa: E402
 from pipeline.hashing import dir_sha256  # noqa: E402
 from pipeline.io import load_chat_file  # noqa: E402
@@ -94,7 +94,7 @@ def demo_setup(prefix: str) -> tuple[Path, Path]:
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], tmp / "train", SanitizeConfig())
     sanitize_files([ROOT / "data/raw/tickets_eval.jsonl"], tmp / "eval", SanitizeConfig())
-    return tmp, build_builtin(BaseModelConfig(pretrain_steps=0), [tmp / "train/clean.jsonl"], tmp / "base",
+    return tmp, build_builtin(BuiltinBaseConfig(pretrain_steps=0), [tmp / "train/clean.jsonl"], tmp / "base",
                               progress=lambda s: None)
 
 
@@ -110,8 +110,7 @@ def main() -> None:
     adapters = []
     for seed in (0, 1):
         out = tmp / f"adapter-{seed}"
-        train(TrainConfig(out_dir=str(out), checkpoint_dir=str(tmp / "ck"), max_steps=8, batch_size=8, seed=seed,
-                          learning_rate=2e-2 * (seed + 1)), base, tmp / "train/clean.jsonl")
+        train(TrainConfig(out_dir=str(out), checkpoint_dir=str(tmp / "ck"), trl=dict(max_steps=8, per_device_train_batch_size=8, seed=seed, learning_rate=2e-2 * (seed + 1))), base, tmp / "train/clean.jsonl")
         adapters.append(out)
     reg = RegistryConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db", artifact_root=str(tmp / "art"))
     for a in adapters:

@@ -98,10 +98,7 @@ def run_variant(args) -> dict:
             from pipeline.config import TrainConfig
             from pipeline.train.trainer import train
 
-            cfg = TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"),
-                              max_steps=len(lengths), batch_size=1, grad_accum=1, max_length=max(lengths) + 8,
-                              learning_rate=1e-4, lora_r=16, lora_alpha=32, logging_steps=1, checkpoint_steps=10_000,
-                              warmup_ratio=0.0, gradient_checkpointing=True, **VARIANTS[args.variant])
+            cfg = TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"), lora_r=16, lora_alpha=32, **VARIANTS[args.variant], trl=dict(max_steps=len(lengths), per_device_train_batch_size=1, gradient_accumulation_steps=1, max_length=max(lengths) + 8, learning_rate=1e-4, logging_steps=1, save_steps=10_000, warmup_steps=0.0, gradient_checkpointing=True))
             train(cfg, base, data, None, extra_callbacks=[_Peak()])
     except torch.OutOfMemoryError as e:
         error = "out of memory: " + str(e).split("\n")[0][:200]

@@ -40,10 +40,7 @@ def rank_main(args) -> None:
     opts.pop("batch_size", None)
     accum = opts.pop("accum", 4)
     out = work / "out" / f"gpus{os.environ['WORLD_SIZE']}_r{args.repeat}"
-    cfg = TrainConfig(out_dir=str(out), checkpoint_dir=str(work / "ckpt" / out.name), max_steps=args.steps,
-                      batch_size=args.micro_batch, grad_accum=accum, max_length=args.max_length,
-                      learning_rate=1e-4, lora_r=16, lora_alpha=32, logging_steps=1, checkpoint_steps=10_000,
-                      warmup_ratio=0.0, **opts)
+    cfg = TrainConfig(out_dir=str(out), checkpoint_dir=str(work / "ckpt" / out.name), lora_r=16, lora_alpha=32, **opts, trl=dict(max_steps=args.steps, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=accum, max_length=args.max_length, learning_rate=1e-4, logging_steps=1, save_steps=10_000, warmup_steps=0.0))
     timer = StepTimer()
     m = train(cfg, work / args.model, work / "train.jsonl", None, extra_callbacks=[timer.callback])
     report = {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]), "wrote": bool(m),

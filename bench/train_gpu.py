@@ -106,11 +106,11 @@ def build_model(name: str, out: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.base.builtin import build_tokenizer
-    from pipeline.config import BaseModelConfig
+    from pipeline.config import BuiltinBaseConfig
 
     if (out / "config.json").is_file():
         return out
-    tok = build_tokenizer(BaseModelConfig(vocab_size=2048, max_position_embeddings=4096),
+    tok = build_tokenizer(BuiltinBaseConfig(vocab_size=2048, max_position_embeddings=4096),
                           [ROOT / "data/raw/tickets_train.jsonl"])
     spec = dict(MODELS[name])
     cfg = AutoConfig.for_model(spec.pop("model_type"), **spec, pad_token_id=tok.pad_token_id,
@@ -293,10 +293,7 @@ def run_one(args) -> dict:
             micro = max(1, round(tokens / (0.99 * args.max_length) / accum))
         else:
             accum = accum or max(1, args.micro_batch * args.accum // micro)
-        cfg = TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"),
-                          max_steps=args.steps, batch_size=micro, grad_accum=accum,
-                          max_length=args.max_length, learning_rate=1e-4, lora_r=16, lora_alpha=32,
-                          logging_steps=1, checkpoint_steps=10_000, warmup_ratio=0.0, **opts)
+        cfg = TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"), lora_r=16, lora_alpha=32, **opts, trl=dict(max_steps=args.steps, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, max_length=args.max_length, learning_rate=1e-4, logging_steps=1, save_steps=10_000, warmup_steps=0.0))
         m = train(cfg, base, data, None, extra_callbacks=[timer.callback])
     n_params = sum(p.numel() for p in torch.nn.Module.parameters(_load_meta(base)))
     m.update(timer.steady(args.warmup))

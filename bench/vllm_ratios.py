@@ -71,8 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp, base = demo_setup("loraflow-vllm-ratios-")
     adapter = tmp / "adapter"
-    train(TrainConfig(out_dir=str(adapter), checkpoint_dir=str(tmp / "ck"), max_steps=4, batch_size=8,
-                      lora_r=16, lora_alpha=32), base, tmp / "train/clean.jsonl")
+    train(TrainConfig(out_dir=str(adapter), checkpoint_dir=str(tmp / "ck"), lora_r=16, lora_alpha=32, trl=dict(max_steps=4, per_device_train_batch_size=8)), base, tmp / "train/clean.jsonl")
     from peft import PeftModel
 
     from pipeline.modeling import load_base

@@ -243,6 +243,8 @@ TRL_DEFAULTS: dict[str, Any] = {
     "seed": 0, "logging_steps": 5, "save_steps": 50, "save_total_limit": 2, "report_to": "none",
     # LoRA uses every trainable parameter each step; DDP's search for unused ones is a wasted pass.
     "ddp_find_unused_parameters": False,
+    # TRL turns it on by default; it saves activation memory on big models and costs ~30% speed on the tiny one.
+    "activation_checkpointing": False,
 }
 DPO_DEFAULTS: dict[str, Any] = {"beta": 0.1}
 # Keys of the earlier layout that are TRL's own settings now (train.trl.<TRL name>).
@@ -250,7 +252,7 @@ _TRAIN_MOVED = {
     "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler_type", "warmup_ratio": "warmup_steps",
     "epochs": "num_train_epochs", "max_steps": "max_steps", "batch_size": "per_device_train_batch_size",
     "grad_accum": "gradient_accumulation_steps", "max_length": "max_length", "liger_kernels": "use_liger_kernel",
-    "torch_compile": "torch_compile", "gradient_checkpointing": "gradient_checkpointing", "seed": "seed",
+    "torch_compile": "torch_compile", "gradient_checkpointing": "activation_checkpointing", "seed": "seed",
     "logging_steps": "logging_steps", "checkpoint_steps": "save_steps", "dpo_beta": "beta",
     "dataloader_workers": "dataloader_num_workers",
 }

@@ -39,13 +39,26 @@ def _interpreter_first_on_path():
         os.environ["PATH"] = old
 
 
+def _outs(stage: str, root: Path) -> list | None:
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return None
+    return ((yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage) or {}).get("outs")
+
+
 def repro(stage: str, root: Path = Path(".")) -> StageRun:
+    """Reproduce one stage. An ``always_changed`` stage (it re-hashes files DVC cannot see) runs every time;
+    it counts as run only when its outputs changed, so "nothing new" stays detectable."""
     from dvc.repo import Repo
 
+    spec = (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage, {})
+    always = bool(spec.get("always_changed"))
+    before = _outs(stage, root) if always else None
     started = time.perf_counter()
     with _interpreter_first_on_path(), Repo(str(root)) as repo:
         done = repo.reproduce(stage, single_item=True)
-    return StageRun(stage, bool(done), round(time.perf_counter() - started, 2))
+    ran = bool(done) and (not always or before is None or _outs(stage, root) != before)
+    return StageRun(stage, ran, round(time.perf_counter() - started, 2))
 
 
 def push(root: Path = Path(".")) -> int:

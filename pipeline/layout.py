@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline.config import Params
 
+TASK_FILE = Path("artifacts/task.json")  # the task stage's hashes of the files the task reads
 PII_DIGESTS = "pii_digests.txt"  # keyed digests of the values sanitize redacted, never the values
 SPLITS_WITH_DIGESTS = ("train", "eval", "generic", "preference")
 

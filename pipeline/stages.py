@@ -15,7 +15,23 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, Params
 from pipeline.io import write_json
-from pipeline.layout import PII_DIGESTS, augmented_file, base_inputs_file, clean_split, pii_digest_files, validation_file
+from pipeline.layout import (PII_DIGESTS, TASK_FILE, augmented_file, base_inputs_file, clean_split, pii_digest_files,
+                             validation_file)
+
+
+def task(p: Params) -> dict:
+    """The files the task reads (a schema, a database, a scorer module), hashed, so the stages that check
+    or score answers re-run when one of them changes (dvc.yaml runs this stage every time)."""
+    from pipeline.hashing import file_sha256
+    from pipeline.tasks import kind_class
+
+    files = kind_class(p.task.kind).resources(p.task)
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"params.yaml: task: {', '.join(missing)}: file not found")
+    summary = {"kind": p.task.kind, "files": {str(f): file_sha256(f) for f in files}}
+    write_json(TASK_FILE, summary)
+    return summary
 
 
 def sanitize(p: Params) -> dict:
@@ -123,6 +139,6 @@ def rescorer(p: Params) -> Callable[[Path], dict]:
 
 
 STAGES: dict[str, Callable[[Params], dict]] = {
-    "sanitize": sanitize, "base_inputs": base_inputs, "base": base, "augment": augment, "train": train,
+    "task": task, "sanitize": sanitize, "base_inputs": base_inputs, "base": base, "augment": augment, "train": train,
     "evaluate": evaluate,
 }

@@ -57,11 +57,11 @@ def prefect_server():
 def tiny_base(tmp_path_factory) -> Path:
     """A 1-layer, hidden-64 Llama with the project's tokenizer, built from the committed demo data."""
     from pipeline.base.builtin import build_builtin
-    from pipeline.config import BaseModelConfig
+    from pipeline.config import BuiltinBaseConfig
 
     out = tmp_path_factory.mktemp("tiny-base")
-    cfg = BaseModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1, vocab_size=512,
-                          pretrain_steps=0, copy_circuit=False, output_scale=1.0, rope_theta=10000.0)
+    cfg = BuiltinBaseConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1, vocab_size=512,
+                            pretrain_steps=0, copy_circuit=False, output_scale=1.0, rope_theta=10000.0)
     return build_builtin(cfg, [ROOT / "data/raw/tickets_train.jsonl"], out)
 
 

@@ -5,15 +5,15 @@ import random
 
 import pytest
 
-from pipeline.config import BaseModelConfig, TaskConfig
+from pipeline.config import BuiltinBaseConfig, TaskConfig
 from pipeline.hashing import file_sha256
 from pipeline.base.builtin import build_builtin
 from pipeline.base.curriculum import conversations
 from tests.conftest import ROOT
 
 # The real path on a smaller shape: 2 layers, head_dim 32 (room for the copy circuit), fewer steps.
-SMALL = BaseModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, vocab_size=512,
-                        pretrain_steps=30, pretrain_batch_size=8, pretrain_seq_len=64)
+SMALL = BuiltinBaseConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, vocab_size=512,
+                          pretrain_steps=30, pretrain_batch_size=8, pretrain_seq_len=64)
 QUIET = {"progress": lambda s: None}
 
 
@@ -55,11 +55,10 @@ def test_copy_circuit_copies_unseen_spans_and_random_weights_cannot(tmp_path, cl
 
 def test_copy_circuit_needs_room():
     with pytest.raises(ValueError, match="copy_circuit needs num_layers >= 2"):
-        BaseModelConfig(num_layers=1)
+        BuiltinBaseConfig(num_layers=1)
     with pytest.raises(ValueError, match="hidden_size >= 3 \\* head_dim"):
-        BaseModelConfig(hidden_size=128, num_heads=1)
-    BaseModelConfig(num_layers=1, copy_circuit=False)
-    BaseModelConfig(model="some/hub-model", num_layers=1)  # shape fields are builtin-only
+        BuiltinBaseConfig(hidden_size=128, num_heads=1)
+    BuiltinBaseConfig(num_layers=1, copy_circuit=False)
 
 
 @pytest.mark.slow
@@ -77,10 +76,9 @@ def test_fine_tune_copies_values_it_never_saw(tmp_path, clean_demo):
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
         (tmp_path / f"{name}.raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         sanitize_files([tmp_path / f"{name}.raw.jsonl"], tmp_path / name, SanitizeConfig())
-    cfg = BaseModelConfig(vocab_size=1024, pretrain_steps=300, pretrain_batch_size=16)  # the default shape
+    cfg = BuiltinBaseConfig(vocab_size=1024, pretrain_steps=300, pretrain_batch_size=16)  # the default shape
     base = build_builtin(cfg, [tmp_path / "train/clean.jsonl"], tmp_path / "base", **QUIET)
-    tcfg = TrainConfig(out_dir=str(tmp_path / "adapter"), checkpoint_dir=str(tmp_path / "ckpt"), epochs=10,
-                       batch_size=16, learning_rate=2e-3, max_length=96, logging_steps=50)
+    tcfg = TrainConfig(out_dir=str(tmp_path / "adapter"), checkpoint_dir=str(tmp_path / "ckpt"), trl=dict(num_train_epochs=10, per_device_train_batch_size=16, learning_rate=2e-3, max_length=96, logging_steps=50))
     train(tcfg, base, tmp_path / "train/clean.jsonl")
     got = scores(base, tmp_path / "adapter", tmp_path / "eval/clean.jsonl", TaskConfig(kind="text", max_new_tokens=12))
     # Memorising the training values scores ~0 here (the random base: 0.00); the full 900-step base reaches

@@ -24,8 +24,8 @@ def data(clean_demo):
 
 
 def tiny_cfg(tmp: Path, **kw) -> TrainConfig:
-    base = dict(out_dir=str(tmp / "adapter"), checkpoint_dir=str(tmp / "ckpt"), max_steps=12, batch_size=8,
-                logging_steps=2, lora_r=4, lora_alpha=8, checkpoint_steps=4)
+    trl = dict(max_steps=12, per_device_train_batch_size=8, logging_steps=2, save_steps=4, **kw.pop("trl", {}))
+    base = dict(out_dir=str(tmp / "adapter"), checkpoint_dir=str(tmp / "ckpt"), lora_r=4, lora_alpha=8, trl=trl)
     return TrainConfig(**{**base, **kw})
 
 
@@ -77,7 +77,7 @@ def test_evaluate_scores_base_and_adapter(trained, tiny_base, data, tmp_path):
 
 def test_early_stopping_stops_before_max_steps(tiny_base, data, tmp_path):
     # A learning rate this low cannot improve eval loss by much, so patience 1 ends the run early.
-    cfg = tiny_cfg(tmp_path, max_steps=60, learning_rate=1e-7, early_stopping_patience=1, checkpoint_steps=4)
+    cfg = tiny_cfg(tmp_path, early_stopping_patience=1, trl=dict(max_steps=60, learning_rate=1e-7, save_steps=4))
     m = train(cfg, tiny_base, data / "train/clean.jsonl", data / "eval/clean.jsonl")
     assert m["stopped_early"] and m["steps"] < 60 and m["best_eval_loss"] is not None
 
@@ -108,7 +108,7 @@ def _run(cfg: TrainConfig, kill_at: int, base: Path, train_file: Path) -> subpro
 
 def test_sigkilled_run_resumes_and_matches_an_uninterrupted_run(tiny_base, data, tmp_path):
     train_file = data / "train/clean.jsonl"
-    cfg = tiny_cfg(tmp_path / "a", max_steps=16, checkpoint_steps=8)
+    cfg = tiny_cfg(tmp_path / "a", trl=dict(max_steps=16, save_steps=8))
     killed = _run(cfg, 8, tiny_base, train_file)
     assert killed.returncode == -signal.SIGKILL
     assert list((tmp_path / "a/ckpt").glob("*/checkpoint-8")), "no checkpoint left by the killed run"
@@ -117,7 +117,7 @@ def test_sigkilled_run_resumes_and_matches_an_uninterrupted_run(tiny_base, data,
     assert "resuming from" in resumed.stdout
     assert json.loads((tmp_path / "a/adapter/train_metrics.json").read_text())["resumed_from_step"] == 8
 
-    straight = tiny_cfg(tmp_path / "b", max_steps=16, checkpoint_steps=8)
+    straight = tiny_cfg(tmp_path / "b", trl=dict(max_steps=16, save_steps=8))
     assert _run(straight, 0, tiny_base, train_file).returncode == 0
     a = load_file(tmp_path / "a/adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "b/adapter/adapter_model.safetensors")
@@ -155,8 +155,8 @@ def test_dpo_raises_the_preference_margin(tiny_base, data, tmp_path):
     sanitize_files([ROOT / "data/raw/tickets_preference.jsonl"], tmp_path / "pref", SanitizeConfig(),
                    shape="preference")
     pref = tmp_path / "pref/clean.jsonl"
-    cfg = tiny_cfg(tmp_path, method="dpo", max_steps=60, learning_rate=5e-2, dpo_beta=0.5, lora_r=8,
-                   lora_alpha=16, max_length=128, checkpoint_steps=30)
+    cfg = tiny_cfg(tmp_path, method="dpo", lora_r=8, lora_alpha=16,
+                   trl=dict(max_steps=60, learning_rate=5e-2, beta=0.5, max_length=128, save_steps=30))
     m = train(cfg, tiny_base, data / "train/clean.jsonl", None, preference_file=pref)
     assert m["method"] == "dpo" and m["steps"] == 60
     rows = load_preference_file(pref)[:64]
@@ -188,7 +188,7 @@ def test_dora_and_merged_export_match_the_adapter(tiny_base, data, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_cfg(tmp_path, adapter="dora", max_steps=4, merge_export=True)
+    cfg = tiny_cfg(tmp_path, adapter="dora", merge_export=True, trl=dict(max_steps=4))
     train(cfg, tiny_base, data / "train/clean.jsonl", None)
     assert json.loads((tmp_path / "adapter/adapter_config.json").read_text())["use_dora"] is True
     ids = torch.tensor([[5, 17, 42, 99, 3]])
@@ -209,7 +209,10 @@ def test_generic_data_is_mixed_at_the_configured_share(data):
     ({"train": {"adapter": "ia3"}}, "train.adapter"),
     ({"train": {"generic_fraction": 0.1}, "data": {"generic": ""}}, "train.generic_fraction: > 0 needs data.generic"),
     ({"train": {"method": "dpo", "packing": True}}, "packing is not supported with method: dpo"),
-    ({"train": {"lr_scheduler": "cosine_annealing"}}, "train.lr_scheduler"),
+    ({"train": {"lr_scheduler": "cosine"}}, "train.lr_scheduler: moved to train.trl.lr_scheduler_type"),
+    ({"train": {"epochs": 2, "dpo_beta": 0.2}}, "train.epochs: moved to train.trl.num_train_epochs\n.*train.dpo_beta: "
+                                                 "moved to train.trl.beta"),
+    ({"train": {"trl": {"output_dir": "x"}}}, "train.trl.output_dir: set by loraflow"),
     ({"train": {"attention": "flash"}}, "train.attention"),
 ])
 def test_config_errors_name_the_key(change, message):
@@ -220,13 +223,30 @@ def test_config_errors_name_the_key(change, message):
         parse_params(raw, Path("params.yaml"))
 
 
-def test_from_pretrained_path_is_used_for_non_builtin_bases(tiny_base, tmp_path):
-    from pipeline.base.builtin import build_base
+def test_a_pretrained_base_is_referenced_by_hash_not_copied(tiny_base, tmp_path):
+    from pipeline.base import build_base
     from pipeline.config import BaseModelConfig
+    from pipeline.hashing import file_sha256
+    from pipeline.modeling import base_weights_sha256, load_base, resolve_base
 
-    out = build_base(BaseModelConfig(model=str(tiny_base), out_dir=str(tmp_path / "base")), [])
-    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
-    assert load_file(out / "model.safetensors").keys() == load_file(tiny_base / "model.safetensors").keys()
+    out = build_base(BaseModelConfig(model=str(tiny_base), out_dir=str(tmp_path / "base")), tmp_path / "none.json",
+                     progress=lambda s: None)
+    assert sorted(p.name for p in out.iterdir()) == ["base.json"]  # no weights copied
+    ref = json.loads((out / "base.json").read_text())
+    assert ref["path"] == str(tiny_base.resolve()) and ref["revision"] == ""
+    assert ref["files"]["model.safetensors"] == file_sha256(tiny_base / "model.safetensors")
+    assert resolve_base(out) == tiny_base.resolve()
+    assert base_weights_sha256(out) == base_weights_sha256(tiny_base) == ref["files"]["model.safetensors"]
+    model, tok = load_base(out)
+    assert model.config.hidden_size == 64 and len(tok) > 100
+    # Pickled weights run code when loaded: refused, with the reason.
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tiny_base / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="safetensors only"):
+        build_base(BaseModelConfig(model=str(pickled), out_dir=str(tmp_path / "b2")), tmp_path / "none.json",
+                   progress=lambda s: None)
 
 
 @pytest.mark.gpu
@@ -270,7 +290,7 @@ def test_two_process_ddp_on_cpu_gloo_trains_once_and_only_rank0_writes(tiny_base
     script.write_text(DDP_SCRIPT)
 
     def launch(nproc: int, out: Path) -> dict:
-        cfg = tiny_cfg(out, max_steps=4, checkpoint_steps=100).model_dump()
+        cfg = tiny_cfg(out, trl=dict(max_steps=4, save_steps=100)).model_dump()
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc_per_node={nproc}", str(script), json.dumps(cfg), str(tiny_base),
                                str(train_file)], capture_output=True, text=True, timeout=500, cwd=ROOT,
@@ -289,3 +309,29 @@ def test_two_process_ddp_on_cpu_gloo_trains_once_and_only_rank0_writes(tiny_base
     res = evaluate_model(tiny_base, tmp_path / "two/adapter", data / "eval/clean.jsonl",
                          EvaluateConfig(max_examples=8), TaskConfig(kind="text", max_new_tokens=8))
     assert res["n"] == 8
+
+
+def test_trl_options_pass_through_and_unknown_ones_are_named(tmp_path):
+    from pipeline.device import detect
+    from pipeline.train.trl_args import check_trl_keys, training_args
+
+    # Options loraflow never mapped reach TRL's own config object unchanged; loraflow's defaults fill the rest.
+    cfg = tiny_cfg(tmp_path, trl=dict(neftune_noise_alpha=5.0, max_grad_norm=0.5, optim="adamw_torch",
+                                      weight_decay=0.01))
+    args = training_args(cfg, tmp_path / "ck", has_eval=True, dev=detect())
+    assert type(args).__name__ == "SFTConfig"
+    assert (args.neftune_noise_alpha, args.max_grad_norm, args.optim, args.weight_decay) == (5.0, 0.5, "adamw_torch", 0.01)
+    assert (args.max_steps, args.per_device_train_batch_size, args.save_steps) == (12, 8, 4)  # the user's
+    assert (args.lr_scheduler_type, args.learning_rate) == ("cosine", 2e-3)  # loraflow's defaults
+    assert args.activation_checkpointing is False  # loraflow's default over TRL's (on)
+    assert args.output_dir == str(tmp_path / "ck") and args.eval_strategy == "steps" and args.eval_steps == 4
+    dpo = training_args(tiny_cfg(tmp_path, method="dpo", trl=dict(beta=0.3)), tmp_path / "ck", False, detect())
+    assert type(dpo).__name__ == "DPOConfig" and dpo.beta == 0.3 and dpo.eval_strategy == "no"
+    with pytest.raises(ConfigError, match=r"train.trl.lerning_rate: not a field of TRL .*SFTConfig "
+                                          r"\(did you mean learning_rate\?\)"):
+        check_trl_keys(tiny_cfg(tmp_path, trl=dict(lerning_rate=1e-4)))
+    with pytest.raises(ConfigError, match="train.trl.beta: not a field of TRL .*SFTConfig"):
+        check_trl_keys(tiny_cfg(tmp_path, trl=dict(beta=0.1)))  # DPO's option with method sft
+    with pytest.raises(ConfigError, match="train.trl: TRL rejected the settings"):
+        training_args(tiny_cfg(tmp_path, trl=dict(lr_scheduler_type="no-such-schedule")), tmp_path / "ck", False,
+                      detect())

@@ -70,6 +70,8 @@ def training_args(cfg: TrainConfig, ckpt_dir: Path, has_eval: bool, dev, source:
     if cfg.method == "sft":
         owned["packing"] = cfg.packing
     defaults = {**TRL_DEFAULTS, **(DPO_DEFAULTS if cfg.method == "dpo" else {})}
+    if "gradient_checkpointing" in cfg.trl:  # transformers' older name for it: the user's value must win
+        defaults.pop("activation_checkpointing")
     kwargs = {**defaults, **derived, **cfg.trl, **owned}
     if kwargs.get("greater_is_better") is None:
         kwargs["greater_is_better"] = False  # eval_loss: lower is better
