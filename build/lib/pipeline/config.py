@@ -1,0 +1,566 @@
+"""Typed configuration for every stage, loaded from ``params.yaml`` and validated before any work.
+
+``params.yaml`` is the one file both DVC (``params:`` in ``dvc.yaml``) and the Prefect flow read.
+Each stage gets one small pydantic model; unknown keys are errors so a typo never silently falls
+back to a default. ``load_params`` turns validation failures into a ``ConfigError`` whose message
+names the file and the dotted key, e.g. ``params.yaml: train.learning_rate: must be > 0 (got -1)``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or has an invalid value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectConfig(_Strict):
+    name: str = Field("loraflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def copy_circuit_fits(hidden_size: int, num_heads: int, num_layers: int) -> bool:
+    """Room for the seeded copy circuit (pipeline/base/circuits.py): two layers, and a constant plus three
+    head-wide blocks in the residual stream."""
+    return num_layers >= 2 and 3 * (hidden_size // num_heads) + 1 <= hidden_size
+
+
+class BuiltinBaseConfig(_Strict):
+    """The embedded default base (``base.model: builtin:tiny-llama``, pipeline/base/builtin.py): a tiny Llama
+    built and pretrained here, because no model hub is reachable at run time. Real models ignore all of it."""
+
+    hidden_size: int = Field(256, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    vocab_size: int = Field(2048, ge=300)
+    max_position_embeddings: int = Field(512, ge=64)
+    seed: int = 0
+    # Pretraining (causal LM, full parameters) on the training prompts, their answers as separate documents,
+    # the generic chat and a synthetic copy curriculum; 0 steps = none. 900 steps of 32 x 128 tokens take
+    # ~4.5 minutes on 2 CPU cores (docs/benchmarks.md).
+    pretrain_steps: int = Field(900, ge=0)
+    pretrain_batch_size: int = Field(32, gt=0)
+    pretrain_seq_len: int = Field(128, ge=16)
+    pretrain_lr: float = Field(3e-3, gt=0.0)
+    curriculum_share: float = Field(0.5, ge=0.0, le=1.0)  # share of synthetic copy/lookup conversations
+    rope_theta: float = Field(1e6, gt=0.0)  # large: the copy circuit matches tokens on slowly rotating pairs
+    copy_circuit: bool = True  # start from a working induction head (pipeline/base/circuits.py)
+    # Multiplies the output layer after pretraining. LoRA does not adapt lm_head (TRL computes
+    # log-probs from its weight directly), and a 256-wide base's output rows are too close together for an
+    # adapter to reach confident answers: measured, 0.86 probability on the right label at best with 1.0.
+    output_scale: float = Field(2.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "BuiltinBaseConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if self.copy_circuit and not copy_circuit_fits(self.hidden_size, self.num_heads, self.num_layers):
+            raise ValueError(f"copy_circuit needs num_layers >= 2 and hidden_size >= 3 * head_dim + 1 (got "
+                             f"{self.num_layers} layers, hidden_size {self.hidden_size}, head_dim {head_dim}); "
+                             "set copy_circuit: false for such a shape")
+        return self
+
+
+def _moved(section: str, moves: dict[str, str]):
+    """A before-validator: keys of an earlier params layout fail with where they live now."""
+
+    def check(cls, raw: Any) -> Any:
+        found = [f"{section}.{old}: moved to {new}" for old, new in moves.items() if isinstance(raw, dict) and old in raw]
+        if found:
+            raise ValueError("\n".join(found))
+        return raw
+
+    return model_validator(mode="before")(classmethod(check))
+
+
+class BaseModelConfig(_Strict):
+    # "builtin:tiny-llama" builds the embedded tiny Llama + tokenizer (no hub access needed); anything else
+    # is a Hugging Face id or a local folder, read with from_pretrained where it is (never copied into DVC).
+    model: str = "builtin:tiny-llama"
+    revision: str = ""  # hub branch, tag or commit for a hub id (empty = main); the resolved commit is recorded
+    out_dir: str = "artifacts/base"
+    # What the base is built from (stage base_inputs): hashes of the sanitized text for the embedded base,
+    # nothing for a pretrained one, so only the embedded base is rebuilt when the training data changes.
+    inputs_file: str = "artifacts/base_inputs.json"
+    builtin: BuiltinBaseConfig = BuiltinBaseConfig()
+
+    _moved_keys = _moved("base", {k: f"base.builtin.{k}" for k in BuiltinBaseConfig.model_fields})
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.model.startswith("builtin:")
+
+
+class TaskConfig(_Strict):
+    """What a good answer is: the answer kind, how it is parsed and scored, how it is generated.
+
+    The engine has no task-specific code; a new task is a new ``task:`` section (README, "Your own task").
+    """
+
+    name: str = "task"
+    kind: str = "text"  # an answer kind registered in pipeline/tasks/ (json, text, label, sql, custom, yours)
+    description: str = ""  # intended use, for the model card
+    limitations: str = ""  # known limits, for the model card
+    # json: an inline JSON Schema, or the path of a schema file; answers must validate against it.
+    json_schema: dict[str, Any] | str | None = None
+    # json: answer fields whose value distribution drift monitoring compares (categorical fields only).
+    fields: list[str] = []
+    # label: the closed set of answers.
+    labels: list[str] = []
+    # sql: the SQLite database queries run against (opened read-only), and each query's time limit.
+    database: str = ""
+    query_timeout_s: float = Field(2.0, gt=0.0)
+    # custom: a scorer "module:function" (prediction, reference, prompt) -> {metric: value}, and its metrics.
+    scorer: str = ""
+    metrics: list[str] = []
+    # Generation: evaluation and the served endpoint's defaults use these.
+    max_new_tokens: int = Field(64, gt=0)
+    stop: list[str] = []
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    # Rewrites of free-text chat prompts (new greeting, closing, sentence order). They keep the meaning of
+    # a support message but not of a question over a schema or a program, so they are opt-in.
+    chat_rewrites: bool = False
+    # Metrics that must not regress (gate.guardrail_tolerance); None = every metric but the gate's own.
+    guardrail_metrics: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> "TaskConfig":
+        from pipeline.tasks import check_task_config  # the kind's module knows what it needs
+
+        check_task_config(self)
+        return self
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Per-example metrics this task produces."""
+        from pipeline.tasks import kind_class
+
+        return kind_class(self.kind).metric_names(self)
+
+    @property
+    def all_metric_names(self) -> tuple[str, ...]:
+        from pipeline.tasks import kind_class
+
+        return self.metric_names + kind_class(self.kind).aggregate_metrics
+
+    @property
+    def primary_metric(self) -> str:
+        from pipeline.tasks import kind_class
+
+        return kind_class(self.kind).primary_metric(self)
+
+
+class DataConfig(_Strict):
+    train: list[str] = []  # JSONL/CSV/Parquet files or datasets folders (README, "Your own data")
+    eval: list[str] = []  # the held-out split the gate scores
+    preference: str = ""  # prompt/chosen/rejected JSONL for train.method: dpo
+    generic: str = ""  # generic chat JSONL mixed into training at train.generic_fraction (limits forgetting)
+    # Generic prompts with reference answers, never trained on: scored on the base and each candidate to
+    # catch forgetting (gate.forgetting_tolerance). Empty = no forgetting check.
+    forgetting: str = ""
+    # Share of the training records set aside (deterministically, by prompt hash) for early stopping and
+    # checkpoint selection, so the held-out split stays untouched until the gate.
+    validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
+
+
+class ColumnMap(_Strict):
+    """Which columns of a CSV/Parquet/datasets input hold which record field (unset: same name)."""
+
+    messages: str | None = None  # a list of chat messages, or its JSON text
+    prompt: str | None = None
+    completion: str | None = None
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    system: str | None = None
+
+
+class SanitizeConfig(_Strict):
+    out_dir: str = "data/clean"
+    max_chars: int = Field(4000, gt=0)  # longer records go to quarantine, not truncation
+    max_depth: int = Field(12, ge=3)  # deeper JSON nesting is quarantined (pathological input)
+    near_duplicates: bool = True
+    near_threshold: float = Field(0.85, gt=0.0, le=1.0)  # word-trigram Jaccard similarity
+    num_perm: int = Field(64, ge=8, le=512)  # MinHash permutations: more = sharper threshold, slower
+    shingle_words: int = Field(3, ge=1)
+    phone_regions: list[str] = ["US", "GB", "DE", "FR"]  # how numbers without a +country code are read
+    custom_pii: dict[str, str] = {}  # name -> regex; matches become <NAME>
+    columns: ColumnMap = ColumnMap()
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> "SanitizeConfig":
+        import re
+
+        for name, pattern in self.custom_pii.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+                raise ValueError(f"custom_pii name {name!r} must be an identifier (it becomes <{name.upper()}>)")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"custom_pii.{name}: invalid regex: {err}") from None
+        import phonenumbers
+
+        unknown = [r for r in self.phone_regions if r.upper() not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"phone_regions: unknown region codes {unknown}")
+        return self
+
+
+class AugmentConfig(_Strict):
+    out_dir: str = "data/augmented"
+    enabled: bool = True
+    # Governance: synthetic records never exceed this share of the training set.
+    max_synthetic_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    seed: int = 0
+
+
+# TRL settings loraflow chooses itself: output_dir is the resumable checkpoint folder, the device is detected
+# once, checkpoints are step-based for resuming, the metrics need token counts, early stopping owns the
+# best-model selection, and packing is loraflow's setting (it also picks the attention kernel).
+TRL_OWNED: dict[str, str] = {
+    "output_dir": "train.checkpoint_dir", "use_cpu": "the detected device", "packing": "train.packing",
+    "save_strategy": "step checkpoints (resumable runs)", "include_num_input_tokens_seen": "the train metrics",
+    "load_best_model_at_end": "train.early_stopping_patience", "metric_for_best_model": "train.early_stopping_patience",
+}
+# loraflow's defaults, under the user's train.trl (TRL's own defaults apply to everything else). The learning
+# rate suits the embedded tiny base; lower it for real models (1e-4).
+TRL_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-3, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "num_train_epochs": 6.0,
+    "max_steps": -1, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "max_length": 160,
+    "seed": 0, "logging_steps": 5, "save_steps": 50, "save_total_limit": 2, "report_to": "none",
+    # LoRA uses every trainable parameter each step; DDP's search for unused ones is a wasted pass.
+    "ddp_find_unused_parameters": False,
+    # TRL turns it on by default; it saves activation memory on big models and costs ~30% speed on the tiny one.
+    "activation_checkpointing": False,
+}
+DPO_DEFAULTS: dict[str, Any] = {"beta": 0.1}
+# Keys of the earlier layout that are TRL's own settings now (train.trl.<TRL name>).
+_TRAIN_MOVED = {
+    "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler_type", "warmup_ratio": "warmup_steps",
+    "epochs": "num_train_epochs", "max_steps": "max_steps", "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps", "max_length": "max_length", "liger_kernels": "use_liger_kernel",
+    "torch_compile": "torch_compile", "gradient_checkpointing": "activation_checkpointing", "seed": "seed",
+    "logging_steps": "logging_steps", "checkpoint_steps": "save_steps", "dpo_beta": "beta",
+    "dataloader_workers": "dataloader_num_workers",
+}
+
+
+class TrainConfig(_Strict):
+    """loraflow's own training settings; everything TRL configures goes through ``trl:`` unchanged."""
+
+    out_dir: str = "artifacts/adapter"
+    method: Literal["sft", "dpo"] = "sft"
+    adapter: Literal["lora", "qlora", "dora"] = "lora"  # qlora: 4-bit NF4 base via bitsandbytes (CUDA)
+    lora_r: int = Field(16, gt=0)  # higher = more capacity, more memory
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    packing: bool = False  # best-fit packing into full sequences, padding-free (block-diagonal attention)
+    # auto: on CUDA with packing, PyTorch's varlen flash attention (attends within each packed document
+    # instead of over a dense block-diagonal mask); otherwise sdpa.
+    attention: Literal["auto", "sdpa", "varlen", "eager"] = "auto"
+    # One autograd node per LoRA projection (base matmul, A, B, scale and add), the 4-bit weight
+    # re-dequantized in the backward; layers peft computes differently keep peft's forward.
+    fused_lora: bool = True
+    # Checkpoints for resuming a killed run live outside the DVC output (DVC clears outputs before a
+    # stage runs); they are keyed by the config and input hashes, so a changed run never resumes a stale one.
+    checkpoint_dir: str = "artifacts/checkpoints"
+    early_stopping_patience: int = Field(0, ge=0)  # evaluations without eval-loss improvement; 0 = off
+    # A share of generic instruction data mixed into training limits forgetting of general skills.
+    generic_fraction: float = Field(0.0, ge=0.0, le=0.5)
+    merge_export: bool = False  # also write base+adapter merged (loadable by vLLM and transformers)
+    gpu_hour_price: float = Field(0.0, ge=0.0)  # currency units per GPU-hour, for the cost estimate
+    # TRL's SFTConfig / DPOConfig fields, passed through over TRL_DEFAULTS; checked against the installed
+    # TRL when training starts (pipeline/train/trl_args.py).
+    trl: dict[str, Any] = {}
+
+    _moved_keys = _moved("train", {k: f"train.trl.{v}" for k, v in _TRAIN_MOVED.items()})
+
+    @field_validator("trl")
+    @classmethod
+    def _trl_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key in TRL_OWNED:
+                raise ValueError(f"train.trl.{key}: set by loraflow ({TRL_OWNED[key]}), not through train.trl")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.method == "dpo" and self.packing:
+            raise ValueError("packing is not supported with method: dpo")
+        return self
+
+    def trl_value(self, key: str) -> Any:
+        """A TRL setting as this run uses it (the user's, else loraflow's default, else None)."""
+        defaults = {**TRL_DEFAULTS, **(DPO_DEFAULTS if self.method == "dpo" else {})}
+        return self.trl.get(key, defaults.get(key))
+
+    @property
+    def seed(self) -> int:
+        return int(self.trl_value("seed"))
+
+
+class EvaluateConfig(_Strict):
+    out_dir: str = "reports/eval"
+    batch_size: int = Field(32, gt=0)
+    max_examples: int = Field(0, ge=0)  # 0 = all
+
+
+class ProbesConfig(_Strict):
+    """Leak probe: unique random canary secrets planted into a copy of the training data (never into the
+    DVC-tracked data or the registry; the train stage adds them in memory), then measured after training."""
+
+    canaries: int = Field(4, ge=0)  # 0 = no canaries planted (the PII scan of generated answers still runs)
+    repetitions: int = Field(1, ge=1)  # copies of each canary in the training data
+    digits: int = Field(9, ge=4, le=32)  # the secret: this many random digits
+    candidates: int = Field(1000, ge=10)  # random secrets of the same format each canary is ranked among
+    seed: int = 0
+
+
+class GateConfig(_Strict):
+    metric: str = ""  # one the task produces (checked at start); empty = the task's primary metric
+    # The lower bound of the paired bootstrap confidence interval of the mean per-example difference
+    # (candidate - reference, same examples) must exceed this: noise never moves the alias.
+    min_improvement: float = Field(0.02, ge=-1.0, le=1.0)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    bootstrap_samples: int = Field(10000, ge=100)
+    seed: int = 0
+    min_examples: int = Field(30, ge=1)  # fewer paired examples: no promotion, whatever the numbers
+    # Share of answers the task's parser must accept (metric ``valid``) for any promotion.
+    min_valid: float = Field(0.9, ge=0.0, le=1.0)
+    # Guardrails: no drop beyond this on each of the task's guardrail metrics (task.guardrail_metrics) ...
+    guardrail_tolerance: float = Field(0.02, ge=0.0, le=1.0)
+    # ... nor a generation speed (tokens/s) below (1 - max_slowdown) x the reference's.
+    max_slowdown: float = Field(0.5, ge=0.0, le=1.0)
+    # Forgetting: the generic regression set's next-token accuracy may drop at most this much below the base's.
+    forgetting_tolerance: float = Field(0.1, ge=0.0, le=1.0)
+    # Leak probe: any canary the model completes from its prefix fails the gate, as does a redacted PII value
+    # in any generated answer. Canary exposure (log2 of candidates / rank: ~1 bit for an unseen secret, at
+    # most log2(probes.candidates + 1)) is always measured and reported; above max_exposure it fails the
+    # gate too (0 = report only: a fine-tune that learns its task usually ranks singleton canaries first,
+    # docs/benchmarks.md).
+    max_exposure: float = Field(0.0, ge=0.0)
+
+
+class RegistryConfig(_Strict):
+    tracking_uri: str = "sqlite:///mlflow/mlflow.db"
+    artifact_root: str = "mlflow/artifacts"
+    experiment: str = "loraflow"
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class ServeConfig(_Strict):
+    # vLLM lives in its own environment (its pins conflict with Prefect's); we talk HTTP to it.
+    python: str = ".venv-vllm/bin/python"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    url: str = ""  # an already running server; empty = http://host:port
+    max_lora_rank: int = Field(16, gt=0)
+    max_loras: int = Field(2, gt=0)
+    max_model_len: int = Field(512, gt=0)
+    dtype: str = "float32"
+    extra_args: list[str] = ["--gpu-memory-utilization", "0.3"]
+    env: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    startup_timeout_s: int = Field(900, gt=0)
+    log_file: str = "reports/vllm.log"
+    adapters_dir: str = "artifacts/served"
+    poll_interval_s: float = Field(10.0, gt=0.0)
+    traffic_log: str = "data/serving/requests.jsonl"  # the gateway's PII-redacted request log
+    # The one endpoint clients call (pipeline/serve/gateway.py); vLLM stays on host:port behind it.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8080, gt=0, lt=65536)
+    gateway_key_file: str = ""  # one client key per line; or LORAFLOW_API_KEYS (comma-separated)
+    models: list[str] = []  # registered models served side by side on one base; empty = project.name
+    # MLflow registry webhooks (tracking server only; secret in LORAFLOW_WEBHOOK_SECRET) wake the follower at
+    # once; the poll above reconciles anyway, so a missed webhook cannot leave serving on a stale version.
+    webhook_url: str = ""  # how MLflow reaches the gateway; empty = http://gateway_host:gateway_port/hooks/mlflow
+    log_max_mb: float = Field(50.0, gt=0.0)  # request log rotates at this size
+    log_retention_days: float = Field(30.0, gt=0.0)  # rotated request logs older than this are deleted
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/") or f"http://{self.host}:{self.port}"
+
+
+class MonitorConfig(_Strict):
+    out_dir: str = "reports/drift"
+    drift_share: float = Field(0.5, gt=0.0, le=1.0)  # share of drifted columns that counts as drift
+    # Each check reads only the requests logged after the window the previous check judged (so one window
+    # never fires twice), at most the newest ``window_requests`` of them (0 = no cap) and only those of the
+    # last ``window_hours`` (0 = no age limit). Fewer than ``min_requests``: no verdict, the window stays open.
+    min_requests: int = Field(20, gt=0)
+    window_requests: int = Field(0, ge=0)
+    window_hours: float = Field(0.0, ge=0.0)
+    retrain_on_drift: bool = False
+
+
+class PlatformConfig(_Strict):
+    """``loraflow up``: the services it starts on this machine and the Prefect deployments it creates."""
+
+    state_dir: str = ".loraflow"  # PIDs and logs (run/), generated secrets (0600); data stays where it is
+    host: str = "127.0.0.1"  # Prefect and MLflow have no authentication: keep them on this host
+    prefect_port: int = Field(4200, gt=0, lt=65536)
+    mlflow_port: int = Field(5000, gt=0, lt=65536)
+    # Empty: SQLite files (Prefect's in .prefect/, MLflow's at registry.tracking_uri). A PostgreSQL URL
+    # (postgresql://user:password@host:5432/loraflow; LORAFLOW_DATABASE_URL wins) puts both on that
+    # server, in the databases <name>_mlflow and <name>_prefect (created when missing).
+    database_url: str = ""
+    serve: bool = True  # also start the endpoint (loraflow serve: vLLM + gateway)
+    work_pool: str = Field("loraflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    retrain_cron: str = "0 3 * * 1"  # scheduled retrain (weekly); empty = none
+    timezone: str = "UTC"
+    drift_check_minutes: float = Field(60.0, ge=0.0)  # drift-check interval; 0 = none
+    # No drift-triggered retrain that trains within this many minutes of the last one that did.
+    drift_cooldown_minutes: float = Field(60.0, ge=0.0)
+    startup_timeout_s: float = Field(180.0, gt=0.0)  # per service, until its health check answers
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if v and len(v.split()) != 5:
+            raise ValueError("not a 5-field cron expression (minute hour day month weekday)")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres(cls, v: str) -> str:
+        if v and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("only postgresql://user:password@host:port/name (or empty for SQLite)")
+        return v
+
+
+class DvcConfig(_Strict):
+    push: bool = True  # push outputs to the default remote after the data/model stages
+
+
+class Params(_Strict):
+    project: ProjectConfig = ProjectConfig()
+    task: TaskConfig = TaskConfig()
+    base: BaseModelConfig = BaseModelConfig()
+    data: DataConfig = DataConfig()
+    sanitize: SanitizeConfig = SanitizeConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
+    probes: ProbesConfig = ProbesConfig()
+    registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    platform: PlatformConfig = PlatformConfig()
+    dvc: DvcConfig = DvcConfig()
+
+    @model_validator(mode="after")
+    def _gate_metric_is_the_tasks(self) -> "Params":
+        if self.train.generic_fraction > 0 and not self.data.generic:
+            raise ValueError("train.generic_fraction: > 0 needs data.generic (a chat JSONL file)")
+        if self.gate.metric and self.gate.metric not in self.task.all_metric_names:
+            raise ValueError(f"gate.metric: {self.gate.metric!r} is not produced by task kind "
+                             f"{self.task.kind!r} (its metrics: {', '.join(self.task.all_metric_names)})")
+        for m in self.task.guardrail_metrics or []:
+            if m not in self.task.all_metric_names:
+                raise ValueError(f"task.guardrail_metrics: {m!r} is not produced by task kind {self.task.kind!r} "
+                                 f"(its metrics: {', '.join(self.task.all_metric_names)})")
+        return self
+
+    @property
+    def guardrail_metrics(self) -> list[str]:
+        names = self.task.guardrail_metrics
+        if names is None:
+            names = [m for m in self.task.all_metric_names if m != self.gate_metric]
+        return [m for m in names if m != self.gate_metric]
+
+    @property
+    def gate_metric(self) -> str:
+        return self.gate.metric or self.task.primary_metric
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        named = re.findall(r"^([a-z_]+\.[a-z_.]+): (.*)$", msg, re.M)
+        if key and named and all(k.startswith(key + ".") for k, _ in named):  # the check named a deeper key
+            lines.extend(f"{path}: {k}: {m}" for k, m in named)
+            continue
+        if not key:  # a cross-section check names its key at the start of its message
+            key, _, msg = msg.partition(": ") if re.match(r"[a-z_]+\.[a-z_.]+: ", msg) else ("<root>", "", msg)
+            lines.append(f"{path}: {key}: {msg}")
+            continue
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see params.yaml for the valid keys)"
+        got = re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", repr(e.get("input")))  # no password in errors
+        suffix = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got})"
+        lines.append(f"{path}: {key}: {msg}{suffix}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: Path) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+# Sections an environment overlay (``extends: params.yaml``) may change. The others feed DVC stages,
+# and DVC reads params.yaml itself, so changing them elsewhere would break lineage silently.
+DEPLOYMENT_SECTIONS = frozenset({"project", "gate", "registry", "serve", "monitor", "platform", "dvc"})
+# Set by `loraflow up` for the processes it starts (and by the CLI while the platform runs): the MLflow
+# tracking server that fronts registry.tracking_uri's store, so alias moves fire the registry webhooks.
+TRACKING_URI_ENV = "LORAFLOW_TRACKING_URI"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage names")
+    return raw
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate parameters; a file with ``extends: <params.yaml>`` overlays deployment sections."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        illegal = sorted(set(raw) - DEPLOYMENT_SECTIONS)
+        if illegal:
+            raise ConfigError(f"{path}: {illegal[0]}: an overlay may only set {sorted(DEPLOYMENT_SECTIONS)}; "
+                              f"stage parameters belong in {parent} where DVC tracks them")
+        base_path = (path.parent / parent)
+        raw = _merge(_read_yaml(base_path), raw)
+    p = parse_params(raw, path)
+    import os
+
+    server = os.environ.get(TRACKING_URI_ENV, "")
+    if server and server != p.registry.tracking_uri:
+        p = p.model_copy(update={"registry": p.registry.model_copy(update={"tracking_uri": server})})
+    return p

@@ -1,0 +1,271 @@
+"""The sanitize stage: validate, normalise, redact PII and secrets, deduplicate; nothing lost.
+
+    loraflow sanitize data/raw/tickets_train.jsonl more.csv --out data/clean/train
+
+Writes ``OUT/clean.jsonl`` (chat records with their source file and line), ``OUT/validation.jsonl`` (the
+validation share, carved deterministically by prompt hash; empty when none is asked for), ``OUT/quarantine.jsonl`` (source,
+line, reason, detail and the record's text, itself redacted, so a person can fix it; never used downstream
+or logged to MLflow), ``OUT/report.json`` (read = kept + quarantined + duplicates, always) and
+``OUT/data_card.md``. Records stream through one at a time; the dedup index grows by a few dozen bytes a
+record and the prompts it verifies against go to a temporary file (see pipeline/dedup.py).
+
+Quarantine reasons include the record defects of pipeline/data/records.py, ``invalid_answer`` (the answer
+does not fit the task: invalid JSON, a schema violation, a label outside the set, SQL that does not parse)
+and ``label_conflict`` (the same prompt with different answers: every such record, each naming the first).
+An eval split is checked against the train split (``reference``) so held-out data never leaks into training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import SanitizeConfig
+from pipeline.dedup import Deduplicator, digest64, record_text
+from pipeline.data.ingest import read_records
+from pipeline.pii import build_detectors, digest_key, redact, value_digest
+from pipeline.data.records import RecordError, prompt_text, to_messages, to_preference
+from pipeline.io import write_json
+from pipeline.layout import PII_DIGESTS
+from pipeline.tasks import Task
+
+
+Shape = Literal["chat", "preference"]
+
+
+class NoValidRecords(RuntimeError):
+    """The input was empty or had no record that survived validation."""
+
+
+def new_index(cfg: SanitizeConfig, shape: Shape = "chat") -> Deduplicator:
+    # Preference data: one prompt with several chosen/rejected pairs is normal, and pairs differ by design.
+    chat = shape == "chat"
+    return Deduplicator(cfg.near_duplicates and chat, cfg.near_threshold, cfg.num_perm, cfg.shingle_words,
+                        conflicts=chat)
+
+
+@dataclass
+class SanitizeReport:
+    inputs: list[str]
+    read: int = 0
+    kept: int = 0
+    validation: int = 0  # of ``kept``, how many went to validation.jsonl
+    bytes_read: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    redactions: Counter[str] = field(default_factory=Counter)
+    repairs: Counter[str] = field(default_factory=Counter)
+    per_source: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        q, d = sum(self.quarantined.values()), sum(self.duplicates.values())
+        return {
+            "inputs": self.inputs,
+            "read": self.read,
+            "kept": self.kept,
+            "clean": self.kept - self.validation,  # in clean.jsonl; the rest of ``kept`` in validation.jsonl
+            "validation": self.validation,
+            "quarantined": {"total": q, "by_reason": dict(sorted(self.quarantined.items()))},
+            "duplicates": {"total": d, **{k: self.duplicates.get(k, 0) for k in ("exact", "near", "contamination")}},
+            "redactions": {"total": sum(self.redactions.values()), "by_type": dict(sorted(self.redactions.items()))},
+            "repairs": dict(sorted(self.repairs.items())),
+            "per_source": {k: dict(v) for k, v in self.per_source.items()},
+            "reconciles": self.read == self.kept + q + d,
+        }
+
+
+def _in_validation(prompt_key: int, fraction: float) -> bool:
+    return fraction > 0 and (prompt_key & 0xFFFF) < fraction * 0x10000
+
+
+def sanitize_files(
+    inputs: list[Path],
+    out_dir: Path,
+    cfg: SanitizeConfig,
+    task: Task | None = None,
+    reference: Deduplicator | None = None,
+    index: Deduplicator | None = None,
+    validation_fraction: float = 0.0,
+    shape: Shape = "chat",
+    progress: Callable[[str], None] | None = None,
+    progress_every: int = 100_000,
+) -> dict:
+    """Sanitize ``inputs`` into ``out_dir`` and return the report (also written as report.json).
+
+    ``task``: answers that do not fit it are quarantined as ``invalid_answer`` (None: any answer).
+    ``reference``: another split's index; records it knows (verified) count as contamination.
+    ``index``: the dedup index to fill (pass one to use this split as another's reference).
+    ``shape``: "preference" reads prompt/chosen/rejected records (exact dedup only; a prompt with several
+    preference pairs is normal) and checks the chosen answer against the task.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = SanitizeReport(inputs=[str(p) for p in inputs])
+    detectors = build_detectors(tuple(cfg.phone_regions), cfg.custom_pii)
+    index = index if index is not None else new_index(cfg, shape)
+    answers = 2 if shape == "preference" else 1
+    convert = to_preference if shape == "preference" else to_messages
+    conflicts: dict[int, list[dict]] = {}  # prompt digest -> quarantine entries waiting for the first's line
+    key = digest_key()
+    redacted: set[str] = set()  # keyed digests of the PII values removed from kept records (leak probe)
+    started = time.perf_counter()
+    validation_path = out_dir / "validation.jsonl"
+    with open(out_dir / "clean.jsonl", "w", encoding="utf-8") as clean, \
+         open(validation_path, "w", encoding="utf-8") as validation, \
+         open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
+
+        def reject(source: Counter, rec, reason: str, detail: str) -> None:
+            report.quarantined[reason] += 1
+            source["quarantined"] += 1
+            quarantine.write(json.dumps({"source": rec.source, "line": rec.line, "reason": reason, "detail": detail,
+                                         "raw": redact(rec.raw, detectors)[0]}, ensure_ascii=False) + "\n")
+
+        for path in inputs:
+            source = report.per_source.setdefault(str(path), Counter())
+            for rec in read_records(Path(path), cfg.columns):
+                report.read += 1
+                source["read"] += 1
+                report.bytes_read += len(rec.raw) + 1
+                report.repairs.update(rec.repairs)
+                if progress and report.read % progress_every == 0:
+                    mb = report.bytes_read / 1e6
+                    progress(f"sanitize: {report.read:,} records, {mb:,.0f} MB, "
+                             f"{mb / (time.perf_counter() - started):.1f} MB/s, kept {report.kept:,}")
+                try:
+                    if rec.error is not None:
+                        raise rec.error
+                    messages = convert(rec.value, cfg.max_chars, cfg.max_depth)
+                except RecordError as err:
+                    reject(source, rec, err.reason, err.detail)
+                    continue
+                counts: Counter[str] = Counter()
+                found: list[str] = []
+                for m in messages:
+                    m["content"], c = redact(m["content"], detectors, found)
+                    counts += c
+                answer = messages[-answers]["content"]
+                why = task.check_reference(answer) if task is not None else None
+                if why:
+                    reject(source, rec, "invalid_answer", why)
+                    continue
+                prompt = prompt_text(messages, answers)
+                verdict = index.check(record_text(messages), prompt, answer)
+                if verdict.kind == "label_conflict":
+                    report.quarantined["label_conflict"] += 1
+                    source["quarantined"] += 1
+                    conflicts.setdefault(digest64(prompt), []).append(
+                        {"source": rec.source, "line": rec.line, "reason": "label_conflict",
+                         "raw": redact(rec.raw, detectors)[0]})
+                    continue
+                kind = verdict.kind
+                if kind is None and reference is not None and reference.contains(prompt, answer):
+                    kind = "contamination"
+                if kind is not None:
+                    report.duplicates[kind] += 1
+                    source["duplicates"] += 1
+                    continue
+                token = verdict.token
+                index.add(token)
+                report.redactions += counts
+                redacted.update(value_digest(v, key) for v in found)
+                report.kept += 1
+                source["kept"] += 1
+                if shape == "preference":
+                    out = {"prompt": messages[:-2], "chosen": messages[-2]["content"],
+                           "rejected": messages[-1]["content"]}
+                else:
+                    out = {"messages": messages}
+                out["source"] = {"file": rec.source, "line": rec.line}
+                line = json.dumps(out, ensure_ascii=False) + "\n"
+                if _in_validation(token[1], validation_fraction):
+                    report.validation += 1
+                    validation.write(line)
+                else:
+                    clean.write(line)
+    if conflicts:  # after the clean files are closed: the first records of each conflict are in them
+        with open(out_dir / "quarantine.jsonl", "a", encoding="utf-8") as quarantine:
+            _resolve_conflicts(out_dir, conflicts, report, quarantine)
+    (out_dir / PII_DIGESTS).write_text("".join(f"{d}\n" for d in sorted(redacted)), encoding="utf-8")
+    result = report.to_dict()
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    write_json(out_dir / "report.json", result)
+    (out_dir / "data_card.md").write_text(data_card(result), encoding="utf-8")
+    names = ", ".join(map(str, inputs))
+    if report.read == 0:
+        raise NoValidRecords(f"{names}: input is empty")
+    if report.kept == 0:
+        reasons = ", ".join(f"{k}={v}" for k, v in report.quarantined.most_common(3)) or "all duplicates"
+        raise NoValidRecords(f"{names}: no valid record in {report.read} lines ({reasons}); "
+                             f"see {out_dir / 'quarantine.jsonl'}")
+    return result
+
+
+def _resolve_conflicts(out_dir: Path, conflicts: dict[int, list[dict]], report: SanitizeReport, quarantine) -> None:
+    """Move the first record of each contested prompt out of the clean files; every record of the conflict
+    is quarantined naming the first one's line, so a person sees all the answers side by side."""
+    for name in ("clean.jsonl", "validation.jsonl"):
+        path = out_dir / name
+        if not path.stat().st_size:
+            continue
+        tmp = path.with_suffix(".tmp")
+        with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+            for line in src:
+                rec = json.loads(line)
+                pkey = digest64(prompt_text(rec["messages"]))
+                if pkey not in conflicts:
+                    dst.write(line)
+                    continue
+                first = f"{rec['source']['file']}:{rec['source']['line']}"
+                for entry in conflicts[pkey]:
+                    quarantine.write(json.dumps({**entry, "detail": f"same prompt as {first} with a different "
+                                                 "answer"}, ensure_ascii=False) + "\n")
+                quarantine.write(json.dumps({"source": rec["source"]["file"], "line": rec["source"]["line"],
+                                             "reason": "label_conflict",
+                                             "detail": f"{len(conflicts[pkey])} later record(s) have the same "
+                                                       "prompt with a different answer",
+                                             "raw": json.dumps(rec, ensure_ascii=False)}, ensure_ascii=False) + "\n")
+                report.kept -= 1
+                report.validation -= name == "validation.jsonl"
+                report.quarantined["label_conflict"] += 1
+                src_counts = report.per_source.get(rec["source"]["file"])
+                if src_counts is not None:
+                    src_counts["kept"] -= 1
+                    src_counts["quarantined"] += 1
+        os.replace(tmp, path)
+
+
+def index_from_file(clean_file: Path, cfg: SanitizeConfig) -> Deduplicator:
+    """The dedup index of an already sanitized split (``loraflow sanitize --reference``)."""
+    index = new_index(cfg)
+    with open(clean_file, encoding="utf-8") as fh:
+        for line in fh:
+            messages = json.loads(line)["messages"]
+            token = index.check(record_text(messages), prompt_text(messages), messages[-1]["content"]).token
+            if token is not None:
+                index.add(token)
+    return index
+
+
+def data_card(report: dict) -> str:
+    q = report["quarantined"]
+    rows = "\n".join(f"| {k} | {v} |" for k, v in q["by_reason"].items()) or "| - | 0 |"
+    red = ", ".join(f"{k}: {v}" for k, v in report["redactions"]["by_type"].items()) or "none"
+    rep = ", ".join(f"{k}: {v}" for k, v in report["repairs"].items()) or "none"
+    d = report["duplicates"]
+    return (
+        "# Data card\n\n"
+        f"Inputs: {', '.join(report['inputs'])}\n\n"
+        f"- records read: {report['read']}\n- kept: {report['kept']} (clean.jsonl {report['clean']}, "
+        f"validation.jsonl {report['validation']})\n"
+        f"- quarantined: {q['total']}\n"
+        f"- duplicates removed: {d['total']} (exact {d['exact']}, near {d['near']}, "
+        f"eval-vs-train contamination {d['contamination']})\n"
+        f"- PII and secrets redacted: {report['redactions']['total']} ({red})\n"
+        f"- repaired in place: {rep}\n\n"
+        "## Quarantine reasons\n\n| reason | records |\n|---|---|\n" + rows + "\n"
+    )

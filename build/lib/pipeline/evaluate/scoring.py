@@ -1,0 +1,121 @@
+"""The evaluate stage: generate answers on the held-out split and score them with the task's metrics.
+
+    python -m pipeline evaluate
+
+For the base model and the candidate (base + adapter) it writes ``metrics.json`` (the per-metric summary,
+DVC metrics) and ``details.json``: per-example values of every metric (the gate's paired comparisons use
+them), the reason each unusable prediction scored 0, the predictions, a few examples, generation speed,
+and the probes (evaluate/probes.py): generic regression-set accuracy, canary exposure (hashes, never
+values) and redacted-PII hits in every generated answer. A prediction
+that cannot be parsed scores 0 with its reason; it never stops the stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.canaries import make_canaries, random_secrets
+from pipeline.config import EvaluateConfig, ProbesConfig, TaskConfig
+from pipeline.pii import build_detectors, digest_key
+from pipeline.evaluate.generation import generate, paired_speed
+from pipeline.evaluate.probes import canary_exposure, next_token_accuracy, pii_hits
+from pipeline.io import load_chat_file, write_json
+from pipeline.modeling import load_base
+from pipeline.tasks import Task, build_task
+
+SAMPLES = 5
+
+
+def score_predictions(task: Task, predictions: list[str], rows: list[dict]) -> dict:
+    """Summary, per-example values and reasons for ``predictions`` against ``rows``' references."""
+    references = [r["completion"][-1]["content"] for r in rows]
+    prompts = ["\n".join(m["content"] for m in r["prompt"]) for r in rows]
+    scores = [task.score(p, ref, q) for p, ref, q in zip(predictions, references, prompts)]
+    return {
+        "n": len(rows),
+        "summary": task.aggregate(scores, references),
+        "per_example": {m: [s.values[m] for s in scores] for m in task.metrics},
+        "reasons": [s.reason for s in scores],
+        "predictions": predictions,
+        "samples": [{"prompt": q, "reference": ref, "prediction": p, "scores": s.values, "reason": s.reason}
+                    for q, ref, p, s in list(zip(prompts, references, predictions, scores))[:SAMPLES]],
+    }
+
+
+def _load(base_dir: Path, adapter_dir: Path | None):
+    model, tokenizer = load_base(base_dir)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return model, tokenizer
+
+
+def evaluate_model(base_dir: Path, adapter_dir: Path | None, eval_file: Path, cfg: EvaluateConfig,
+                   task_cfg: TaskConfig, task: Task | None = None, loaded=None) -> dict:
+    """Score the base model (``adapter_dir=None``) or base + adapter on ``eval_file``; ``speed`` is the
+    greedy generation throughput the gate's speed guardrail compares."""
+    task = task or build_task(task_cfg)
+    model, tokenizer = loaded or _load(base_dir, adapter_dir)
+    rows = load_chat_file(eval_file)
+    if cfg.max_examples:
+        rows = rows[: cfg.max_examples]
+    speed: dict = {}
+    predictions = generate(model, tokenizer, [r["prompt"] for r in rows], task_cfg, cfg.batch_size, stats=speed)
+    return {**score_predictions(task, predictions, rows), "speed": speed}
+
+
+def probe_model(model, tokenizer, forgetting_file: Path | None, probes: ProbesConfig | None,
+                task_cfg: TaskConfig, cfg: EvaluateConfig) -> tuple[dict, list[str]]:
+    """Forgetting and leak probes of one model; also returns the answers it generated on the probe
+    prompts (scanned for PII by the caller, never stored)."""
+    out: dict = {}
+    generated: list[str] = []
+    if forgetting_file is not None:
+        rows = load_chat_file(forgetting_file)
+        out["forgetting"] = next_token_accuracy(model, tokenizer, rows)
+        generated += generate(model, tokenizer, [r["prompt"] for r in rows], task_cfg, cfg.batch_size)
+    if probes is not None and probes.canaries:
+        results = []
+        for i, canary in enumerate(make_canaries(probes)):
+            r = canary_exposure(model, tokenizer, canary, random_secrets(probes, probes.candidates, i))
+            generated.append(r.pop("_continuation"))
+            results.append(r)
+        out["leak"] = {"canaries": results, "repetitions": probes.repetitions}
+    return out, generated
+
+
+def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: Path, cfg: EvaluateConfig,
+                   task_cfg: TaskConfig, forgetting_file: Path | None = None, probes: ProbesConfig | None = None,
+                   pii_digest_files: list[Path] = (), detectors=None) -> dict:
+    """Evaluate base and candidate (task metrics, speed, forgetting, leak probe); write ``metrics.json``
+    (DVC metrics) and ``details.json``."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = build_task(task_cfg)
+    digests = {line for f in pii_digest_files if f.is_file() for line in f.read_text().split()}
+    key = digest_key()
+    results = {}
+    for name, adapter in (("base", None), ("candidate", adapter_dir)):
+        loaded = _load(base_dir, adapter)
+        res = evaluate_model(base_dir, adapter, eval_file, cfg, task_cfg, task, loaded=loaded)
+        extra, generated = probe_model(*loaded, forgetting_file, probes, task_cfg, cfg)
+        res.update(extra)
+        answers = res["predictions"] + generated
+        res.setdefault("leak", {}).update(
+            pii_hits=pii_hits(answers, digests, detectors or build_detectors(), key), answers_scanned=len(answers),
+            redacted_values_known=len(digests))
+        results[name] = res
+    # The speed the gate compares: both models timed alternately on the candidate's peft model (adapter
+    # off = the base), so load from other processes cannot favour whichever ran first.
+    speeds = paired_speed(*loaded, [r["prompt"] for r in load_chat_file(eval_file)], task_cfg, cfg.batch_size)
+    for name in ("base", "candidate"):
+        results[name]["speed"] = speeds[name]
+    metrics = {name: {"n": r["n"], **r["summary"], "tokens_per_s": r["speed"].get("tokens_per_s"),
+                      **({"forgetting_accuracy": r["forgetting"]["score"]} if "forgetting" in r else {}),
+                      **({"max_canary_exposure": max((c["exposure"] for c in r["leak"]["canaries"]), default=0.0)}
+                         if r["leak"].get("canaries") else {})}
+               for name, r in results.items()}
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "details.json", {"task": task_cfg.name, "kind": task_cfg.kind, **results})
+    return metrics

@@ -1,0 +1,38 @@
+"""Where each stage's files live: the one place that names them, for the stages and for their readers.
+
+Folders come from the ``<stage>.out_dir`` parameters, which dvc.yaml interpolates (``${sanitize.out_dir}``),
+so params and DVC outs are one source; the file names inside each folder are fixed here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import Params
+
+TASK_FILE = Path("artifacts/task.json")  # the task stage's hashes of the files the task reads
+PII_DIGESTS = "pii_digests.txt"  # keyed digests of the values sanitize redacted, never the values
+SPLITS_WITH_DIGESTS = ("train", "eval", "generic", "preference")
+
+
+def clean_split(p: Params, split: str) -> Path:
+    """``train``, ``eval``, ``preference``, ``generic`` or ``forgetting``: the sanitized records of that input."""
+    return Path(p.sanitize.out_dir) / split / "clean.jsonl"
+
+
+def validation_file(p: Params) -> Path:
+    return Path(p.sanitize.out_dir) / "train" / "validation.jsonl"
+
+
+def augmented_file(p: Params) -> Path:
+    return Path(p.augment.out_dir) / "train.jsonl"
+
+
+def pii_digest_files(p: Params) -> list[Path]:
+    return [Path(p.sanitize.out_dir) / split / PII_DIGESTS for split in SPLITS_WITH_DIGESTS]
+
+
+def base_inputs_file(p: Params) -> Path:
+    """What the base is built from (the ``base_inputs`` stage): hashes of the sanitized text for the
+    embedded base, nothing for a pretrained one, so only the embedded base re-runs on new data."""
+    return Path(p.base.inputs_file)

@@ -1,0 +1,189 @@
+"""Drift monitoring of served traffic with Evidently, for any task.
+
+Compares the requests in the serving traffic log, and the answers the model gave, with the training data.
+Monitored columns are generic: prompt and response length and word count (Evidently text descriptors),
+the share of answers the task's parser accepts (``answer_valid``), and categorical answer distributions
+only where the task names them: the label for ``label`` tasks, the ``task.fields`` of ``json`` answers.
+Drift is declared when the share of drifted columns reaches ``monitor.drift_share``. Writes
+``drift.html`` and ``drift.json``.
+
+Each check judges a **window**: the requests logged after the window the previous check judged (its end is
+kept in ``<out_dir>/window.json``), capped to the newest ``monitor.window_requests`` and the last
+``monitor.window_hours``. A judged window is never judged again, so one burst of drifted traffic fires once.
+A window with fewer than ``monitor.min_requests`` requests gets no verdict and stays open for the next check.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from pipeline.config import MonitorConfig, TaskConfig
+from pipeline.io import rotated_files, write_json
+from pipeline.tasks import Task, build_task
+
+TEXT_COLUMNS = ["prompt_length", "prompt_words", "response_length", "response_words"]
+
+
+def answer_columns(task: Task, answer: str) -> dict[str, str]:
+    """The categorical columns of one answer: validity, and the label or the named JSON fields."""
+    valid = task.is_valid(answer)
+    cols = {"answer_valid": "valid" if valid else "invalid"}
+    cfg = task.cfg
+    if cfg.kind == "label":
+        cols["label"] = task.parse(answer) or "<invalid>"
+    if cfg.fields:
+        try:
+            obj = json.loads(answer)
+        except (json.JSONDecodeError, ValueError):
+            obj = None
+        for name in cfg.fields:
+            cols[f"field.{name}"] = str(obj.get(name, "<missing>")) if isinstance(obj, dict) else "<invalid>"
+    return cols
+
+
+def reference_frame(train_file: Path, task: Task):
+    import pandas as pd
+
+    rows = []
+    with open(train_file, encoding="utf-8") as fh:
+        for line in fh:
+            msgs = json.loads(line)["messages"]
+            answer = msgs[-1]["content"]
+            rows.append({"prompt": "\n".join(m["content"] for m in msgs[:-1]), "response": answer,
+                         **answer_columns(task, answer)})
+    return pd.DataFrame(rows)
+
+
+def traffic_files(traffic_log: Path) -> list[Path]:
+    """The live request log and its rotated predecessors (``<stem>.<time><suffix>``), oldest first."""
+    rotated = rotated_files(traffic_log)
+    return [*rotated, traffic_log] if traffic_log.is_file() else rotated
+
+
+def _when(ts: object) -> datetime | None:
+    if not isinstance(ts, str):
+        return None
+    t = datetime.fromisoformat(ts)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def traffic_frame(traffic_log: Path, task: Task, model: str | None = None, after: datetime | None = None,
+                  cfg: MonitorConfig | None = None, now: datetime | None = None):
+    """Answered requests (status 200, or records without a status) of ``model`` (any when None) in the
+    window after ``after``; returns the frame and the window (first/last time, count). One log may hold
+    several models served side by side. Records without a time predate windows: only a first check sees them."""
+    import pandas as pd
+
+    rows, times = [], []
+    now = now or datetime.now(timezone.utc)
+    oldest = now - timedelta(hours=cfg.window_hours) if cfg and cfg.window_hours else None
+    for path in traffic_files(traffic_log):
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                try:
+                    rec = json.loads(line)
+                    served = rec.get("model", model)
+                    # Stable names from the gateway; "<model>-v<N>" from direct vLLM calls.
+                    if rec.get("status", 200) != 200 or (model and served != model
+                                                         and not str(served).startswith(f"{model}-v")):
+                        continue
+                    when = _when(rec.get("ts"))
+                    if (after is not None and (when is None or when <= after)) or \
+                            (oldest is not None and when is not None and when < oldest):
+                        continue
+                    rows.append({"prompt": rec["prompt"], "response": rec["response"],
+                                 **answer_columns(task, rec["response"])})
+                    times.append(when)
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
+                    raise ValueError(f"{path}:{lineno}: not a traffic record ({err})") from None
+    if cfg and cfg.window_requests and len(rows) > cfg.window_requests:
+        rows, times = rows[-cfg.window_requests:], times[-cfg.window_requests:]
+    known = [t for t in times if t is not None]
+    window = {"start": min(known).isoformat() if known else None, "end": max(known).isoformat() if known else None,
+              "after": after.isoformat() if after else None, "requests": len(rows)}
+    return pd.DataFrame(rows), window
+
+
+def window_state(out_dir: Path) -> datetime | None:
+    """The end of the last judged window (None: nothing judged yet). An unreadable state file is an error,
+    never "nothing judged" (that would judge, and maybe fire on, old traffic again)."""
+    path = Path(out_dir) / "window.json"
+    if not path.is_file():
+        return None
+    try:
+        return _when(json.loads(path.read_text(encoding="utf-8"))["end"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: unreadable drift window state ({err}); fix or delete it (deleting re-judges "
+                         "all logged traffic once)") from None
+
+
+def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cfg: TaskConfig,
+                model: str | None = None, now: datetime | None = None) -> dict:
+    import numpy as np
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.descriptors import TextLength, WordCount
+    from evidently.metrics import DriftedColumnsCount
+    from evidently.presets import DataDriftPreset
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = build_task(task_cfg)
+    # Nothing served yet is no log at all: an empty window (a log that exists but cannot be read raises).
+    current, window = traffic_frame(traffic_log, task, model, window_state(out), cfg, now)
+    if len(current) < cfg.min_requests:
+        result = {"status": "insufficient_data", "requests": len(current), "min_requests": cfg.min_requests,
+                  "drift": False, "window": window}
+        write_json(out / "drift.json", result)
+        return result
+    reference = reference_frame(train_file, task)
+    categorical = [c for c in reference.columns if c not in ("prompt", "response")]
+    columns = TEXT_COLUMNS + categorical
+    definition = DataDefinition(text_columns=["prompt", "response"], categorical_columns=categorical)
+    descriptors = [TextLength("prompt", alias="prompt_length"), WordCount("prompt", alias="prompt_words"),
+                   TextLength("response", alias="response_length"), WordCount("response", alias="response_words")]
+    ref_ds = Dataset.from_pandas(reference, data_definition=definition, descriptors=descriptors)
+    cur_ds = Dataset.from_pandas(current, data_definition=definition, descriptors=descriptors)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        # A constant column (every answer valid) makes Evidently's correlation step divide by zero;
+        # the drift test itself handles it, so the warnings are noise in the user's console.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        snapshot = Report([DriftedColumnsCount(columns=columns, drift_share=cfg.drift_share),
+                           DataDriftPreset(columns=columns)]).run(cur_ds, ref_ds)
+    snapshot.save_html(str(out / "drift.html"))
+    metrics = snapshot.dict()["metrics"]
+    count = next(m["value"] for m in metrics if m["metric_name"].startswith("DriftedColumnsCount"))
+    per_column = {}
+    for m in metrics:
+        name = m["metric_name"]
+        if name.startswith("ValueDrift(column="):
+            col = name.split("column=")[1].split(",")[0]
+            cfg_m = m.get("config") or {}
+            threshold = cfg_m.get("threshold")
+            method = str(cfg_m.get("method") or "")
+            # p-value tests drift below their threshold; distances (Wasserstein, Jensen-Shannon...) above it.
+            drifted = threshold is not None and (m["value"] < threshold if "p_value" in method
+                                                 else m["value"] >= threshold)
+            per_column[col] = {"score": m["value"], "method": method, "threshold": threshold, "drifted": drifted}
+    share = float(count["share"])
+    result = {
+        "status": "ok",
+        "requests": len(current),
+        "valid_answer_rate": round(float((current["answer_valid"] == "valid").mean()), 4),
+        "reference_rows": len(reference),
+        "drifted_columns": int(count["count"]),
+        "drift_share": round(share, 4),
+        "threshold": cfg.drift_share,
+        "drift": share >= cfg.drift_share,
+        "columns": per_column,
+        "drifted": sorted(c for c, v in per_column.items() if v["drifted"]),
+        "window": window,
+        "html": str(out / "drift.html"),
+    }
+    write_json(out / "drift.json", result)
+    # Judged: the next check starts after this window (records without a time are behind us too).
+    write_json(out / "window.json", {"end": window["end"] or (now or datetime.now(timezone.utc)).isoformat(),
+                                     "requests": window["requests"], "drift": result["drift"]})
+    return result

@@ -1,0 +1,258 @@
+"""A thin adapter over the MLflow tracking store and model registry.
+
+Promotion is an alias move (``champion`` by default; stages are deprecated in MLflow). The registered
+model keeps a ``previous_<alias>`` tag so ``rollback`` can move the alias back. Versions carry lineage
+tags (data hashes from ``dvc.lock``, params hash, git commit, adapter hash) and a model card.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import RegistryConfig
+from pipeline.hashing import dir_sha256
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: int
+    run_id: str
+    source: str
+    tags: dict[str, str]
+
+
+def client(cfg: RegistryConfig):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c, cfg: RegistryConfig) -> str:
+    exp = c.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    root = cfg.artifact_root
+    if "://" not in root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        root = Path(root).resolve().as_uri()
+    return c.create_experiment(cfg.experiment, artifact_location=root)
+
+
+def _flatten(prefix: str, d: dict) -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(key, v))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def log_candidate(
+    cfg: RegistryConfig,
+    *,
+    run_name: str,
+    params: dict,
+    adapter_dir: Path,
+    train_metrics: dict,
+    eval_metrics: dict,
+    artifacts: dict[str, Path],
+    tags: dict[str, str],
+    adapter_texts: dict[str, str] | None = None,
+) -> str:
+    """Log one training run (params, loss curve, eval metrics, adapter, reports); returns its run id.
+    ``adapter_texts`` (file name -> text) go next to the adapter (the Hugging Face card ``README.md``)."""
+    import mlflow
+
+    c = client(cfg)
+    with mlflow.start_run(experiment_id=experiment_id(c, cfg), run_name=run_name, tags=tags) as run:
+        mlflow.log_params(_flatten("", params))
+        for point in train_metrics.get("loss_curve", []):
+            mlflow.log_metric("train_loss", point["loss"], step=point["step"])
+        for point in train_metrics.get("eval_loss_curve", []):
+            mlflow.log_metric("eval_loss", point["eval_loss"], step=point["step"])
+        for key in ("duration_s", "tokens_per_s", "peak_memory_mb", "steps", "train_samples", "generic_samples",
+                    "gpu_hours", "estimated_cost", "best_eval_loss", "resumed_from_step"):
+            if isinstance(train_metrics.get(key), (int, float)):
+                mlflow.log_metric(f"train_{key}" if not key.startswith("train") else key, train_metrics[key])
+        for model, metrics in eval_metrics.items():
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    mlflow.log_metric(f"{model}_{k}", v)
+        mlflow.log_artifacts(str(adapter_dir), "adapter")
+        for name, text in (adapter_texts or {}).items():
+            mlflow.log_text(text, f"adapter/{name}")
+        for name, path in artifacts.items():
+            if path.is_file():
+                mlflow.log_artifact(str(path), name)
+        return run.info.run_id
+
+
+def find_run_by_adapter(cfg: RegistryConfig, adapter_sha: str) -> str | None:
+    """A finished run that already logged this adapter (a crash between logging and registering)."""
+    c = client(cfg)
+    runs = c.search_runs([experiment_id(c, cfg)], f"tags.adapter_sha256 = '{adapter_sha}' and attributes.status = 'FINISHED'",
+                         max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def find_version_by_adapter(cfg: RegistryConfig, name: str, adapter_sha: str) -> VersionInfo | None:
+    c = client(cfg)
+    for mv in c.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("adapter_sha256") == adapter_sha:
+            return _info(mv)
+    return None
+
+
+def register(cfg: RegistryConfig, name: str, run_id: str, tags: dict[str, str], card: str) -> VersionInfo:
+    from mlflow.exceptions import MlflowException
+
+    c = client(cfg)
+    try:
+        c.create_registered_model(name, description="LoRA adapters fine-tuned by loraflow.")
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    mv = c.create_model_version(name, f"runs:/{run_id}/adapter", run_id=run_id, tags=tags,
+                                description=version_description(card, run_id))
+    return _info(mv)
+
+
+# MLflow's SQL schema holds a version description in VARCHAR(5000): PostgreSQL and MySQL reject longer ones
+# (SQLite does not check), so a long card is cut there; the whole card is the adapter's README.md.
+MAX_DESCRIPTION = 5000
+
+
+def version_description(card: str, run_id: str) -> str:
+    """The card without its YAML front matter (the hub's metadata; the UI shows the markdown), cut to fit."""
+    if card.startswith("---\n") and "\n---\n" in card[4:]:
+        card = card[4:].split("\n---\n", 1)[1].lstrip("\n")
+    if len(card) <= MAX_DESCRIPTION:
+        return card
+    note = f"\n\n[... cut at MLflow's {MAX_DESCRIPTION}-character limit; the whole card: runs:/{run_id}/adapter/README.md]"
+    return card[:MAX_DESCRIPTION - len(note)] + note
+
+
+def _info(mv) -> VersionInfo:
+    return VersionInfo(mv.name, int(mv.version), mv.run_id, mv.source, dict(mv.tags or {}))
+
+
+def get_alias(cfg: RegistryConfig, name: str, alias: str | None = None) -> VersionInfo | None:
+    from mlflow.exceptions import MlflowException
+
+    c = client(cfg)
+    try:
+        return _info(c.get_model_version_by_alias(name, alias or cfg.alias))
+    except MlflowException:
+        return None
+
+
+class AliasMoved(RuntimeError):
+    """The alias no longer points where the caller's decision assumed (compare-and-set failed)."""
+
+    def __init__(self, name: str, alias: str, expected: int | None, current: int | None):
+        self.expected, self.current = expected, current
+        super().__init__(f"{name}@{alias} points at {_v(current)}, not {_v(expected)} as when the gate ran")
+
+
+def _v(version: int | None) -> str:
+    return f"v{version}" if version is not None else "no version"
+
+
+ANY = object()  # promote(expected=ANY): move the alias whatever it points at (a person's command)
+
+
+def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None | object = ANY) -> VersionInfo:
+    """Point the alias at ``version``; the version it left keeps the ``previous_<alias>`` alias (and the
+    model tag of that name) for ``rollback``.
+
+    ``expected``: compare-and-set; the move happens only if the alias still points at that version
+    (``None``: at no version) and raises ``AliasMoved`` otherwise. MLflow has no atomic compare-and-set,
+    so the check and the move are a read and a write a few milliseconds apart; loraflow's own writers
+    are serialised by the retrain lock, which leaves only a person's click inside that window.
+    """
+    c = client(cfg)
+    mv = c.get_model_version(name, str(version))  # raises if it does not exist
+    current = get_alias(cfg, name)
+    now = current.version if current else None
+    if expected is not ANY and now != expected:
+        raise AliasMoved(name, cfg.alias, expected, now)
+    if now is not None and now != version:
+        c.set_registered_model_tag(name, f"previous_{cfg.alias}", str(now))
+        c.set_registered_model_alias(name, f"previous_{cfg.alias}", str(now))
+    c.set_registered_model_alias(name, cfg.alias, str(version))
+    return _info(mv)
+
+
+def ensure_webhook(cfg: RegistryConfig, name: str, url: str, secret: str) -> str:
+    """Create (or update) the registry webhook ``name`` that tells ``url`` about alias moves; returns its
+    id. Only an MLflow tracking server delivers webhooks (and only to private addresses when it runs with
+    MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true)."""
+    c = client(cfg)
+    events = ["model_version_alias.created", "model_version_alias.deleted"]
+    for hook in c.list_webhooks():
+        if hook.name == name:
+            c.update_webhook(hook.webhook_id, url=url, events=events, secret=secret, status="ACTIVE")
+            return hook.webhook_id
+    return c.create_webhook(name=name, url=url, events=events, secret=secret,
+                            description="loraflow serve: follow the champion alias").webhook_id
+
+
+def set_version_tag(cfg: RegistryConfig, name: str, version: int, key: str, value: str) -> None:
+    client(cfg).set_model_version_tag(name, str(version), key, value)
+
+
+def rollback(cfg: RegistryConfig, name: str) -> VersionInfo:
+    c = client(cfg)
+    tags = c.get_registered_model(name).tags
+    previous = tags.get(f"previous_{cfg.alias}")
+    if not previous:
+        raise LookupError(f"model {name!r} has no previous {cfg.alias} to roll back to")
+    return promote(cfg, name, int(previous))
+
+
+def download_adapter(cfg: RegistryConfig, info: VersionInfo, dst: Path) -> Path:
+    """Materialise a version's adapter under ``dst/<name>-v<version>`` (reused when already there)."""
+    import mlflow.artifacts
+
+    target = dst / f"{info.name}-v{info.version}"
+    if (target / "adapter_config.json").is_file() and (
+        not info.tags.get("adapter_sha256") or dir_sha256(target) == info.tags["adapter_sha256"]
+    ):
+        return target
+    client(cfg)
+    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{info.name}/{info.version}",
+                                                       dst_path=tmp))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            import shutil
+            shutil.rmtree(target)
+        got.rename(target)
+    return target
+
+
+def log_report(cfg: RegistryConfig, run_name: str, files: dict[str, Path], metrics: dict[str, float],
+               tags: dict[str, str]) -> str:
+    """Log a monitoring report (HTML, JSON) as its own MLflow run."""
+    import mlflow
+
+    c = client(cfg)
+    with mlflow.start_run(experiment_id=experiment_id(c, cfg), run_name=run_name, tags=tags) as run:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        for name, path in files.items():
+            mlflow.log_artifact(str(path), name)
+        return run.info.run_id
+
+
+def set_run_tag(cfg: RegistryConfig, run_id: str, key: str, value: str) -> None:
+    client(cfg).set_tag(run_id, key, value)

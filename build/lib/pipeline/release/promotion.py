@@ -1,0 +1,214 @@
+"""From an evaluated candidate to a registered, possibly promoted, model version, as one transaction.
+
+``release`` runs under the model's retrain lock (the caller holds it) and is safe to re-run at any point:
+
+1. The adapter already registered? Its version's tags say how far the earlier run got: the alias already
+   on it (mark it done), a passed gate whose alias move never happened (complete it, compare-and-set
+   against the alias the gate saw; re-gate if the alias moved since), or a failed gate (nothing to do).
+2. Otherwise: gate (candidate vs the champion re-evaluated on today's eval split, or vs the base model),
+   log the run (or reuse the run an interrupted attempt logged), register the version with lineage tags,
+   the decision and the model card (``promotion: pending`` when the gate passed, ``held`` otherwise).
+3. Move the alias only if it still points where it pointed when the gate ran; if a person moved it
+   meanwhile, gate again against the new champion (never overwrite their choice blindly). Then tag
+   ``promotion: done``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline import registry
+from pipeline.config import Params
+from pipeline.hashing import dir_sha256, file_sha256
+from pipeline.io import first_prompts, read_json, write_json
+from pipeline.layout import augmented_file, clean_split
+from pipeline.modeling import base_config_sha256, base_weights_sha256
+from pipeline.release.card import model_card
+from pipeline.release.gate import Decision, ModelScore, decide
+from pipeline.release.lineage import dvc_lock_hashes, git_commit, params_sha256
+
+SERVING_TAGS = ("task_config", "smoke_prompts")  # version tags only: run tags are capped at 8,000 chars
+NO_VERSION = "none"
+# Scores an adapter on today's eval split (per-example details, as the evaluate stage records them). The
+# composition root supplies it (pipeline/stages.py ``rescorer``): evaluation is another stage's business.
+Rescore = Callable[[Path], dict]
+
+
+def candidate_score(p: Params) -> tuple[ModelScore, ModelScore]:
+    """The candidate's and the base model's scores, as the evaluate stage recorded them."""
+    details = read_json(Path(p.evaluate.out_dir) / "details.json")
+    return ModelScore.from_details("candidate", details["candidate"]), ModelScore.from_details("base", details["base"])
+
+
+def champion_score(p: Params, champion: registry.VersionInfo, rescore: Rescore) -> ModelScore | None:
+    """Re-evaluate the champion on the current eval split (paired with the candidate's outcomes).
+
+    None when the champion was trained on another base: its adapter cannot run on today's base.
+    """
+    base_dir = Path(p.base.out_dir)
+    if champion.tags.get("base_sha256") != base_config_sha256(base_dir) or \
+            champion.tags.get("base_weights_sha256") != base_weights_sha256(base_dir):
+        return None
+    adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
+    res = rescore(adapter)
+    return ModelScore.from_details(f"champion v{champion.version}", res)
+
+
+def gate(p: Params, candidate: ModelScore, base: ModelScore,
+         rescore: Rescore) -> tuple[Decision, registry.VersionInfo | None]:
+    """The decision and the champion it was taken against (what the alias must still point at)."""
+    champion = registry.get_alias(p.registry, p.project.name)
+    reference = champion_score(p, champion, rescore) if champion else None
+    if reference is not None:
+        return decide(candidate, reference, p.gate, p.gate_metric, p.guardrail_metrics, base=base), champion
+    decision = decide(candidate, base, p.gate, p.gate_metric, p.guardrail_metrics)
+    if champion is not None:
+        # Serving puts the alias's adapter on today's base, where an adapter of another base produces
+        # garbage: such a champion is no reference, and the candidate clears the first-version bar.
+        decision = Decision(decision.promote, decision.reference, decision.reasons + [
+            f"champion v{champion.version} was trained on another base and cannot be served on this one: "
+            "judged against the base model"], decision.metric, decision.interval, decision.checks)
+    return decision, champion
+
+
+def lineage_tags(p: Params) -> dict[str, str]:
+    base_dir = Path(p.base.out_dir)
+    commit, dirty = git_commit()
+    tags = {f"dvc.{k}": v for k, v in dvc_lock_hashes().items()}
+    tags.update({
+        "git_commit": commit,
+        "params_sha256": params_sha256(p.model_dump()),
+        "base_model": p.base.model,
+        "base_sha256": base_config_sha256(base_dir),
+        "base_weights_sha256": base_weights_sha256(base_dir),
+        "train_data_sha256": file_sha256(augmented_file(p)),
+        "eval_data_sha256": file_sha256(clean_split(p, "eval")),
+        "task": p.task.name,
+        "task_kind": p.task.kind,
+        # Serving reads these: the task's generation settings and parser, and held-out prompts (sanitized,
+        # so redacted) for the smoke test a version must pass before its name is routed to it.
+        "task_config": p.task.model_dump_json(),
+        "smoke_prompts": json.dumps(first_prompts(clean_split(p, "eval")), ensure_ascii=False),
+    })
+    if dirty:
+        tags["git_dirty_files"] = ", ".join(dirty)[:500]
+    return tags
+
+
+def decision_tags(decision: Decision, champion: registry.VersionInfo | None) -> dict[str, str]:
+    iv = decision.interval
+    return {
+        "gate_promote": str(decision.promote).lower(),
+        "gate_reference": decision.reference,
+        # Compare-and-set: the alias must still point here when the promotion happens.
+        "gate_alias_version": str(champion.version) if champion else NO_VERSION,
+        "gate_metric": decision.metric,
+        "gate_interval": f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}] {iv.confidence:.0%} n={iv.n}" if iv else "",
+        "gate_failed": ",".join(k for k, ok in decision.checks.items() if not ok),
+        "promotion": "pending" if decision.promote else "held",
+    }
+
+
+def register_candidate(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore,
+                       champion: registry.VersionInfo | None) -> registry.VersionInfo:
+    adapter_dir = Path(p.train.out_dir)
+    adapter_sha = dir_sha256(adapter_dir)
+    train_metrics = read_json(adapter_dir / "train_metrics.json")
+    n = len(next(iter(candidate.per_example.values()), []))
+    eval_metrics = {s.name: {**s.metrics, "tokens_per_s": s.speed.get("tokens_per_s"), "n": n}
+                    for s in (base, candidate)}
+    tags = {**lineage_tags(p), "adapter_sha256": adapter_sha, **decision_tags(decision, champion)}
+    data_card = Path(p.sanitize.out_dir, "train", "data_card.md").read_text(encoding="utf-8")
+    card = model_card(p, eval_metrics=eval_metrics, decision=decision.to_dict(), data_card=data_card,
+                      lineage={k: v for k, v in tags.items() if k not in SERVING_TAGS and not k.startswith("gate_")
+                               and k != "promotion"},
+                      train_metrics=train_metrics, probes=candidate.leak or {})
+    reports = Path("reports")
+    reports.mkdir(parents=True, exist_ok=True)
+    card_path = reports / "README.md"
+    card_path.write_text(card, encoding="utf-8")
+    decision_path = reports / "gate.json"
+    write_json(decision_path, {**decision.to_dict(), "candidate_leak": candidate.leak})
+    run_id = registry.find_run_by_adapter(p.registry, adapter_sha)  # an interrupted attempt logged it
+    if run_id is None:
+        run_id = registry.log_candidate(
+            p.registry, run_name=f"retrain-{adapter_sha[:8]}", params=p.model_dump(),
+            adapter_dir=adapter_dir, train_metrics=train_metrics, eval_metrics=eval_metrics,
+            artifacts={"reports": card_path, "gate": decision_path,
+                       "data": Path(p.sanitize.out_dir, "train", "report.json"),
+                       "data_eval": Path(p.sanitize.out_dir, "eval", "report.json"),
+                       "augment": Path(p.augment.out_dir, "report.json"),
+                       "eval": Path(p.evaluate.out_dir, "details.json")},
+            tags={k: v for k, v in tags.items() if not k.startswith("dvc.") and k not in SERVING_TAGS},
+            adapter_texts={"README.md": card},
+        )
+    return registry.register(p.registry, p.project.name, run_id, tags, card)
+
+
+def _tag(p: Params, version: int, **tags: str) -> None:
+    for k, v in tags.items():
+        registry.set_version_tag(p.registry, p.project.name, version, k, v)
+
+
+def _expected(tags: dict[str, str]) -> int | None:
+    raw = tags.get("gate_alias_version", NO_VERSION)
+    return None if raw == NO_VERSION else int(raw)
+
+
+def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore,
+            say: Callable[[str], None] = print, max_regates: int = 3) -> dict:
+    """Register the candidate and move the alias if its gate passes; resumable (see the module doc).
+    The caller holds the retrain lock."""
+    name, alias = p.project.name, p.registry.alias
+    existing = registry.find_version_by_adapter(p.registry, name, dir_sha256(Path(p.train.out_dir)))
+    champion = registry.get_alias(p.registry, name)
+    if existing is not None:
+        state = existing.tags.get("promotion", "")
+        if champion is not None and champion.version == existing.version:
+            if state != "done":
+                say(f"v{existing.version} already holds @{alias}: completing the earlier run's bookkeeping")
+                _tag(p, existing.version, promotion="done")
+            return _summary(existing.version, False, None, True, "already registered and holding the alias")
+        if existing.tags.get("gate_promote") != "true" or state != "pending":
+            return _summary(existing.version, False, None, False,
+                            f"already registered as v{existing.version}; its gate decided "
+                            f"{'promote' if existing.tags.get('gate_promote') == 'true' else 'keep the champion'}")
+        say(f"v{existing.version} passed its gate but @{alias} never moved to it: completing the promotion")
+        info, decision, expected = existing, None, _expected(existing.tags)
+        newly = False
+    else:
+        decision, gated_against = gate(p, candidate, base, rescore)
+        for reason in decision.reasons:
+            say(f"gate: {reason}")
+        info = register_candidate(p, decision, candidate, base, gated_against)
+        say(f"registered {name} v{info.version} ({'gate passed' if decision.promote else 'gate failed'})")
+        if not decision.promote:
+            return _summary(info.version, True, decision, False, "gate failed")
+        expected, newly = (gated_against.version if gated_against else None), True
+    for _ in range(max_regates + 1):
+        try:
+            registry.promote(p.registry, name, info.version, expected=expected)
+            _tag(p, info.version, promotion="done")
+            say(f"{name}@{alias} -> v{info.version}")
+            return _summary(info.version, newly, decision, True, "promoted")
+        except registry.AliasMoved as moved:
+            if moved.current == info.version:  # someone promoted it meanwhile: nothing left to do
+                _tag(p, info.version, promotion="done")
+                return _summary(info.version, newly, decision, True, "promoted meanwhile by someone else")
+            say(f"{moved}: moved during this run; gating v{info.version} again against the new champion")
+            decision, gated_against = gate(p, candidate, base, rescore)
+            for reason in decision.reasons:
+                say(f"gate (again): {reason}")
+            _tag(p, info.version, **decision_tags(decision, gated_against))
+            if not decision.promote:
+                return _summary(info.version, newly, decision, False, "gate failed against the new champion")
+            expected = gated_against.version if gated_against else None
+    raise RuntimeError(f"{name}@{alias} kept moving during this run ({max_regates} re-gates); v{info.version} "
+                       "stays registered with promotion pending; run again once the alias is settled")
+
+
+def _summary(version: int, newly: bool, decision: Decision | None, promoted: bool, note: str) -> dict:
+    return {"registered_version": version, "newly_registered": newly, "promoted": promoted, "note": note,
+            "decision": decision.to_dict() if decision else {"promote": promoted, "reasons": [note]}}

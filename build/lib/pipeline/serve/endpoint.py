@@ -1,0 +1,177 @@
+"""The served endpoint as one object: vLLM (started or attached) + the follower + the gateway + its log.
+
+``loraflow serve`` and the demo both run this, so the demo's traffic takes the path real clients take
+(authenticated gateway, stable model name, task defaults, redacted request log). vLLM starts first and
+slowly (minutes on CPU). ``open`` starts the gateway (it answers /health at once, clients get 503 until a
+version is served), waits for vLLM and loads each model's champion; ``loraflow serve`` may first wait for
+the base model (the platform's first retrain builds it). When a new champion was trained on another base
+(the builtin base is rebuilt from new training data), the vLLM this endpoint started is restarted on it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.io import first_prompts
+from pipeline.layout import clean_split
+from pipeline.modeling import base_present, base_weights_sha256
+from pipeline.serve.follow import Follower
+from pipeline.serve.gateway import GatewayServer, RequestLog, Routes, build_app
+from pipeline.serve.vllm import ServingError, VLLMServer
+
+VLLM_KEY_ENV = "LORAFLOW_VLLM_API_KEY"  # the key of a vLLM that serve.url points at (attach mode)
+
+
+def vllm_key(p: Params) -> str:
+    """vLLM's own key: the attached server's (``LORAFLOW_VLLM_API_KEY``), else a fresh one only the gateway holds."""
+    import os
+
+    return os.environ.get(VLLM_KEY_ENV, "") if p.serve.url else secrets.token_urlsafe(32)
+
+
+def start_vllm(p: Params, say: Callable[[str], None] = print, api_key: str | None = None) -> VLLMServer:
+    """Attach to ``serve.url`` or start vLLM on 127.0.0.1 with a key only the gateway holds."""
+    key = vllm_key(p) if api_key is None else api_key
+    if p.serve.url:
+        return VLLMServer.attach(p.serve, key)
+    say(f"starting vLLM on {p.serve.base_url}, reachable only from this host (log: {p.serve.log_file})")
+    return VLLMServer.start(p.serve, Path(p.base.out_dir), api_key=key)
+
+
+def wait_for_base(p: Params, stop: threading.Event, say: Callable[[str], None] = print, every_s: float = 5) -> bool:
+    """Until the base model exists (False if ``stop`` was set first): an endpoint started before the first
+    retrain answers 503 meanwhile instead of failing."""
+    base = Path(p.base.out_dir)
+    if p.serve.url or base_present(base):
+        return True
+    say(f"waiting for the base model at {base} (the first retrain builds it); clients get 503 until then")
+    while not stop.wait(every_s):
+        if base_present(base):
+            return True
+    return False
+
+
+@dataclass
+class Endpoint:
+    p: Params
+    server: VLLMServer | None  # None until start_vllm (``loraflow serve`` may wait for the base first)
+    keys: set[str]
+    say: Callable[[str], None] = print
+    on_reject: Callable[[dict], None] | None = None
+    webhook_secret: str = ""
+    routes: Routes = field(default_factory=Routes)
+    wake: threading.Event = field(default_factory=threading.Event)  # set by a webhook: reconcile now
+    gateway: GatewayServer | None = None
+    follower: Follower | None = None
+    log: RequestLog | None = None
+    upstream_key: str = ""  # vLLM's key; defaults to the started server's
+
+    @property
+    def models(self) -> list[str]:
+        return self.p.serve.models or [self.p.project.name]
+
+    @property
+    def url(self) -> str:
+        if self.gateway is None:
+            raise RuntimeError("the endpoint is not open")
+        return self.gateway.url
+
+    def open(self) -> "Endpoint":
+        """Start answering, wait for vLLM, serve each model's champion."""
+        self.start_gateway()
+        self.attach_backend()
+        return self
+
+    def start_gateway(self) -> "Endpoint":
+        """The gateway answers from now on (/health at once; 503 for a model until a version is served)."""
+        p = self.p
+        key = self.upstream_key or (self.server.api_key if self.server else "")
+        self.log = RequestLog(Path(p.serve.traffic_log), int(p.serve.log_max_mb * 2**20),
+                              p.serve.log_retention_days, tuple(p.sanitize.phone_regions))
+        app = build_app(self.routes, p.serve.base_url, key, self.keys, self.log,
+                        webhook_secret=self.webhook_secret, on_alias=self._on_alias, known=frozenset(self.models))
+        self.gateway = GatewayServer(app, p.serve.gateway_host, p.serve.gateway_port).start()
+        return self
+
+    def attach_backend(self) -> None:
+        """Wait for vLLM, then bring every stable name onto its champion."""
+        p = self.p
+        assert self.server is not None, "start_vllm first"
+        waited = self.server.wait_ready(progress=self.say)
+        self.say(f"vLLM ready after {waited:.0f}s")
+        started_here = self.server.process is not None
+        self.follower = Follower(self.server, self.routes, p.registry, Path(p.serve.adapters_dir), self.models,
+                                 p.task, first_prompts(clean_split(p, "eval")), say=self.say,
+                                 on_reject=self.on_reject,
+                                 base_sha=base_weights_sha256(Path(p.base.out_dir)) if started_here else None,
+                                 rebase=self._rebase if started_here else None)
+        try:
+            self.reconcile()
+        except Exception as e:  # noqa: BLE001 - answer anyway; follow() retries with backoff
+            self.say(f"warning: could not reach the registry yet ({type(e).__name__}: {e}); retrying")
+
+    def _rebase(self, want_sha: str) -> VLLMServer:
+        """Restart the vLLM this endpoint started on the base a new champion was trained on (the one in
+        ``base.out_dir``, if it is that base). Every route goes: their adapters die with the old process."""
+        base_dir = Path(self.p.base.out_dir)
+        have = base_weights_sha256(base_dir) if base_present(base_dir) else "none"
+        if have != want_sha:
+            raise ServingError(f"it was trained on base {want_sha[:12]}, but {base_dir} holds base {have[:12]}; "
+                               "only the current base can be served")
+        assert self.server is not None
+        self.say(f"the new champion needs base {want_sha[:12]}: restarting vLLM on {base_dir} "
+                 "(clients get 503 until it is ready)")
+        self.routes.clear()
+        key = self.server.api_key
+        self.server.stop()
+        self.server = VLLMServer.start(self.p.serve, base_dir, api_key=key)
+        waited = self.server.wait_ready(progress=self.say)
+        self.say(f"vLLM ready on the new base after {waited:.0f}s")
+        return self.server
+
+    def _on_alias(self, name: str, alias: str, version: int) -> None:
+        if name in self.models and alias == self.p.registry.alias:
+            self.say(f"webhook: {name}@{alias} -> v{version}")
+            self.wake.set()
+
+    def reconcile(self) -> list[dict]:
+        """Bring every stable name onto its champion now (raises on MLflow/vLLM errors)."""
+        assert self.follower is not None, "open() first"
+        return self.follower.reconcile()
+
+    def served(self) -> str:
+        return ", ".join(f"{r.name} (v{r.version})" for r in self.routes.all()) or "nothing yet (no champion)"
+
+    def follow(self, stop: threading.Event) -> None:
+        """Reconcile every ``serve.poll_interval_s`` (or at once on a webhook) until ``stop`` is set. Errors
+        are reported and retried with exponential backoff; they never stop serving."""
+        poll = self.p.serve.poll_interval_s
+        delay = poll
+        while not stop.is_set():
+            self.wake.wait(delay)
+            self.wake.clear()
+            if stop.is_set():
+                break
+            try:
+                self.reconcile()
+                delay = poll
+            except Exception as e:  # noqa: BLE001 - MLflow or vLLM hiccups: report, back off, keep serving
+                delay = min(delay * 2, 300)
+                self.say(f"warning: could not reconcile with the registry ({type(e).__name__}: {e}); "
+                         f"retry in {delay:.0f}s")
+
+    def stop(self) -> None:
+        """Stop answering, flush the request log, stop the vLLM this endpoint started."""
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
+        if self.log is not None:
+            self.log.flush()
+        if self.server is not None:
+            self.server.stop()
+        self.wake.set()

@@ -1,0 +1,144 @@
+"""The DVC-tracked stages as functions of ``params.yaml``: one entry point for DVC, Prefect and the CLI.
+
+    python -m pipeline <stage>      # what each dvc.yaml stage runs
+    python -m pipeline --list
+
+This is the composition root: the one module (with ``flows/``) that imports several stages and passes one
+stage's results to another (docs/architecture.md, "Import rules"). Paths are relative to the project root;
+where each file lives is ``pipeline/layout.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import ConfigError, Params
+from pipeline.io import write_json
+from pipeline.layout import (PII_DIGESTS, TASK_FILE, augmented_file, base_inputs_file, clean_split, pii_digest_files,
+                             validation_file)
+
+
+def task(p: Params) -> dict:
+    """The files the task reads (a schema, a database, a scorer module), hashed, so the stages that check
+    or score answers re-run when one of them changes (dvc.yaml runs this stage every time)."""
+    from pipeline.hashing import file_sha256
+    from pipeline.tasks import kind_class
+
+    files = kind_class(p.task.kind).resources(p.task)
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"params.yaml: task: {', '.join(missing)}: file not found")
+    summary = {"kind": p.task.kind, "files": {str(f): file_sha256(f) for f in files}}
+    write_json(TASK_FILE, summary)
+    return summary
+
+
+def sanitize(p: Params) -> dict:
+    from pipeline.data.sanitize import new_index, sanitize_files
+    from pipeline.tasks import build_task
+
+    for key in ("train", "eval"):
+        if not getattr(p.data, key):
+            raise ConfigError(f"params.yaml: data.{key}: no input files listed")
+    root = Path(p.sanitize.out_dir)
+    task = build_task(p.task)
+    train_index = new_index(p.sanitize)
+    summary = {"train": sanitize_files([Path(f) for f in p.data.train], root / "train", p.sanitize, task=task,
+                                       index=train_index, validation_fraction=p.data.validation_fraction,
+                                       progress=print)}
+    summary["eval"] = sanitize_files([Path(f) for f in p.data.eval], root / "eval", p.sanitize, task=task,
+                                     reference=train_index, progress=print)
+    # Preference pairs and generic chat data reach training too, so they pass the same checks (generic
+    # answers are not the task's, so only their form is checked).
+    # An input that is not configured still gets its (empty) file: dvc.yaml declares them for train.
+    if p.data.preference:
+        summary["preference"] = sanitize_files([Path(p.data.preference)], root / "preference", p.sanitize,
+                                               task=task, shape="preference", progress=print)
+    else:
+        _empty(clean_split(p, "preference"))
+    generic_index = new_index(p.sanitize)
+    if p.data.generic:
+        summary["generic"] = sanitize_files([Path(p.data.generic)], root / "generic", p.sanitize,
+                                            index=generic_index, progress=print)
+    else:
+        _empty(clean_split(p, "generic"))
+    # The forgetting set must be held out from the generic training mix, as eval is from train.
+    if p.data.forgetting:
+        summary["forgetting"] = sanitize_files([Path(p.data.forgetting)], root / "forgetting", p.sanitize,
+                                               reference=generic_index, progress=print)
+    else:
+        _empty(clean_split(p, "forgetting"))
+    write_json(Path("reports/sanitize.json"), summary)
+    return summary
+
+
+def _empty(path: Path) -> None:
+    """An input that is not configured: empty clean and digest files (dvc.yaml declares them as deps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("", encoding="utf-8")
+    (path.parent / PII_DIGESTS).write_text("", encoding="utf-8")
+
+
+def _nonempty(path: Path) -> Path | None:
+    return path if path.is_file() and path.stat().st_size else None
+
+
+def base_inputs(p: Params) -> dict:
+    from pipeline.base import write_inputs
+
+    return write_inputs(p.base, [clean_split(p, "train")], [clean_split(p, "generic")], base_inputs_file(p))
+
+
+def base(p: Params) -> dict:
+    from pipeline.base import build_base
+
+    out = build_base(p.base, base_inputs_file(p))
+    return {"base_dir": str(out), "model": p.base.model}
+
+
+def augment(p: Params) -> dict:
+    from pipeline.augment.synthesize import augment as run
+
+    return run(clean_split(p, "train"), p.augment, p.task)
+
+
+def train(p: Params) -> dict:
+    from pipeline.canaries import make_canaries
+    from pipeline.train.trainer import train as run
+
+    canaries = [c for c in make_canaries(p.probes) for _ in range(p.probes.repetitions)]
+    metrics = run(p.train, Path(p.base.out_dir), augmented_file(p), _nonempty(validation_file(p)),
+                  preference_file=_nonempty(clean_split(p, "preference")),
+                  generic_file=_nonempty(clean_split(p, "generic")), canaries=canaries)
+    if not metrics:  # a rank other than 0 under torchrun/accelerate: rank 0 writes every output
+        return {}
+    summary = {k: v for k, v in metrics.items() if not k.endswith("_curve")}
+    write_json(Path("reports/train.json"), summary)
+    return summary
+
+
+def evaluate(p: Params) -> dict:
+    from pipeline.evaluate.scoring import evaluate_stage
+    from pipeline.pii import build_detectors
+
+    return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), clean_split(p, "eval"), p.evaluate, p.task,
+                          forgetting_file=_nonempty(clean_split(p, "forgetting")), probes=p.probes,
+                          pii_digest_files=pii_digest_files(p),
+                          detectors=build_detectors(tuple(p.sanitize.phone_regions), p.sanitize.custom_pii))
+
+
+def rescorer(p: Params) -> Callable[[Path], dict]:
+    """How the release re-scores the champion's adapter on today's eval split (the evaluate stage's code)."""
+    from pipeline.evaluate.scoring import evaluate_model
+
+    def rescore(adapter_dir: Path) -> dict:
+        return evaluate_model(Path(p.base.out_dir), adapter_dir, clean_split(p, "eval"), p.evaluate, p.task)
+
+    return rescore
+
+
+STAGES: dict[str, Callable[[Params], dict]] = {
+    "task": task, "sanitize": sanitize, "base_inputs": base_inputs, "base": base, "augment": augment, "train": train,
+    "evaluate": evaluate,
+}
