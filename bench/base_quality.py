@@ -98,10 +98,10 @@ def main() -> None:
                  "copy": (tmp / "copy/clean.jsonl", tmp / "copy_eval/clean.jsonl", TaskConfig(kind="text", max_new_tokens=16))}
         rows = []
         old = {"pretrain_steps": 0, "copy_circuit": False, "output_scale": 1.0, "rope_theta": 10000.0}
-        variants = (("random base (before issue 9)", old), (f"pretrained base ({p.base.pretrain_steps} steps, circuit, "
-                                                            f"output x{p.base.output_scale:g})", {}))
+        variants = (("random base (before issue 9)", old), (f"pretrained base ({p.base.builtin.pretrain_steps} steps, circuit, "
+                                                            f"output x{p.base.builtin.output_scale:g})", {}))
         for label, update in variants:
-            cfg = p.base.model_copy(update=update)
+            cfg = p.base.builtin.model_copy(update=update)
             steps = cfg.pretrain_steps
             t0 = time.perf_counter()
             base_dir = build_builtin(cfg, corpus, tmp / f"base-{steps}", chat_files=[tmp / "generic/clean.jsonl"])

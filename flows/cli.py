@@ -47,12 +47,17 @@ def _embedded_defaults() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def _params(path: str, platform: bool = True):
-    """Validated params; while `loraflow up` runs here, commands use its servers (``platform=False``: not)."""
+def _params(path: str, platform: bool = True, training: bool = False):
+    """Validated params; while `loraflow up` runs here, commands use its servers (``platform=False``: not).
+    ``training``: also check ``train.trl`` against the installed TRL (imports TRL: seconds)."""
     from pipeline.config import ConfigError, load_params
 
     try:
         p = load_params(path)
+        if training:
+            from pipeline.train.trl_args import check_trl_keys
+
+            check_trl_keys(p.train, path)
         if platform:
             from flows.platform import platform_env
 
@@ -74,7 +79,7 @@ def _say(msg: str) -> None:
 def demo(params: str = ParamsOpt, requests: int = typer.Option(40, help="sample requests to send"),
          keep_serving: bool = typer.Option(False, help="keep the endpoint answering afterwards (Ctrl-C stops it)")) -> None:
     """Retrain, serve the champion through the gateway, send sample traffic, check drift, print a summary."""
-    p = _params(params, platform=False)
+    p = _params(params, platform=False, training=True)
     from flows.platform import platform_env
 
     if platform_env(Path(p.platform.state_dir)):
@@ -103,7 +108,7 @@ def run(params: str = ParamsOpt,
         as_json: bool = typer.Option(False, "--json", help="print the whole run summary as JSON (for scripts)")) -> None:
     """Run the Prefect flow `retrain` (unchanged DVC stages are skipped; a running `loraflow serve` follows
     the alias by itself)."""
-    _params(params)
+    _params(params, training=True)
     from flows.retrain import retrain
 
     summary = retrain(params_file=params)
@@ -300,7 +305,7 @@ def status(params: str = ParamsOpt) -> None:
 def up(params: str = ParamsOpt) -> None:
     """Start the platform in the background: Prefect server, MLflow server (UI + registry webhooks), a
     Prefect worker serving the project's deployments, and the endpoint. Idempotent."""
-    p = _params(params, platform=False)
+    p = _params(params, platform=False, training=True)
     from flows.platform import platform_of, up as platform_up
     from pipeline.platform.supervisor import PlatformError
 
@@ -319,7 +324,7 @@ def up(params: str = ParamsOpt) -> None:
 @app.command()
 def down(params: str = ParamsOpt) -> None:
     """Stop everything `loraflow up` started (vLLM and running flows included); data and secrets stay."""
-    p = _params(params, platform=False)
+    p = _params(params, platform=False, training=True)
     from flows.platform import down as platform_down, platform_of
 
     res = platform_down(platform_of(p, params), say=typer.echo)
@@ -332,7 +337,7 @@ def service(name: str = typer.Argument(..., help="prefect-server | mlflow | work
             params: str = ParamsOpt) -> None:
     """Run one platform service in the foreground, with the command `loraflow up` uses (docker-compose.yml
     runs these). `worker` first creates the work pool, limit and deployments once the Prefect server answers."""
-    p = _params(params, platform=False)
+    p = _params(params, platform=False, training=True)
     from flows.platform import platform_of
     from pipeline.platform.services import SERVICE_NAMES, load_secrets, services
 

@@ -26,6 +26,7 @@ from pipeline import dvc_runner
 from pipeline import registry
 from pipeline.release import promotion
 from pipeline.stages import rescorer
+from pipeline.train.trl_args import check_trl_keys
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.release.lock import retrain_lock
 
@@ -117,6 +118,7 @@ def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "m
     `loraflow serve` follows the alias (webhook + polling). ``model`` (the deployment's) must be the params
     file's project.name; ``trigger``/``drift_summary`` say why it runs (the drift trigger fills them)."""
     p = load_params(params_file)  # invalid params stop the run here, before any work
+    check_trl_keys(p.train, params_file)
     if model and model != p.project.name:
         raise ConfigError(f"{params_file}: project.name is {p.project.name!r}, but this deployment retrains {model!r}")
     logger = get_run_logger()

@@ -26,10 +26,13 @@ def _write(tmp_path, mutate):
 
 
 @pytest.mark.parametrize("mutate, key", [
-    (lambda r: r["train"].update(learning_rate=-1), "train.learning_rate"),
+    (lambda r: r["train"].update(lora_dropout=1.5), "train.lora_dropout"),
+    (lambda r: r["train"].update(learning_rate=1e-4), "train.learning_rate: moved to train.trl.learning_rate"),
     (lambda r: r["train"].update(lora_rank=8), "train.lora_rank"),
     (lambda r: r["gate"].update(metric="bleu"), "gate.metric"),
-    (lambda r: r["base"].update(hidden_size=250), "base"),
+    (lambda r: r["base"]["builtin"].update(hidden_size=250), "base.builtin"),
+    (lambda r: r["base"].update(hidden_size=256), "base.hidden_size: moved to base.builtin.hidden_size"),
+    (lambda r: r["task"].update(kind="regex"), "task.kind: unknown answer kind 'regex'"),
     (lambda r: r["serve"].update(port=70000), "serve.port"),
     (lambda r: r.update(trian={}), "trian"),
 ])
@@ -56,12 +59,13 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_cli_stops_before_any_work_on_bad_params(tmp_path):
-    f = _write(tmp_path, lambda r: r["train"].update(epochs=0))
+    f = _write(tmp_path, lambda r: r["train"]["trl"].update(num_train_epochs=1, lerning_rate=0.1))
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", str(f)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120,
                           env={"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2
-    assert "train.epochs" in proc.stderr
+    # The TRL key is checked against the installed TRL before anything starts, with the field meant.
+    assert "train.trl.lerning_rate: not a field of TRL" in proc.stderr and "learning_rate?" in proc.stderr
     # Nothing was started: no Prefect home, no MLflow store, no DVC outputs in the working directory.
     assert not any(tmp_path.glob(".prefect")) and not (tmp_path / "mlflow").exists()
 
@@ -77,7 +81,7 @@ def test_overlay_changes_deployment_sections_only(tmp_path):
     p = load_params(ov)
     assert p.serve.base_url == "http://vllm:8000" and p.serve.dtype == "bfloat16"
     assert p.serve.port == 8000 and p.train.lora_r == 16  # untouched keys come from the base file
-    ov.write_text("extends: params.yaml\ntrain: {epochs: 1}\n")
+    ov.write_text("extends: params.yaml\ntrain: {trl: {num_train_epochs: 1}}\n")
     with pytest.raises(ConfigError, match="prod.yaml: train: an overlay may only set"):
         load_params(ov)
 

@@ -91,10 +91,10 @@ def sql_project(project):
                       "preference": "", "generic": "", "validation_fraction": 0.1}
     params["gate"]["metric"] = ""  # the task's primary metric: execution accuracy
     params["augment"]["enabled"] = True
-    params["train"].update(generic_fraction=0.0, max_steps=30, batch_size=16, epochs=1,
-                           checkpoint_steps=100)
+    params["train"]["generic_fraction"] = 0.0
+    params["train"]["trl"].update(max_steps=30, per_device_train_batch_size=16, num_train_epochs=1, save_steps=100)
     params["dvc"]["push"] = False
-    params["base"]["pretrain_steps"] = 50  # the real pretraining path, short
+    params["base"]["builtin"]["pretrain_steps"] = 50  # the real pretraining path, short
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     return project, len(train), n_eval
 

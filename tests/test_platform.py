@@ -134,7 +134,7 @@ class Platform:
 def make_project(tmp: Path, database_url: str = "") -> Path:
     root = copy_project(tmp / "project")
     p = yaml.safe_load((root / "params.yaml").read_text())
-    p["base"]["pretrain_steps"] = 100          # a base in ~30 s; the task is still learned (exact 1.0)
+    p["base"]["builtin"]["pretrain_steps"] = 100          # a base in ~30 s; the task is still learned (exact 1.0)
     p["probes"]["canaries"] = 0                 # memorisation is issue 24's; here the gate must be able to pass
     p["serve"].update({"python": str(VLLM_PYTHON), "port": _free_port(), "gateway_port": _free_port(),
                        "poll_interval_s": 600})  # alias moves must reach serving by webhook, not by polling

@@ -1,6 +1,9 @@
 """Architecture rules that keep the codebase shaped as docs/architecture.md describes."""
 
-import ast
+import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -10,31 +13,38 @@ from pipeline.stages import STAGES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _imports(path: Path, depth: int = 1) -> set[str]:
-    mods = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            mods.update(".".join(a.name.split(".")[:depth]) for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            mods.add(".".join(node.module.split(".")[:depth]))
-    return mods
-
-
 MODULES = sorted((ROOT / "pipeline").rglob("*.py"))
 
 
-def test_pipeline_never_imports_prefect_or_flows():
-    offenders = {str(p.relative_to(ROOT)): _imports(p) & {"prefect", "flows"} for p in MODULES}
-    assert {k: v for k, v in offenders.items() if v} == {}
+def _contract_layers() -> list[list[str]]:
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers")["layers"]
+    return [sorted(m.strip() for m in re.split(r"[|:]", layer)) for layer in layers]
 
 
-def test_one_subpackage_per_stage_and_stages_do_not_reach_into_each_other():
-    stages = {"tasks", "data", "augment", "train", "evaluate", "release", "serve", "monitor"}
-    assert stages <= {p.name for p in (ROOT / "pipeline").iterdir() if (p / "__init__.py").is_file()}
-    # evaluate and monitor share helpers through the kernel (io, modeling), never through train.
-    for stage in ("evaluate", "monitor", "tasks", "data"):
-        for f in (ROOT / "pipeline" / stage).rglob("*.py"):
-            assert "pipeline.train" not in _imports(f, depth=2), f
+def _documented_layers() -> list[list[str]]:
+    """The layer table in docs/architecture.md's "Import rules" block, top layer first."""
+    doc = (ROOT / "docs/architecture.md").read_text()
+    block = doc.split("<!-- import-rules -->")[1].split("```")[1]
+    rows = [line.split(":", 1)[1] for line in block.strip().splitlines()[1:] if ":" in line]
+    return [sorted(m.strip() for m in row.split(",")) for row in rows]
+
+
+def test_import_rules_hold():
+    """lint-imports checks the contracts in pyproject.toml (stages independent, shared code imports no stage,
+    no Prefect in pipeline/); it fails on any violation, direct or through a chain of imports."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "0 broken" in proc.stdout, proc.stdout[-4000:]
+
+
+def test_import_rules_cover_every_module_and_match_the_document():
+    layers = _contract_layers()
+    named = {m for layer in layers for m in layer}
+    top = {f"pipeline.{p.stem}" for p in (ROOT / "pipeline").iterdir()
+           if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
+    assert top - named == set(), "a module no import rule places: add it to a layer in pyproject.toml"
+    assert _documented_layers() == layers, "docs/architecture.md's import rules and pyproject.toml differ"
 
 
 def test_stage_code_names_no_demo_domain():
