@@ -78,10 +78,13 @@ def test_champion_of_another_base_is_no_reference(cfg, tmp_path):
 
     candidate = ModelScore("candidate", {"exact_match": 0.9, "valid": 1.0}, {"exact_match": [1] * 36 + [0] * 4})
     base = ModelScore("base", {"exact_match": 0.0, "valid": 0.0}, {"exact_match": [0] * 40})
-    decision, champion = release.gate(p, candidate, base)
+    def never(adapter):  # an adapter of another base cannot even run on today's: it is not re-scored
+        raise AssertionError(f"re-scored {adapter}")
+
+    decision, champion = release.gate(p, candidate, base, never)
     assert champion.version == 1
     assert decision.promote and decision.reference == "base" and decision.interval.n == 40
     assert "champion v1 was trained on another base" in decision.reasons[-1]
 
     worse = ModelScore("candidate", {"exact_match": 0.01, "valid": 1.0}, {"exact_match": [0] * 40})
-    assert not release.gate(p, worse, base)[0].promote
+    assert not release.gate(p, worse, base, never)[0].promote

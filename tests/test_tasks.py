@@ -130,10 +130,74 @@ def test_task_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="gate.metric: 'exact_match' is not produced by task kind 'label'"):
         parse_params({"task": {"kind": "label", "labels": ["a", "b"]}, "gate": {"metric": "exact_match"}},
                      source="params.yaml")
-    with pytest.raises(ConfigError, match="task: .*at least two distinct labels"):
+    with pytest.raises(ConfigError, match="params.yaml: task.labels: kind label needs at least two distinct labels"):
         parse_params({"task": {"kind": "label", "labels": ["a"]}}, source="params.yaml")
-    with pytest.raises(ConfigError, match="task.kind"):
+    with pytest.raises(ConfigError, match="task.kind: unknown answer kind 'regex' \\(known: custom, json, label, sql, text"):
         parse_params({"task": {"kind": "regex"}}, source="params.yaml")
+    with pytest.raises(ConfigError, match="task.labels: only used with kind label \\(task.kind is text\\)"):
+        parse_params({"task": {"kind": "text", "labels": ["a", "b"]}}, source="params.yaml")
     p = parse_params({"task": {"kind": "sql", "database": "x.db"}, "gate": {"metric": ""}}, source="params.yaml")
     assert p.gate_metric == "execution_accuracy"
     assert Params().gate_metric == "exact_match"
+
+
+NEW_KIND = """
+from pipeline.tasks import register
+from pipeline.tasks.base import Score, Task
+
+
+@register
+class NumberTask(Task):
+    kind = "number"
+    metrics_per_example = ("valid", "within_1pct")
+    primary = "within_1pct"
+
+    def check_reference(self, answer):
+        try:
+            float(answer)
+        except ValueError:
+            return f"{answer[:40]!r} is not a number"
+        return None
+
+    def score(self, prediction, reference, prompt=""):
+        if self.check_reference(prediction):
+            return self.zero(self.check_reference(prediction))
+        ok = abs(float(prediction) - float(reference)) <= 0.01 * abs(float(reference))
+        return Score({"valid": 1.0, "within_1pct": float(ok)})
+"""
+
+
+def test_a_new_answer_kind_is_one_module(tmp_path, monkeypatch):
+    """The README's example: one file with one registered class, and config, gate and scoring all know it."""
+    from pipeline import tasks
+
+    monkeypatch.setattr(tasks, "_KINDS", dict(tasks.kinds()))  # leave the real registry as it was
+    (tmp_path / "number_kind.py").write_text(NEW_KIND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    __import__("number_kind")
+    p = parse_params({"task": {"kind": "number"}, "gate": {"metric": ""}}, source="params.yaml")
+    assert p.task.all_metric_names == ("valid", "within_1pct") and p.gate_metric == "within_1pct"
+    task = build_task(p.task)
+    assert task.score("100.5", "100").values == {"valid": 1.0, "within_1pct": 1.0}
+    assert task.score("abc", "100").reason == "'abc' is not a number"
+    with pytest.raises(ConfigError, match="gate.metric: 'exact_match' is not produced by task kind 'number'"):
+        parse_params({"task": {"kind": "number"}, "gate": {"metric": "exact_match"}}, source="params.yaml")
+
+
+def test_every_module_of_the_package_is_a_registered_kind():
+    import pkgutil
+
+    from pipeline import tasks
+    from pipeline.tasks.base import Task
+
+    modules = {m.name for m in pkgutil.iter_modules(tasks.__path__)} - {"base"}
+    kinds = tasks.kinds()
+    assert {c.__module__.rsplit(".", 1)[1] for c in kinds.values()} == modules
+    for name, cls in kinds.items():
+        cfg = {"label": {"labels": ["a", "b"]}, "sql": {"database": "x.db"},
+               "custom": {"scorer": "m:f", "metrics": ["m1"]}}.get(name, {})
+        task_cfg = TaskConfig(kind=name, **cfg)
+        assert task_cfg.primary_metric in task_cfg.all_metric_names, name
+        assert task_cfg.metric_names[0] == "valid", name
+    with pytest.raises(TypeError, match="registered twice"):
+        tasks.register(type("Other", (Task,), {"kind": "json"}))

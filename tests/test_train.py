@@ -24,7 +24,7 @@ def data(clean_demo):
 
 
 def tiny_cfg(tmp: Path, **kw) -> TrainConfig:
-    trl = dict(max_steps=12, per_device_train_batch_size=8, logging_steps=2, save_steps=4, **kw.pop("trl", {}))
+    trl = {**dict(max_steps=12, per_device_train_batch_size=8, logging_steps=2, save_steps=4), **kw.pop("trl", {})}
     base = dict(out_dir=str(tmp / "adapter"), checkpoint_dir=str(tmp / "ckpt"), lora_r=4, lora_alpha=8, trl=trl)
     return TrainConfig(**{**base, **kw})
 
@@ -43,7 +43,7 @@ def test_writes_adapter_metrics_and_lineage(trained):
     assert {"adapter_model.safetensors", "adapter_config.json", "train_metrics.json", "train_meta.json",
             "tokenizer.json"} <= files
     meta = json.loads((d / "adapter/train_meta.json").read_text())
-    assert meta["config"]["max_steps"] == 12 and len(meta["inputs"]) == 2
+    assert meta["config"]["trl"]["max_steps"] == 12 and len(meta["inputs"]) == 2
     assert metrics["steps"] == 12 and len(metrics["loss_curve"]) == 6 and metrics["tokens_seen"] > 0
     assert len(metrics["eval_loss_curve"]) == 3  # every checkpoint_steps
     assert metrics["loss_curve"][-1]["loss"] < metrics["loss_curve"][0]["loss"]
