@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import DEPLOYMENT_SECTIONS, ConfigError, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,8 +70,14 @@ def test_cli_stops_before_any_work_on_bad_params(tmp_path):
     assert not any(tmp_path.glob(".prefect")) and not (tmp_path / "mlflow").exists()
 
 
-def test_defaults_are_valid():
-    Params()
+def test_defaults_and_the_shipped_params_are_valid():
+    d = Params()
+    assert (d.task.kind, d.gate_metric, d.base.is_builtin) == ("text", "exact_match", True)
+    assert d.train.trl_value("learning_rate") == 2e-3 and d.train.trl == {}  # loraflow's default, not TRL's
+    shipped = load_params(ROOT / "params.yaml")
+    assert shipped.task.kind == "json" and shipped.gate_metric == "exact_match"
+    assert shipped.train.trl_value("num_train_epochs") == 3 and shipped.train.seed == 0
+    assert shipped.base.builtin.pretrain_steps == 900
 
 
 def test_overlay_changes_deployment_sections_only(tmp_path):
@@ -89,5 +95,8 @@ def test_overlay_changes_deployment_sections_only(tmp_path):
 def test_every_deploy_overlay_is_valid():
     overlays = list((ROOT / "deploy").rglob("params*.yaml"))
     assert overlays
+    base = load_params(ROOT / "params.yaml").model_dump()
     for f in overlays:
-        load_params(f)
+        p = load_params(f).model_dump()
+        changed = {k for k in p if p[k] != base[k]}
+        assert changed and changed <= DEPLOYMENT_SECTIONS, (f, changed)  # it changes something, and only those

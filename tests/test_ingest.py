@@ -7,7 +7,7 @@ import pytest
 from pipeline.config import ColumnMap, SanitizeConfig
 from pipeline.data.ingest import UnsupportedInput, read_records
 from pipeline.data.records import RecordError, to_messages
-from pipeline.data.sanitize import sanitize_files
+from pipeline.data.sanitize import NoValidRecords, sanitize_files
 
 EXPECTED = [{"role": "user", "content": "Where is my parcel?"}, {"role": "assistant", "content": "On its way."}]
 
@@ -49,7 +49,7 @@ def test_csv_missing_column_is_quarantined_with_the_key(tmp_path):
     f = tmp_path / "t.csv"
     f.write_text("q,a\nx,y\n")
     cfg = SanitizeConfig(columns=ColumnMap(prompt="question", completion="a"))
-    with pytest.raises(Exception):
+    with pytest.raises(NoValidRecords, match=r"no valid record in 1 lines \(missing_column=1\)"):
         sanitize_files([f], tmp_path / "out", cfg)
     q = json.loads((tmp_path / "out/quarantine.jsonl").read_text())
     assert q["reason"] == "missing_column" and "sanitize.columns.prompt" in q["detail"]

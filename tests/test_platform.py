@@ -215,6 +215,26 @@ def platform_up(root: Path) -> tuple[Platform, float]:
     return plat, took
 
 
+COMPOSE_PORTS = {"mlflow": 5000, "prefect-server": 4200, "vllm": 8000, "serve-follower": 8080}
+
+
+def compose_health_checks(plat: Platform) -> dict[str, int]:
+    """Each compose health check's own command, run against this platform's real services (compose's host
+    names and ports mapped to this machine's): exit status per service."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    ports = {5000: plat.p["platform"]["mlflow_port"], 4200: plat.p["platform"]["prefect_port"],
+             8000: plat.p["serve"]["port"], 8080: plat.p["serve"]["gateway_port"]}
+    results = {}
+    for name in ("mlflow", "prefect-server", "prefect-worker", "vllm", "serve-follower"):
+        cmd = compose[name]["healthcheck"]["test"]
+        assert cmd[0] == "CMD" and cmd[1].startswith("python"), (name, cmd)
+        code = cmd[3].replace("prefect-server:", "127.0.0.1:")
+        for theirs, ours in ports.items():
+            code = code.replace(f":{theirs}/", f":{ours}/")
+        results[name] = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
+    return results
+
+
 def first_version_served_and_ui_promotion(plat: Platform) -> None:
     """`prefect deployment run retrain/production` -> v1 registered, promoted and served; an alias move
     through MLflow's REST API reaches the gateway by webhook (polling is every 600 s here)."""
@@ -332,6 +352,9 @@ def test_platform_on_postgresql(tmp_path, postgres):
         first_version_served_and_ui_promotion(plat)
         drift_without_new_data(plat)
         # Both servers really are on PostgreSQL: their tables hold what the scenario wrote.
+        # Compose's health checks, run as written against the real services: healthy while they run ...
+        assert compose_health_checks(plat) == dict.fromkeys(
+            ("mlflow", "prefect-server", "prefect-worker", "vllm", "serve-follower"), 0)
         eng = sa.create_engine(postgres.rsplit("/", 1)[0] + "/loraflow_mlflow")
         with eng.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM model_versions")).scalar() >= 2
@@ -345,3 +368,5 @@ def test_platform_on_postgresql(tmp_path, postgres):
         down = plat.loraflow("down", check=False)
     assert down.returncode == 0, down.stdout + down.stderr
     no_process_or_port_left(plat, pids)
+    # ... and unhealthy once they are gone (a check that cannot fail checks nothing).
+    assert all(code != 0 for code in compose_health_checks(plat).values())

@@ -56,9 +56,14 @@ def test_register_promote_rollback_and_download(cfg, tmp_path):
 
 
 def test_promoting_a_missing_version_fails(cfg, tmp_path):
-    _register(cfg, tmp_path, "one")
-    with pytest.raises(Exception, match="(?i)not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
+    from mlflow.exceptions import MlflowException
+
+    v1, _ = _register(cfg, tmp_path, "one")
+    registry.promote(cfg, "m", v1.version)
+    with pytest.raises(MlflowException) as err:
         registry.promote(cfg, "m", 7)
+    assert err.value.error_code == "RESOURCE_DOES_NOT_EXIST" and "7" in str(err.value)
+    assert registry.get_alias(cfg, "m").version == v1.version  # a failed promotion leaves the alias alone
 
 
 def test_champion_of_another_base_is_no_reference(cfg, tmp_path):

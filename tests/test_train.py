@@ -63,14 +63,23 @@ def test_base_weights_unchanged_and_adapter_trained(trained, tiny_base):
     assert cfg["r"] == 4 and targets >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def test_evaluate_scores_base_and_adapter(trained, tiny_base, data, tmp_path):
+def test_evaluate_scores_the_adapter_per_example(trained, tiny_base, data, tmp_path):
     d, _, _ = trained
     cfg = EvaluateConfig(out_dir=str(tmp_path), max_examples=8)
     task = TaskConfig(kind="json", max_new_tokens=8)
     res = evaluate_model(tiny_base, d / "adapter", data / "eval/clean.jsonl", cfg, task)
     assert res["n"] == 8 and len(res["per_example"]["exact_match"]) == 8 and len(res["reasons"]) == 8
-    s = res["summary"]
-    assert 0.0 <= s["exact_match"] <= s["field_accuracy"] <= s["json_valid"] <= 1.0
+    s, per = res["summary"], res["per_example"]
+    assert s == {m: round(sum(v) / len(v), 4) for m, v in per.items()}  # summaries are per-example means
+    assert all(e <= f <= j for e, f, j in zip(per["exact_match"], per["field_accuracy"], per["json_valid"]))
+    # The scorer is not stuck at zero: the references themselves score 1 on every metric.
+    from pipeline.evaluate.scoring import score_predictions
+    from pipeline.io import load_chat_file
+    from pipeline.tasks import build_task
+
+    rows = load_chat_file(data / "eval/clean.jsonl")[:8]
+    perfect = score_predictions(build_task(task), [r["completion"][0]["content"] for r in rows], rows)
+    assert set(perfect["summary"].values()) == {1.0} and perfect["reasons"] == [""] * 8
     # An answer the parser rejects scores 0 with its reason; it does not stop the evaluation.
     assert all(r.startswith("not valid JSON") for r, v in zip(res["reasons"], res["per_example"]["json_valid"]) if not v)
 
