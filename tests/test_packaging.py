@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -25,7 +25,8 @@ def _run(args: list, cwd: Path, timeout: int = 900) -> subprocess.CompletedProce
 
 def test_wheel_installs_alone_and_sanitizes(tmp_path):
     wheels = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w", wheels], ROOT)
+    src = copy_project(tmp_path / "src")  # a build writes build/ into its source folder: not into the checkout
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w", wheels], src)
     wheel = next(wheels.glob("loraflow-*.whl"))
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], tmp_path)
