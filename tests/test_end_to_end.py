@@ -67,7 +67,7 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
 
         # What a client with the openai defaults (temperature 1.0, top-p 1.0) gets: confident, valid answers.
         from pipeline.io import load_chat_file
-        from pipeline.stages import clean_split
+        from pipeline.layout import clean_split
         from pipeline.tasks import build_task
 
         task = build_task(p.task)

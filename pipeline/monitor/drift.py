@@ -28,20 +28,9 @@ TEXT_COLUMNS = ["prompt_length", "prompt_words", "response_length", "response_wo
 
 
 def answer_columns(task: Task, answer: str) -> dict[str, str]:
-    """The categorical columns of one answer: validity, and the label or the named JSON fields."""
-    valid = task.is_valid(answer)
-    cols = {"answer_valid": "valid" if valid else "invalid"}
-    cfg = task.cfg
-    if cfg.kind == "label":
-        cols["label"] = task.parse(answer) or "<invalid>"
-    if cfg.fields:
-        try:
-            obj = json.loads(answer)
-        except (json.JSONDecodeError, ValueError):
-            obj = None
-        for name in cfg.fields:
-            cols[f"field.{name}"] = str(obj.get(name, "<missing>")) if isinstance(obj, dict) else "<invalid>"
-    return cols
+    """The categorical columns of one answer: validity, and whatever the answer kind compares (a label, the
+    named JSON fields)."""
+    return {"answer_valid": "valid" if task.is_valid(answer) else "invalid", **task.drift_columns(answer)}
 
 
 def reference_frame(train_file: Path, task: Task):

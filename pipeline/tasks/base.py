@@ -76,6 +76,10 @@ class Task:
         n = max(len(scores), 1)
         return {m: round(sum(s.values[m] for s in scores) / n, 4) for m in self.metrics}
 
+    def drift_columns(self, answer: str) -> dict[str, str]:
+        """Categorical values of one answer that drift monitoring compares with the training answers."""
+        return {}
+
     def is_valid(self, answer: str) -> bool:
         """Whether the task's parser accepts ``answer`` (drift monitoring's validity rate)."""
         return self.check_reference(answer) is None

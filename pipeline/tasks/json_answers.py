@@ -60,6 +60,12 @@ class JsonTask(Task):
         where = "/".join(str(p) for p in err.absolute_path) or "<root>"
         return f"schema violation at {where}: {err.message}"
 
+    def drift_columns(self, answer: str) -> dict[str, str]:
+        """``task.fields``: each named field's value (categorical fields only)."""
+        obj, _ = self._parse(answer) if self.cfg.fields else (None, "")
+        return {f"field.{name}": str(obj.get(name, "<missing>")) if isinstance(obj, dict) else "<invalid>"
+                for name in self.cfg.fields}
+
     def check_reference(self, answer: str) -> str | None:
         value, reason = self._parse(answer)
         return reason or self._schema_error(value) or None

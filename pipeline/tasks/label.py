@@ -38,6 +38,9 @@ class LabelTask(Task):
             return self.zero(f"{prediction.strip()[:80]!r} is not one of the task's labels")
         return Score({"valid": 1.0, "accuracy": float(pred == self.parse(reference))}, "", pred)
 
+    def drift_columns(self, answer: str) -> dict[str, str]:
+        return {"label": self.parse(answer) or "<invalid>"}
+
     def aggregate(self, scores: list[Score], references: list[str]) -> dict[str, float]:
         out = super().aggregate(scores, references)
         out["macro_f1"] = round(macro_f1([s.parsed for s in scores], [self.parse(r) for r in references]), 4)
