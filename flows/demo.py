@@ -54,7 +54,8 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
     p = load_params(params_file)
     timings: dict[str, float] = {}
     prep = {}
-    for stage in ("sanitize", "base"):
+    names = dvc_runner.stage_names()
+    for stage in names[:names.index("base") + 1]:  # what vLLM needs: the base and the stages before it
         progress(f"[demo] dvc stage {stage} ...")
         r = dvc_runner.repro(stage)
         prep[stage] = {"ran": r.ran, "seconds": r.seconds}

@@ -44,6 +44,7 @@ def test_writes_adapter_metrics_and_lineage(trained):
             "tokenizer.json"} <= files
     meta = json.loads((d / "adapter/train_meta.json").read_text())
     assert meta["config"]["trl"]["max_steps"] == 12 and len(meta["inputs"]) == 2
+    assert meta["trl"]["max_steps"] == 12 and meta["trl"]["learning_rate"] == 2e-3  # the user's, loraflow's default
     assert metrics["steps"] == 12 and len(metrics["loss_curve"]) == 6 and metrics["tokens_seen"] > 0
     assert len(metrics["eval_loss_curve"]) == 3  # every checkpoint_steps
     assert metrics["loss_curve"][-1]["loss"] < metrics["loss_curve"][0]["loss"]

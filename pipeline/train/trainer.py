@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from pipeline.canaries import Canary
-from pipeline.config import TrainConfig
+from pipeline.config import TRL_DEFAULTS, TrainConfig
 from pipeline.device import detect
 from pipeline.hashing import file_sha256
 from pipeline.io import load_chat_file, write_json
@@ -237,6 +237,8 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     write_json(out / "train_metrics.json", metrics)
     write_json(out / "train_meta.json", {
         "config": cfg.model_dump(),
+        # What TRL ran with for every setting loraflow defaults or the user gave (train.trl over TRL_DEFAULTS).
+        "trl": {k: getattr(trainer.args, k, None) for k in sorted({*TRL_DEFAULTS, *cfg.trl})},
         "base_model_dir": str(base_dir),
         "inputs": {str(p): file_sha256(p) for p in inputs},
         "base_config_sha256": base_config_sha256(base_dir),
