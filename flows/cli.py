@@ -118,7 +118,7 @@ def run(params: str = ParamsOpt,
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     for stage, r in summary.get("stages", {}).items():
-        typer.echo(f"stage {stage:<9} {'ran' if r['ran'] else 'unchanged (skipped)':<20} {r['seconds']:>7.1f}s")
+        typer.echo(f"stage {stage:<11} {'ran' if r['ran'] else 'unchanged (skipped)':<20} {r['seconds']:>7.1f}s")
     if summary.get("message"):
         typer.echo(summary["message"])
     else:

@@ -130,7 +130,7 @@ def _record_counts(p) -> dict:
 def format_summary(r: dict) -> str:
     lines = ["", "loraflow demo: summary", "=" * 60]
     for stage, s in r["stages"].items():
-        lines.append(f"  stage {stage:<9} {'ran' if s['ran'] else 'unchanged (skipped)':<20} {s['seconds']:>6.1f}s")
+        lines.append(f"  stage {stage:<11} {'ran' if s['ran'] else 'unchanged (skipped)':<20} {s['seconds']:>6.1f}s")
     rec = r["records"]
     if "train" in rec:
         t = rec["train"]
