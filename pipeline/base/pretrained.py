@@ -9,7 +9,6 @@ weights. Safetensors weights only (pickled ``.bin`` checkpoints run code when lo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +40,8 @@ def locate(model: str, revision: str) -> tuple[Path, str]:
 
 def describe(folder: Path) -> dict[str, str]:
     """sha256 of every file the model is loaded from (config, tokenizer, weights)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # Top level only: what from_pretrained reads (a folder may also hold checkpoints or adapters below it).
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not any(p.suffix == ".safetensors" for p in files):
         raise ValueError(f"{folder}: no *.safetensors weights (loraflow loads safetensors only; convert the "
                          "checkpoint first)")
@@ -62,8 +62,3 @@ def reference_pretrained(cfg: BaseModelConfig, out_dir: Path, progress: Callable
         "weights_sha256": weights_digest({k: v for k, v in files.items() if k.endswith(".safetensors")}),
     })
     return out_dir
-
-
-def read_reference(base_dir: Path) -> dict | None:
-    path = base_dir / BASE_REF
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
