@@ -144,23 +144,24 @@ class TaskConfig(_Strict):
         return self
 
     @property
-    def metric_names(self) -> tuple[str, ...]:
-        """Per-example metrics this task produces."""
+    def kind_class(self):
+        """The registered answer kind (pipeline/tasks/) that knows this task's metrics."""
         from pipeline.tasks import kind_class
 
-        return kind_class(self.kind).metric_names(self)
+        return kind_class(self.kind)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Per-example metrics this task produces."""
+        return self.kind_class.metric_names(self)
 
     @property
     def all_metric_names(self) -> tuple[str, ...]:
-        from pipeline.tasks import kind_class
-
-        return self.metric_names + kind_class(self.kind).aggregate_metrics
+        return self.metric_names + self.kind_class.aggregate_metrics
 
     @property
     def primary_metric(self) -> str:
-        from pipeline.tasks import kind_class
-
-        return kind_class(self.kind).primary_metric(self)
+        return self.kind_class.primary_metric(self)
 
 
 class DataConfig(_Strict):
@@ -448,7 +449,7 @@ class DvcConfig(_Strict):
 
 class Params(_Strict):
     project: ProjectConfig = ProjectConfig()
-    task: TaskConfig = TaskConfig()
+    task: TaskConfig = Field(default_factory=TaskConfig)  # built on use: validating it asks pipeline.tasks
     base: BaseModelConfig = BaseModelConfig()
     data: DataConfig = DataConfig()
     sanitize: SanitizeConfig = SanitizeConfig()

@@ -23,12 +23,11 @@ def task(p: Params) -> dict:
     """The files the task reads (a schema, a database, a scorer module), hashed, so the stages that check
     or score answers re-run when one of them changes (dvc.yaml runs this stage every time)."""
     from pipeline.hashing import file_sha256
-    from pipeline.tasks import kind_class
 
-    files = kind_class(p.task.kind).resources(p.task)
+    files = p.task.kind_class.resources(p.task)
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise ConfigError(f"params.yaml: task: {', '.join(missing)}: file not found")
+        raise ConfigError(f"params.yaml: task: {', '.join(missing)}: file not found (named in the task: section)")
     summary = {"kind": p.task.kind, "files": {str(f): file_sha256(f) for f in files}}
     write_json(TASK_FILE, summary)
     return summary

@@ -80,3 +80,16 @@ def test_dvc_stages_are_the_pipeline_stages_in_order():
             for part in key.split("."):
                 assert part in node, f"{name}: params key {key} missing"
                 node = node[part]
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """No import cycle that only a lucky import order hides (e.g. pipeline.tasks before pipeline.config)."""
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                     for p in MODULES if p.name != "__main__.py")
+    failed = {}
+    for mod in modules:
+        proc = subprocess.run([sys.executable, "-c", f"import {mod}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode:
+            failed[mod] = proc.stderr.strip().splitlines()[-1]
+    assert failed == {}

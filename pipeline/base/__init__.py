@@ -25,9 +25,10 @@ def write_inputs(cfg: BaseModelConfig, corpus_files: list[Path], chat_files: lis
     """The ``base_inputs`` stage: what the base is built from. The embedded base is trained on the
     sanitized text, so its inputs are those files' hashes; a pretrained base has none, so new training
     data leaves this file, and with it the base stage, unchanged."""
-    inputs = {str(f): file_sha256(f) for f in [*corpus_files, *chat_files] if f.is_file()} if cfg.is_builtin else {}
-    summary = {"model": cfg.model, "corpus": [str(f) for f in corpus_files], "chat": [str(f) for f in chat_files],
-               "inputs": inputs} if cfg.is_builtin else {"model": cfg.model, "inputs": {}}
+    summary: dict = {"model": cfg.model, "inputs": {}}
+    if cfg.is_builtin:
+        summary.update(corpus=[str(f) for f in corpus_files], chat=[str(f) for f in chat_files],
+                       inputs={str(f): file_sha256(f) for f in [*corpus_files, *chat_files] if f.is_file()})
     write_json(out, summary)
     return summary
 

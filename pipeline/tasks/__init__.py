@@ -32,7 +32,8 @@ def register(cls: type[Task]) -> type[Task]:
         raise TypeError(f"{cls.__name__}: set the class attribute kind")
     if cls.kind in _KINDS and _KINDS[cls.kind] is not cls:
         raise TypeError(f"answer kind {cls.kind!r} registered twice ({_KINDS[cls.kind].__name__}, {cls.__name__})")
-    if cls.primary not in cls.metrics_per_example + cls.aggregate_metrics and cls.primary_metric is Task.primary_metric:
+    fixed_primary = cls.primary_metric.__func__ is Task.primary_metric.__func__  # not computed from the config
+    if fixed_primary and cls.primary not in cls.metrics_per_example + cls.aggregate_metrics:
         raise TypeError(f"{cls.__name__}: primary metric {cls.primary!r} is not one of its metrics")
     _KINDS[cls.kind] = cls
     return cls
