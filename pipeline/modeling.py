@@ -42,6 +42,13 @@ def resolve_base(base_dir: Path) -> Path:
     if not (folder / "config.json").is_file():
         raise BaseMissing(f"{base_dir / BASE_REF}: {ref['model']} was resolved to {folder}, which is not on this "
                           "machine; run the base stage here (python -m pipeline base)")
+    # DVC does not watch a model folder outside the project: a cheap size check catches weights replaced
+    # since the base stage hashed them (lineage would name the old ones).
+    changed = [n for n, size in ref.get("sizes", {}).items()
+               if not (folder / n).is_file() or (folder / n).stat().st_size != size]
+    if changed:
+        raise BaseMissing(f"{folder}: {', '.join(changed[:5])} changed since the base stage recorded it; run it "
+                          "again (dvc repro --force base) so lineage names the weights in use")
     return folder
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,7 +238,7 @@ def test_a_pretrained_base_is_referenced_by_hash_not_copied(tiny_base, tmp_path)
     from pipeline.base import build_base
     from pipeline.config import BaseModelConfig
     from pipeline.hashing import file_sha256
-    from pipeline.modeling import base_weights_sha256, load_base, resolve_base
+    from pipeline.modeling import BaseMissing, base_weights_sha256, load_base, resolve_base
 
     out = build_base(BaseModelConfig(model=str(tiny_base), out_dir=str(tmp_path / "base")), tmp_path / "none.json",
                      progress=lambda s: None)
@@ -249,6 +250,15 @@ def test_a_pretrained_base_is_referenced_by_hash_not_copied(tiny_base, tmp_path)
     assert base_weights_sha256(out) == base_weights_sha256(tiny_base) == ref["files"]["model.safetensors"]
     model, tok = load_base(out)
     assert model.config.hidden_size == 64 and len(tok) > 100
+    # Weights replaced in the referenced folder after the base stage hashed them: refused, not loaded.
+    moved = tmp_path / "moved-model"
+    shutil.copytree(tiny_base, moved)
+    ref2 = build_base(BaseModelConfig(model=str(moved), out_dir=str(tmp_path / "b3")), tmp_path / "none.json",
+                      progress=lambda s: None)
+    with open(moved / "model.safetensors", "ab") as fh:
+        fh.write(b"\0" * 8)
+    with pytest.raises(BaseMissing, match="model.safetensors changed since the base stage"):
+        resolve_base(ref2)
     # Pickled weights run code when loaded: refused, with the reason.
     pickled = tmp_path / "pickled"
     pickled.mkdir()

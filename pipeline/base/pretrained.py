@@ -58,6 +58,7 @@ def reference_pretrained(cfg: BaseModelConfig, out_dir: Path, progress: Callable
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / BASE_REF, {
         "model": cfg.model, "revision": revision, "path": str(folder), "files": files,
+        "sizes": {name: (folder / name).stat().st_size for name in files},
         "config_sha256": files["config.json"],
         "weights_sha256": weights_digest({k: v for k, v in files.items() if k.endswith(".safetensors")}),
     })
