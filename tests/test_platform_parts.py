@@ -74,9 +74,24 @@ def test_stop_ends_the_whole_tree_even_children_in_their_own_session(tmp_path):
 def test_a_recycled_pid_is_not_taken_for_our_service(tmp_path):
     rec = {"pid": os.getpid(), "create_time": psutil.Process().create_time() - 1000}
     assert not supervisor.alive(rec)
+    me = psutil.Process()
+    assert not supervisor.alive({"pid": os.getpid(), "create_time": me.create_time() - 1000,
+                                 "since_boot": supervisor.since_boot(me) - 1000})
     (tmp_path / "worker.json").write_text("{not json")
     with pytest.raises(supervisor.PlatformError, match=r"worker\.json: unreadable"):
         supervisor.read_record(tmp_path, "worker")
+
+
+def test_a_running_service_stays_ours_when_the_kernels_boot_time_moves(monkeypatch):
+    """Linux recomputes btime on each read of /proc/stat; seen here: it moved by 1 s while the platform ran,
+    and the wall-clock start-time check then reported every service down and `down` stopped none."""
+    me = psutil.Process()
+    rec = {"pid": os.getpid(), "create_time": me.create_time(), "since_boot": supervisor.since_boot(me)}
+    assert supervisor.alive(rec)
+    boot, created = psutil.boot_time(), me.create_time()
+    monkeypatch.setattr(psutil, "boot_time", lambda: boot + 1.0)
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: created + 1.0)
+    assert supervisor.alive(rec)
 
 
 def test_secrets_are_generated_once_private_and_the_environment_wins(tmp_path, monkeypatch):

@@ -54,13 +54,24 @@ def read_record(run_dir: Path, name: str) -> dict | None:
         raise PlatformError(f"{path}: unreadable ({err}); remove it after checking no such process runs") from None
 
 
+def since_boot(proc: psutil.Process) -> float:
+    """When ``proc`` started, in seconds after boot. Its wall-clock ``create_time`` is boot time plus that,
+    and Linux recomputes boot time on every read of /proc/stat: seen here, it moved by 1 s while the platform
+    ran, so a wall-clock comparison took running services for dead ones and `down` left them running."""
+    return proc.create_time() - psutil.boot_time()
+
+
 def alive(record: dict | None) -> bool:
     """The recorded process still runs (same PID *and* start time: a recycled PID is not ours)."""
     if not record:
         return False
     try:
         proc = psutil.Process(record["pid"])
-        return abs(proc.create_time() - record["create_time"]) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+        if "since_boot" in record:
+            same = abs(since_boot(proc) - record["since_boot"]) < 0.5
+        else:  # a record written before since_boot existed
+            same = abs(proc.create_time() - record["create_time"]) < 2.0
+        return same and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
         return False
 
@@ -115,7 +126,8 @@ def start(svc: Service, run_dir: Path, bind_host: str, base_env: dict[str, str] 
         fh.flush()
         proc = subprocess.Popen(svc.argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
-    record = {"name": svc.name, "pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(),
+    started = psutil.Process(proc.pid)
+    record = {"name": svc.name, "pid": proc.pid, "create_time": started.create_time(), "since_boot": since_boot(started),
               "url": svc.url, "argv": svc.argv, "log": str(log), "started": time.time()}
     _record(run_dir, svc.name).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
