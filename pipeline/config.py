@@ -189,6 +189,42 @@ class ColumnMap(_Strict):
     system: str | None = None
 
 
+class RecogniserConfig(_Strict):
+    """A token-classification model (a Hugging Face id or a local folder; safetensors only) that finds
+    what the rule-based detectors miss; its entity labels map to placeholders."""
+
+    model: str
+    revision: str | None = None
+    labels: dict[str, str] = {"PER": "NAME", "PERSON": "NAME", "NAME": "NAME", "ADDRESS": "ADDRESS",
+                              "STREET_ADDRESS": "ADDRESS"}  # model label (B-/I- stripped) -> placeholder kind
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)  # minimum probability of the entity label
+    max_length: int = Field(256, ge=16)  # tokens per window; longer texts are read in overlapping windows
+
+
+class PiiConfig(_Strict):
+    """Contextual personal data (pipeline/pii/context.py); the structured types are always on."""
+
+    names: bool = True
+    # Faker locales whose given and family names make up the name gazetteer (pipeline/pii/gazetteer.py).
+    name_locales: list[str] = ["en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pt_BR", "pl_PL",
+                               "ru_RU"]
+    keep_names: list[str] = []  # public names that are not personal data here (a product, a founder)
+    addresses: bool = True  # street shapes of sanitize.phone_regions' countries
+    dates_of_birth: bool = True
+    id_numbers: bool = True
+    recogniser: RecogniserConfig | None = None  # optional model; the rules above stay on
+
+    @field_validator("name_locales")
+    @classmethod
+    def _locales_exist(cls, v: list[str]) -> list[str]:
+        import importlib.util
+
+        unknown = [loc for loc in v if importlib.util.find_spec(f"faker.providers.person.{loc}") is None]
+        if unknown:
+            raise ValueError(f"unknown locales {unknown} (Faker person providers, e.g. en_US, de_DE)")
+        return v
+
+
 class SanitizeConfig(_Strict):
     out_dir: str = "data/clean"
     max_chars: int = Field(4000, gt=0)  # longer records go to quarantine, not truncation
@@ -198,7 +234,8 @@ class SanitizeConfig(_Strict):
     num_perm: int = Field(64, ge=8, le=512)  # MinHash permutations: more = sharper threshold, slower
     shingle_words: int = Field(3, ge=1)
     phone_regions: list[str] = ["US", "GB", "DE", "FR"]  # how numbers without a +country code are read
-    custom_pii: dict[str, str] = {}  # name -> regex; matches become <NAME>
+    custom_pii: dict[str, str] = {}  # key -> regex; matches become <KEY> (upper-cased)
+    pii: PiiConfig = PiiConfig()
     columns: ColumnMap = ColumnMap()
 
     @model_validator(mode="after")

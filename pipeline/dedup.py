@@ -1,7 +1,10 @@
 """Exact duplicates, label conflicts and verified near-duplicates, in bounded memory.
 
-- **Exact**: a 64-bit digest of the whole normalised record.
-- **Label conflict**: the same prompt seen before with a different answer (the caller quarantines both).
+- **Exact**: a 64-bit digest of the whole normalised record, its answer in canonical form (the caller
+  passes the task parser's form, so the same JSON with other whitespace is the same answer); the same
+  prompt with the same canonical answer is an exact duplicate too.
+- **Label conflict**: the same prompt seen before with a different canonical answer (the caller
+  quarantines both).
 - **Near**: MinHash signatures of Unicode word shingles (pipeline/text.py: any script; characters of
   unspaced scripts such as Chinese and Japanese), banded for LSH. A band hit is only a *candidate*: it
   counts as a near-duplicate when the exact shingle Jaccard similarity reaches the threshold **and** the
@@ -250,9 +253,9 @@ def same_values(a: str, b: str) -> bool:
     return names(a) <= sb and names(b) <= sa
 
 
-def answer_key(answer: str) -> int:
-    """Digest of an answer up to case and whitespace."""
-    return digest64(_SPACE.sub(" ", unicodedata.normalize("NFKC", answer).casefold()).strip())
+def text_key(answer: str) -> str:
+    """An answer's canonical form when nothing knows its meaning better: up to case and whitespace."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", answer).casefold()).strip()
 
 
 class MinHasher:
@@ -324,16 +327,18 @@ class Deduplicator:
         return None
 
     def check(self, record: str, prompt: str, answer: str) -> Verdict:
-        key, pkey = digest64(record), digest64(prompt)
+        """``answer`` is the canonical answer (the task's ``answer_key``), ``record`` includes it."""
+        key, pkey, akey = digest64(record), digest64(prompt), digest64(answer)
         if pkey in self.conflicts:  # every record with a contested prompt joins the conflict
             return Verdict("label_conflict", self.prompts.get(pkey))
         if key in self.exact:
             return Verdict("exact")
         other = self.prompts.get(pkey) if self.detect_conflicts else None
         if other is not None:
+            if int(self.answers.data[other]) == akey:  # the same answer in other words: a repeat
+                return Verdict("exact", other)
             self.conflicts.add(pkey)
             return Verdict("label_conflict", other)
-        akey = answer_key(answer)
         grams, bands = set(), []
         if self.near:
             grams = shingles(prompt, self.hasher.shingle)
@@ -363,7 +368,7 @@ class Deduplicator:
         if not self.near:
             return False
         grams = shingles(prompt, self.hasher.shingle)
-        return self._near(prompt, grams, self._band_keys(grams), answer_key(answer)) is not None
+        return self._near(prompt, grams, self._band_keys(grams), digest64(answer)) is not None
 
     @property
     def nbytes(self) -> int:

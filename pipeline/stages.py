@@ -99,7 +99,9 @@ def base(p: Params) -> dict:
 def augment(p: Params) -> dict:
     from pipeline.augment.synthesize import augment as run
 
-    return run(clean_split(p, "train"), p.augment, p.task)
+    from pipeline.pii import build_redactor
+
+    return run(clean_split(p, "train"), p.augment, p.task, build_redactor(p.sanitize))
 
 
 def train(p: Params) -> dict:
@@ -119,12 +121,12 @@ def train(p: Params) -> dict:
 
 def evaluate(p: Params) -> dict:
     from pipeline.evaluate.scoring import evaluate_stage
-    from pipeline.pii import build_detectors
+    from pipeline.pii import build_redactor
 
     return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), clean_split(p, "eval"), p.evaluate, p.task,
                           forgetting_file=_nonempty(clean_split(p, "forgetting")), probes=p.probes,
                           pii_digest_files=pii_digest_files(p),
-                          detectors=build_detectors(tuple(p.sanitize.phone_regions), p.sanitize.custom_pii))
+                          redactor=build_redactor(p.sanitize))
 
 
 def rescorer(p: Params) -> Callable[[Path], dict]:

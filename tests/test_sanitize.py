@@ -74,10 +74,57 @@ def test_bom_and_crlf_are_repaired_and_counted(tmp_path):
     assert report["kept"] == 2 and report["repairs"] == {"bom": 1, "crlf": 2}
 
 
-def test_text_is_nfkc_normalised_and_invisible_characters_removed(tmp_path):
-    run(tmp_path, [rec("Ｆｕｌｌwidth and zero\u200bwidth and \u202eoverride")])
+# Text as people write it in ten scripts, with the characters NFKC or format stripping would change.
+AS_WRITTEN = [
+    "x² + ½ = ?", "می\u200cخواهم سفارشم را لغو کنم", "family 👨\u200d👩\u200d👧 and flag 🏳\ufe0f\u200d🌈",
+    "Ｆｕｌｌwidth ｑｕｅｒｙ", "заказ №５ не пришёл", "我的订单还没到，请帮忙查一下", "注文がまだ届きません",
+    "주문이 아직 도착하지 않았습니다", "הזמנה שלי לא הגיעה", "मेरा ऑर्डर अभी तक नहीं आया", "Η παραγγελία μου δεν έφτασε",
+    "ﬁnal invoice\u00a0total", "e\u0301clair (decomposed)", "  leading and trailing spaces  \n",
+]
+
+
+@pytest.mark.parametrize("text", AS_WRITTEN)
+def test_stored_text_is_the_users_character_for_character(tmp_path, text):
+    run(tmp_path, [rec(text, answer=text + " ⁵")])
+    stored = json.loads((tmp_path / "out/clean.jsonl").read_text())["messages"]
+    assert [m["content"] for m in stored] == [text, text + " ⁵"]
+
+
+def test_invisible_and_compatibility_characters_do_not_make_a_new_record(tmp_path):
+    report, _ = run(tmp_path, [rec("Ｆｕｌｌwidth zero\u200bwidth"), rec("Fullwidth zerowidth")])
+    assert report["kept"] == 1 and report["duplicates"]["exact"] == 1
+
+
+def test_a_zero_width_joiner_inside_an_email_does_not_let_it_through(tmp_path):
+    run(tmp_path, [rec("write to jo\u200dhn.smith@exa\u200cmple.com, x² stays")])
     text = json.loads((tmp_path / "out/clean.jsonl").read_text())["messages"][0]["content"]
-    assert text == "Fullwidth and zerowidth and override"
+    assert text == "write to <EMAIL>, x² stays"
+
+
+def test_the_same_json_answer_in_other_whitespace_is_one_record_not_a_conflict(tmp_path):
+    from pipeline.config import TaskConfig
+    from pipeline.tasks import build_task
+
+    task = build_task(TaskConfig(kind="json"))
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join([rec("where is my parcel", '{"category": "shipping", "priority": "high"}'),
+                            rec("where is my parcel", '{ "priority":"high",\n  "category":"shipping" }'),
+                            rec("refund me", '{"category": "billing"}'),
+                            rec("refund me", '{"category": "refund"}')]) + "\n")
+    report = sanitize_files([f], tmp_path / "out", CFG, task=task)
+    assert report["duplicates"]["exact"] == 1
+    assert report["quarantined"]["by_reason"] == {"label_conflict": 2} and report["kept"] == 1
+
+
+def test_labels_that_parse_the_same_are_the_same_answer(tmp_path):
+    from pipeline.config import TaskConfig
+    from pipeline.tasks import build_task
+
+    task = build_task(TaskConfig(kind="label", labels=["billing", "shipping"]))
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join([rec("parcel late", "shipping"), rec("parcel late", " Shipping.")]) + "\n")
+    report = sanitize_files([f], tmp_path / "out", CFG, task=task)
+    assert report["kept"] == 1 and report["duplicates"]["exact"] == 1 and not report["quarantined"]["total"]
 
 
 def test_zero_width_characters_cannot_hide_pii(tmp_path):
@@ -164,7 +211,7 @@ def test_demo_data_sanitizes_with_reconciled_counts(tmp_path):
     r = sanitize_files([ROOT / "data/raw/tickets_train.jsonl"], tmp_path, SanitizeConfig())
     assert r["reconciles"] and r["quarantined"]["total"] == 7
     assert r["duplicates"]["exact"] >= 30 and r["duplicates"]["near"] >= 25
-    assert r["redactions"]["by_type"].keys() == {"EMAIL", "PHONE", "CARD"}
+    assert r["redactions"]["by_type"].keys() == {"EMAIL", "PHONE", "CARD", "NAME"}  # names in sign-offs
     assert (tmp_path / "data_card.md").read_text().startswith("# Data card")
 
 

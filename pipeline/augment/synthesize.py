@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.config import AugmentConfig, TaskConfig
 from pipeline.dedup import IntSet, digest64, record_text
-from pipeline.pii import redact
+from pipeline.pii import Redactor, redact
 from pipeline.io import write_json
 
 _GREETINGS = ["Hi team,", "Hello there,", "Dear support,", "Greetings,", "Hi again,"]
@@ -51,7 +51,7 @@ def _reorder_sentences(text: str, rng: random.Random) -> str:
 GENERATORS = {"greeting-swap": _swap_greeting, "closing": _add_closing, "reorder": _reorder_sentences}
 
 
-def augment(clean_file: Path, cfg: AugmentConfig, task: TaskConfig) -> dict:
+def augment(clean_file: Path, cfg: AugmentConfig, task: TaskConfig, redactor: Redactor | None = None) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(clean_file, encoding="utf-8") as fh:
@@ -75,7 +75,7 @@ def augment(clean_file: Path, cfg: AugmentConfig, task: TaskConfig) -> dict:
         messages = [dict(m) for m in parent["messages"]]
         user_turn = next(m for m in reversed(messages[:-1]) if m["role"] == "user")
         user_turn_lines = user_turn["content"].count("\n")
-        text, found = redact(GENERATORS[name](user_turn["content"], rng))
+        text, found = redact(GENERATORS[name](user_turn["content"], rng), redactor)
         if found:  # a rewrite must never surface PII; placeholders are not re-detected
             rejected["pii"] += 1
             continue

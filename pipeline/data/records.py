@@ -7,18 +7,18 @@ Accepted shapes (per record, so one file may mix them):
   alpaca      {"instruction": "...", "input": "...", "output": "..."}   (optional "system")
 
 ``to_messages`` raises ``RecordError`` with a stable reason code (quarantine counts are keyed on it) and
-a detail a person can act on. Text is normalised before any check (NFKC; zero-width and bidi-control
-characters removed) so invisible characters can neither hide PII nor defeat deduplication.
+a detail a person can act on. Text is kept exactly as written (a zero-width non-joiner is spelling in
+Persian, a superscript is mathematics); checks that must not be fooled by invisible characters (blank
+turns here, PII and deduplication in sanitize) read the normalised view of pipeline/pii instead.
 """
 
 from __future__ import annotations
 
 import re
-import sys
-import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
+
+from pipeline.pii import normalise_text
 
 ROLES = frozenset({"system", "user", "assistant"})
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -34,18 +34,6 @@ class RecordError(Exception):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}"
-
-
-@lru_cache(maxsize=1)
-def _format_chars() -> dict[int, None]:
-    """Translation table deleting every Unicode format character (category Cf): zero-width, bidi..."""
-    return {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Cf"}
-
-
-def normalise_text(text: str) -> str:
-    if text.isascii():  # the common case: NFKC is the identity and no Cf character can occur
-        return text
-    return unicodedata.normalize("NFKC", text).translate(_format_chars())
 
 
 def depth(obj: Any, limit: int, level: int = 1) -> int:
@@ -111,18 +99,17 @@ def canonical(obj: Any) -> list[dict[str, str]]:
 
 
 def _clean(messages: list[dict[str, str]], max_chars: int, where: str = "messages") -> list[dict[str, str]]:
-    """Normalise each message's text; control characters, blank turns and oversize records are defects."""
+    """Check each message's text, which stays as written: control characters, blank turns (nothing but
+    spaces and invisible characters) and oversize records are defects."""
     total = 0
     for i, m in enumerate(messages):
-        content = normalise_text(m["content"])
+        content = m["content"]
         control = _CONTROL.search(content)
         if control:
             raise RecordError("control_characters",
                               f"{where}[{i}] contains control character U+{ord(control.group()):04X}")
-        content = content.strip()
-        if not content:
+        if not normalise_text(content).strip():
             raise RecordError("blank_content", f"{where}[{i}] ({m['role']}) has no text")
-        m["content"] = content
         total += len(content)
     if total > max_chars:
         raise RecordError("too_long", f"{total} characters of content (limit {max_chars})")

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import SanitizeConfig
-from pipeline.dedup import Deduplicator, digest64, record_text
+from pipeline.dedup import Deduplicator, digest64, record_text, text_key
 from pipeline.data.ingest import read_records
-from pipeline.pii import build_detectors, digest_key, redact, value_digest
+from pipeline.pii import Redactor, build_redactor, digest_key, normalise_text, value_digest, write_digests
 from pipeline.data.records import RecordError, prompt_text, to_messages, to_preference
 from pipeline.io import write_json
 from pipeline.layout import PII_DIGESTS
@@ -80,6 +80,18 @@ class SanitizeReport:
         }
 
 
+def dedup_keys(messages: list[dict[str, str]], answers: int, task: Task | None) -> tuple[str, str, str]:
+    """What a record is deduplicated on: the whole record, its prompt and its answer, each in the
+    normalised view (so invisible or compatibility characters do not make a different record) and the
+    answer by meaning (the task's parser: the same JSON with other whitespace is the same answer)."""
+    norm = [{"role": m["role"], "content": normalise_text(m["content"]).strip()} for m in messages]
+    prompt = prompt_text(norm, answers)
+    answer = norm[-answers]["content"]
+    canonical = task.answer_key(answer) if task is not None else text_key(answer)
+    rest = [m["content"] for m in norm[len(norm) - answers + 1:]]  # a preference record's rejected answer
+    return record_text(norm[:-answers]) + "\n\x1f" + "\n\x1f".join([canonical, *rest]), prompt, canonical
+
+
 def _in_validation(prompt_key: int, fraction: float) -> bool:
     return fraction > 0 and (prompt_key & 0xFFFF) < fraction * 0x10000
 
@@ -95,6 +107,7 @@ def sanitize_files(
     shape: Shape = "chat",
     progress: Callable[[str], None] | None = None,
     progress_every: int = 100_000,
+    redactor: Redactor | None = None,
 ) -> dict:
     """Sanitize ``inputs`` into ``out_dir`` and return the report (also written as report.json).
 
@@ -103,10 +116,12 @@ def sanitize_files(
     ``index``: the dedup index to fill (pass one to use this split as another's reference).
     ``shape``: "preference" reads prompt/chosen/rejected records (exact dedup only; a prompt with several
     preference pairs is normal) and checks the chosen answer against the task.
+    ``redactor``: built from ``cfg`` when not given (pass one to share a loaded recogniser model).
+    Stored text is the user's, character for character, except for redacted spans.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     report = SanitizeReport(inputs=[str(p) for p in inputs])
-    detectors = build_detectors(tuple(cfg.phone_regions), cfg.custom_pii)
+    redactor = redactor or build_redactor(cfg)
     index = index if index is not None else new_index(cfg, shape)
     answers = 2 if shape == "preference" else 1
     convert = to_preference if shape == "preference" else to_messages
@@ -123,7 +138,7 @@ def sanitize_files(
             report.quarantined[reason] += 1
             source["quarantined"] += 1
             quarantine.write(json.dumps({"source": rec.source, "line": rec.line, "reason": reason, "detail": detail,
-                                         "raw": redact(rec.raw, detectors)[0]}, ensure_ascii=False) + "\n")
+                                         "raw": redactor.redact(rec.raw)[0]}, ensure_ascii=False) + "\n")
 
         for path in inputs:
             source = report.per_source.setdefault(str(path), Counter())
@@ -146,24 +161,24 @@ def sanitize_files(
                 counts: Counter[str] = Counter()
                 found: list[str] = []
                 for m in messages:
-                    m["content"], c = redact(m["content"], detectors, found)
+                    m["content"], c = redactor.redact(m["content"], found)
                     counts += c
                 answer = messages[-answers]["content"]
                 why = task.check_reference(answer) if task is not None else None
                 if why:
                     reject(source, rec, "invalid_answer", why)
                     continue
-                prompt = prompt_text(messages, answers)
-                verdict = index.check(record_text(messages), prompt, answer)
+                record_key, prompt, answer_key = dedup_keys(messages, answers, task)
+                verdict = index.check(record_key, prompt, answer_key)
                 if verdict.kind == "label_conflict":
                     report.quarantined["label_conflict"] += 1
                     source["quarantined"] += 1
                     conflicts.setdefault(digest64(prompt), []).append(
                         {"source": rec.source, "line": rec.line, "reason": "label_conflict",
-                         "raw": redact(rec.raw, detectors)[0]})
+                         "raw": redactor.redact(rec.raw)[0]})
                     continue
                 kind = verdict.kind
-                if kind is None and reference is not None and reference.contains(prompt, answer):
+                if kind is None and reference is not None and reference.contains(prompt, answer_key):
                     kind = "contamination"
                 if kind is not None:
                     report.duplicates[kind] += 1
@@ -190,7 +205,7 @@ def sanitize_files(
     if conflicts:  # after the clean files are closed: the first records of each conflict are in them
         with open(out_dir / "quarantine.jsonl", "a", encoding="utf-8") as quarantine:
             _resolve_conflicts(out_dir, conflicts, report, quarantine)
-    (out_dir / PII_DIGESTS).write_text("".join(f"{d}\n" for d in sorted(redacted)), encoding="utf-8")
+    write_digests(out_dir / PII_DIGESTS, redacted, key)
     result = report.to_dict()
     result["seconds"] = round(time.perf_counter() - started, 3)
     write_json(out_dir / "report.json", result)
@@ -216,7 +231,7 @@ def _resolve_conflicts(out_dir: Path, conflicts: dict[int, list[dict]], report: 
         with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
             for line in src:
                 rec = json.loads(line)
-                pkey = digest64(prompt_text(rec["messages"]))
+                pkey = digest64(dedup_keys(rec["messages"], 1, None)[1])
                 if pkey not in conflicts:
                     dst.write(line)
                     continue
@@ -239,13 +254,13 @@ def _resolve_conflicts(out_dir: Path, conflicts: dict[int, list[dict]], report: 
         os.replace(tmp, path)
 
 
-def index_from_file(clean_file: Path, cfg: SanitizeConfig) -> Deduplicator:
-    """The dedup index of an already sanitized split (``loraflow sanitize --reference``)."""
+def index_from_file(clean_file: Path, cfg: SanitizeConfig, task: Task | None = None) -> Deduplicator:
+    """The dedup index of an already sanitized split (``loraflow sanitize --reference``); ``task`` must be
+    the one the other split is sanitized with, so answers compare by the same meaning."""
     index = new_index(cfg)
     with open(clean_file, encoding="utf-8") as fh:
         for line in fh:
-            messages = json.loads(line)["messages"]
-            token = index.check(record_text(messages), prompt_text(messages), messages[-1]["content"]).token
+            token = index.check(*dedup_keys(json.loads(line)["messages"], 1, task)).token
             if token is not None:
                 index.add(token)
     return index

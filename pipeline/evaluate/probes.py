@@ -84,10 +84,10 @@ def canary_exposure(model, tokenizer, canary: Canary, candidates: list[str]) -> 
             "completed": digits.startswith(canary.secret), "_continuation": continuation}
 
 
-def pii_hits(texts: list[str], digests: set[str], detectors, key: bytes) -> int:
+def pii_hits(texts: list[str], digests: set[str], redactor, key: bytes) -> int:
     """How many ``texts`` contain a value whose keyed digest the sanitizer recorded as redacted."""
     from pipeline.pii import pii_digests
 
     if not digests:
         return 0
-    return sum(1 for t in texts if pii_digests(t, detectors, key) & digests)
+    return sum(1 for t in texts if pii_digests(t, redactor, key) & digests)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.canaries import make_canaries, random_secrets
 from pipeline.config import EvaluateConfig, ProbesConfig, TaskConfig
-from pipeline.pii import build_detectors, digest_key
+from pipeline.pii import Redactor, build_redactor, digest_key, read_digests
 from pipeline.evaluate.generation import generate, paired_speed
 from pipeline.evaluate.probes import canary_exposure, next_token_accuracy, pii_hits
 from pipeline.io import load_chat_file, write_json
@@ -87,14 +87,18 @@ def probe_model(model, tokenizer, forgetting_file: Path | None, probes: ProbesCo
 
 def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: Path, cfg: EvaluateConfig,
                    task_cfg: TaskConfig, forgetting_file: Path | None = None, probes: ProbesConfig | None = None,
-                   pii_digest_files: list[Path] = (), detectors=None) -> dict:
+                   pii_digest_files: list[Path] = (), redactor: Redactor | None = None) -> dict:
     """Evaluate base and candidate (task metrics, speed, forgetting, leak probe); write ``metrics.json``
     (DVC metrics) and ``details.json``."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = build_task(task_cfg)
-    digests = {line for f in pii_digest_files if f.is_file() for line in f.read_text().split()}
-    key = digest_key()
+    # Written under the sanitize stage's key; another key (or none) would make the probe find nothing, so
+    # that stops the stage (DigestKeyMismatch) instead of reporting 0 hits.
+    written = [f for f in pii_digest_files if f.is_file() and f.stat().st_size]
+    key = digest_key(create=not written)
+    digests = read_digests(written, key)
+    redactor = redactor or build_redactor()
     results = {}
     for name, adapter in (("base", None), ("candidate", adapter_dir)):
         loaded = _load(base_dir, adapter)
@@ -103,7 +107,7 @@ def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: Path, cfg: Eval
         res.update(extra)
         answers = res["predictions"] + generated
         res.setdefault("leak", {}).update(
-            pii_hits=pii_hits(answers, digests, detectors or build_detectors(), key), answers_scanned=len(answers),
+            pii_hits=pii_hits(answers, digests, redactor, key), answers_scanned=len(answers),
             redacted_values_known=len(digests))
         results[name] = res
     # The speed the gate compares: both models timed alternately on the candidate's peft model (adapter

@@ -20,6 +20,7 @@ from pipeline.config import Params
 from pipeline.io import first_prompts
 from pipeline.layout import clean_split
 from pipeline.modeling import base_present, base_weights_sha256
+from pipeline.pii import build_redactor
 from pipeline.serve.follow import Follower
 from pipeline.serve.gateway import GatewayServer, RequestLog, Routes, build_app
 from pipeline.serve.vllm import ServingError, VLLMServer
@@ -92,7 +93,7 @@ class Endpoint:
         p = self.p
         key = self.upstream_key or (self.server.api_key if self.server else "")
         self.log = RequestLog(Path(p.serve.traffic_log), int(p.serve.log_max_mb * 2**20),
-                              p.serve.log_retention_days, tuple(p.sanitize.phone_regions))
+                              p.serve.log_retention_days, build_redactor(p.sanitize))
         app = build_app(self.routes, p.serve.base_url, key, self.keys, self.log,
                         webhook_secret=self.webhook_secret, on_alias=self._on_alias, known=frozenset(self.models))
         self.gateway = GatewayServer(app, p.serve.gateway_host, p.serve.gateway_port).start()

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from pipeline.config import TaskConfig
-from pipeline.pii import build_detectors, redact
+from pipeline.pii import Redactor, build_redactor
 from pipeline.io import rotated_files
 from pipeline.serve.vllm import generation_defaults
 
@@ -118,16 +118,18 @@ class RequestLog:
     than ``retention_days`` are deleted. Raw text is only ever in memory.
     """
 
-    def __init__(self, path: Path, max_bytes: int, retention_days: float, regions: tuple[str, ...] = ()):
+    def __init__(self, path: Path, max_bytes: int, retention_days: float, redactor: Redactor | None = None):
+        """``redactor``: the sanitizer's (``build_redactor(p.sanitize)``, custom patterns included), so the
+        log keeps nothing that training data would not."""
         self.path, self.max_bytes, self.retention = path, max_bytes, timedelta(days=retention_days)
-        self._detectors = build_detectors(regions) if regions else build_detectors()
+        self._redactor = redactor or build_redactor()
         self._lock = threading.Lock()
         # Redaction and disk writes happen on a writer thread, off the request path.
         self._queue: queue.Queue[dict] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True, name="loraflow-request-log").start()
 
     def redact(self, text: str) -> str:
-        return redact(text, self._detectors)[0]
+        return self._redactor.redact(text)[0]
 
     def write(self, record: dict) -> None:
         """Queue ``record``; it is redacted and appended shortly after (``flush`` waits for that)."""

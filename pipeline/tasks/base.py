@@ -66,6 +66,13 @@ class Task:
         """Why a reference answer does not fit the task (a data defect), or None."""
         return None
 
+    def answer_key(self, answer: str) -> str:
+        """The answer's meaning as a string: two answers with the same key are the same answer (sanitize's
+        duplicates and label conflicts). By default, the text up to case and whitespace."""
+        from pipeline.dedup import text_key
+
+        return text_key(answer)
+
     def score(self, prediction: str, reference: str, prompt: str = "") -> Score:
         raise NotImplementedError
 

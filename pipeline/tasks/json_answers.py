@@ -70,6 +70,11 @@ class JsonTask(Task):
         value, reason = self._parse(answer)
         return reason or self._schema_error(value) or None
 
+    def answer_key(self, answer: str) -> str:
+        """The parsed value, keys sorted: whitespace, key order and fences do not make a different answer."""
+        value, reason = self._parse(answer)
+        return super().answer_key(answer) if reason else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
     def score(self, prediction: str, reference: str, prompt: str = "") -> Score:
         ref, _ = self._parse(reference)
         pred, reason = self._parse(prediction)

@@ -32,6 +32,9 @@ class LabelTask(Task):
             return f"label {answer.strip()[:80]!r} is not one of {sorted(self.cfg.labels)}"
         return None
 
+    def answer_key(self, answer: str) -> str:
+        return self.parse(answer) or super().answer_key(answer)
+
     def score(self, prediction: str, reference: str, prompt: str = "") -> Score:
         pred = self.parse(prediction)
         if pred is None:

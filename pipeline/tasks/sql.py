@@ -102,6 +102,12 @@ class SqlTask(Task):
             return f"reference SQL {err}"
         return None
 
+    def answer_key(self, answer: str) -> str:
+        try:
+            return normalise_sql(answer)
+        except QueryError:
+            return super().answer_key(answer)
+
     def _reference(self, sql: str) -> Counter:
         if sql not in self._reference_results:
             try:

@@ -44,6 +44,9 @@ class TextTask(Task):
     def check_reference(self, answer: str) -> str | None:
         return None if answer.strip() else "empty answer"
 
+    def answer_key(self, answer: str) -> str:
+        return normalise(answer)
+
     def score(self, prediction: str, reference: str, prompt: str = "") -> Score:
         if not prediction.strip():
             return self.zero("empty answer")

@@ -1,11 +1,10 @@
-"""PII and secret redaction with typed placeholders, tuned for precision as much as recall.
+"""Structured values: secrets, e-mail, IBAN, card, SSN, IP address, phone number.
 
-Detectors run in a fixed order on text already normalised by ``records.normalise_text`` (NFKC, no
-zero-width or bidi characters, so they cannot split a value). Each detector has a cheap pre-scan (a
-substring or one compiled search) so text that cannot contain its type skips it; that is what keeps
-sanitize fast on mostly clean data. Values that need it are verified: card numbers by Luhn, IBANs by
-their mod-97 checksum, IP addresses by ``ipaddress``, phone numbers by ``phonenumbers`` for the
-configured regions. Order numbers, versions, dates, amounts and ticket ids are left alone.
+Each detector has a cheap pre-scan (a substring or one compiled search) so text that cannot contain its
+type skips it; that is what keeps sanitize fast on mostly clean data. Values that need it are verified:
+card numbers by Luhn, IBANs by their mod-97 checksum, IP addresses by ``ipaddress``, phone numbers by
+``phonenumbers`` for the configured regions. Order numbers, versions, dates, amounts, tracking numbers and
+ticket ids are left alone.
 """
 
 from __future__ import annotations
@@ -24,8 +23,8 @@ _PRIVATE_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----.*?(?:----
                           re.S)
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{10,}")
 _AWS_KEY = re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b")
-_BEARER = re.compile(r"\b([Bb]earer|BEARER)\s+[A-Za-z0-9\-._~+/]{16,}=*")
-_URL_CREDS = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/:@]+:[^\s/@]+@")
+_BEARER = re.compile(r"\b(?:[Bb]earer|BEARER)\s+(?P<v>[A-Za-z0-9\-._~+/]{16,}=*)")
+_URL_CREDS = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://(?P<v>[^\s/:@]+:[^\s/@]+)@")
 
 # ---- personal data -------------------------------------------------------------------------------
 # Local part: every character RFC 5322 allows unquoted, so unusual addresses are not missed.
@@ -168,11 +167,18 @@ class Detector:
     prescan: Callable[[str], bool]
     verify: Callable[[re.Match[str]], bool] | None = None
     needs_digit_run: bool = False  # skip unless the text has 7+ digits in a row (tested once per text)
-    # How a verified match is rewritten; by default the whole match becomes <KIND>.
-    render: Callable[[re.Match[str]], str] | None = None
+    # A value that is not personal but looks like one (a parcel tracking number): it is left as written
+    # and hidden from the detectors after it, so none of them redacts a part of it.
+    keep: bool = False
 
-    def replacement(self, m: re.Match[str]) -> str:
-        return self.render(m) if self.render else PLACEHOLDERS.get(self.kind, f"<{self.kind}>")
+    def span(self, m: re.Match[str]) -> tuple[int, int]:
+        """The part of a match that is the value: the group ``v`` when the pattern has one (the token
+        after "Bearer", the user:password of a URL), else the whole match."""
+        return m.span("v") if "v" in m.re.groupindex else m.span()
+
+    @property
+    def placeholder(self) -> str:
+        return PLACEHOLDERS.get(self.kind, f"<{self.kind}>")
 
 
 def _ip_ok(m: re.Match[str]) -> bool:
@@ -195,10 +201,8 @@ def build_detectors(regions: tuple[str, ...] = ("US", "GB", "DE", "FR"),
         Detector("PRIVATE_KEY", _PRIVATE_KEY, lambda t: "PRIVATE KEY" in t),
         Detector("JWT", _JWT, lambda t: "eyJ" in t),
         Detector("AWS_ACCESS_KEY", _AWS_KEY, lambda t: any(p in t for p in _AWS_PREFIXES)),
-        Detector("BEARER_TOKEN", _BEARER, lambda t: "earer" in t or "EARER" in t,
-                 render=lambda m: f"{m.group(1)} <TOKEN>"),
-        Detector("URL_CREDENTIALS", _URL_CREDS, lambda t: "://" in t and "@" in t,
-                 render=lambda m: f"{m.group(1)}<CREDENTIALS>@"),
+        Detector("BEARER_TOKEN", _BEARER, lambda t: "earer" in t or "EARER" in t),
+        Detector("URL_CREDENTIALS", _URL_CREDS, lambda t: "://" in t and "@" in t),
         Detector("EMAIL", _EMAIL, lambda t: "@" in t),
         Detector("IBAN", _IBAN, anything, lambda m: iban_ok(m.group()), needs_digit_run=True),
         Detector("CARD", _CARD, anything, lambda m: card_grouping_ok(m.group()) and card_ok(_digits(m.group())),
@@ -212,72 +216,3 @@ def build_detectors(regions: tuple[str, ...] = ("US", "GB", "DE", "FR"),
     for name, pattern in (custom or {}).items():
         detectors.append(Detector(name.upper(), re.compile(pattern), lambda t: True))
     return detectors
-
-
-_DEFAULT = build_detectors()
-
-
-def redact(text: str, detectors: list[Detector] | None = None,
-           found: list[str] | None = None) -> tuple[str, Counter[str]]:
-    """Return the text with PII and secrets replaced by typed placeholders, and counts by type.
-    ``found``, when given, receives each replaced value (in memory only: callers keep digests)."""
-    counts: Counter[str] = Counter()
-    digit_run: bool | None = None
-    for det in detectors or _DEFAULT:
-        if det.needs_digit_run:
-            if digit_run is None:
-                digit_run = _DIGIT_RUN.search(text) is not None
-            if not digit_run:
-                continue
-        if not det.prescan(text):
-            continue
-
-        def repl(m: re.Match[str], det: Detector = det) -> str:
-            if det.verify is not None and not det.verify(m):
-                return m.group()
-            counts[det.kind] += 1
-            if found is not None:
-                found.append(m.group())
-            return det.replacement(m)
-
-        text = det.pattern.sub(repl, text)
-    return text, counts
-
-
-# ---- keyed digests of redacted values ------------------------------------------------------------
-# The leak probe must know which values the sanitizer removed without any file holding them: sanitize
-# keeps an HMAC of each (plain hashes of phone or card numbers can be reversed by enumeration), keyed by
-# a local secret that never leaves the machine (LORAFLOW_PII_KEY, or a 0600 file created on first use).
-PII_KEY_ENV = "LORAFLOW_PII_KEY"
-PII_KEY_FILE = Path(".loraflow/pii.key")
-
-
-def digest_key(key_file: Path = PII_KEY_FILE) -> bytes:
-    import os
-    import secrets
-
-    env = os.environ.get(PII_KEY_ENV, "")
-    if env:
-        return env.encode()
-    if not key_file.is_file():
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-    return key_file.read_text().strip().encode()
-
-
-def value_digest(value: str, key: bytes) -> str:
-    """Keyed digest of a value, insensitive to case and separators (``555-0100`` = ``555 0100``)."""
-    import hashlib
-    import hmac
-
-    norm = re.sub(r"[\W_]+", "", value.lower())
-    return hmac.new(key, norm.encode(), hashlib.sha256).hexdigest()[:32]
-
-
-def pii_digests(text: str, detectors: list[Detector], key: bytes) -> set[str]:
-    """Digests of every PII value the detectors find in ``text``."""
-    found: list[str] = []
-    redact(text, detectors, found)
-    return {value_digest(v, key) for v in found}
