@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.config import RegistryConfig
 from pipeline.hashing import dir_sha256
+from pipeline.pii import mask_secrets
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def log_candidate(
 
     c = client(cfg)
     with mlflow.start_run(experiment_id=experiment_id(c, cfg), run_name=run_name, tags=tags) as run:
-        mlflow.log_params(_flatten("", params))
+        mlflow.log_params(_flatten("", mask_secrets(params)))
         for point in train_metrics.get("loss_curve", []):
             mlflow.log_metric("train_loss", point["loss"], step=point["step"])
         for point in train_metrics.get("eval_loss_curve", []):

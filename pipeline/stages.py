@@ -51,10 +51,13 @@ def sanitize(p: Params) -> dict:
     # Preference pairs and generic chat data reach training too, so they pass the same checks (generic
     # answers are not the task's, so only their form is checked).
     # An input that is not configured still gets its (empty) file: dvc.yaml declares them for train.
-    if p.data.preference:
+    if p.data.preference and p.train.method == "dpo":
         summary["preference"] = sanitize_files([Path(p.data.preference)], root / "preference", p.sanitize,
                                                task=task, shape="preference", progress=print)
-    else:
+    else:  # an input nothing reads is not checked: it cannot fail a run that does not use it
+        if p.data.preference:
+            print(f"sanitize: data.preference ({p.data.preference}) skipped: train.method {p.train.method} "
+                  "does not use it")
         _empty(clean_split(p, "preference"))
     generic_index = new_index(p.sanitize)
     if p.data.generic:

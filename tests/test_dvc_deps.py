@@ -60,7 +60,7 @@ def reproduced(tmp_path_factory, tiny_base) -> Path:
     ("pipeline/layout.py", ALL),
     ("pipeline/io.py", ALL),
     ("pipeline/tasks/json_answers.py", {"task", "sanitize", "evaluate"}),
-    ("pipeline/pii.py", {"sanitize", "augment", "evaluate"}),
+    ("pipeline/pii/context.py", {"sanitize", "augment", "evaluate"}),
     ("pipeline/dedup.py", {"sanitize", "augment"}),
     ("pipeline/base/builtin.py", {"base"}),
     ("pipeline/modeling.py", {"base", "train", "evaluate"}),

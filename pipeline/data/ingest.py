@@ -2,6 +2,8 @@
 
 Formats (chosen by suffix, or a directory saved with ``datasets.Dataset.save_to_disk``):
   .jsonl/.json  one JSON object a line; invalid UTF-8, a BOM and CRLF endings are handled per line
+  .json         a JSON array of records (Alpaca's data.json): read element by element; each record's
+                "line" is its index in the array (0-based, as in ``data[i]``)
   .csv/.tsv     one record a row; ``sanitize.columns`` maps columns to record fields
   .parquet      read in row batches (pyarrow), same column mapping
   <dir>/        a Hugging Face ``datasets`` folder (memory-mapped Arrow), same column mapping
@@ -76,6 +78,87 @@ def read_jsonl(path: Path) -> Iterator[RawRecord]:
                 except RecursionError:
                     rec.error = RecordError("too_deep", "nesting too deep to parse")
             yield rec
+
+
+def _starts_with_array(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+_WS = " \t\r\n"
+
+
+def read_json_array(path: Path, chunk: int = 1 << 16) -> Iterator[RawRecord]:
+    """Elements of a top-level JSON array, one at a time (the buffer holds one element and one chunk).
+
+    An element that is not valid JSON ends the read: where the next element starts cannot be known, so the
+    rest of the file becomes one quarantined record naming the element and the reason.
+    """
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        buf, pos, eof, index = "", 0, False, 0
+
+        def fill() -> bool:
+            nonlocal buf, pos, eof
+            more = fh.read(chunk)
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+            return bool(more)
+
+        def skip() -> None:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in _WS:
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return
+
+        skip()
+        pos += 1  # the opening bracket (checked by the caller)
+        while True:
+            skip()
+            if pos >= len(buf):
+                yield RawRecord(str(path), index, raw="", error=RecordError(
+                    "truncated_json", f"the array ends before its closing bracket (after element {index - 1})"))
+                return
+            if buf[pos] == "]":
+                return
+            if index:
+                if buf[pos] != ",":
+                    rest = buf[pos:pos + 200]
+                    yield RawRecord(str(path), index, raw=rest, error=RecordError(
+                        "invalid_json", f"expected ',' or ']' after element {index - 1}; the rest of the file is "
+                                        "not read"))
+                    return
+                pos += 1
+                skip()
+            while True:
+                try:
+                    value, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as err:
+                    if not eof and fill():
+                        continue
+                    rest = buf[pos:]
+                    yield RawRecord(str(path), index, raw=rest[:2000], error=RecordError(
+                        "truncated_json" if err.pos >= len(buf) - 1 else "invalid_json",
+                        f"element {index}: {err.msg}; the rest of the file ({len(rest)} characters) is not read"))
+                    return
+                except RecursionError:
+                    yield RawRecord(str(path), index, raw=buf[pos:pos + 200],
+                                    error=RecordError("too_deep", f"element {index}: nesting too deep to parse"))
+                    return
+            raw = buf[pos:end]
+            rec = RawRecord(str(path), index, value=value, raw=raw)
+            try:
+                raw.encode("utf-8")
+            except UnicodeEncodeError:
+                rec.value, rec.raw = None, raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                rec.error = RecordError("invalid_utf8", f"element {index} contains bytes that are not UTF-8")
+            yield rec
+            index += 1
+            pos = end
 
 
 def _map_row(row: dict[str, Any], cols: ColumnMap) -> dict[str, Any]:
@@ -164,6 +247,8 @@ def read_records(path: Path, cols: ColumnMap) -> Iterator[RawRecord]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: input file not found")
     suffix = path.suffix.lower()
+    if suffix == ".json" and _starts_with_array(path):
+        return read_json_array(path)
     if suffix in JSONL:
         return read_jsonl(path)
     if suffix in (".csv", ".tsv"):

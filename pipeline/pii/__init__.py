@@ -276,3 +276,29 @@ def pii_digests(text: str, redactor: Redactor, key: bytes) -> set[str]:
     found: list[str] = []
     redactor.redact(text, found)
     return {value_digest(v, key) for v in found}
+
+
+# ---- configuration that is logged ----------------------------------------------------------------
+_SECRET_KEY = re.compile(r"(?i)(?:^|[_.\-])(?:token|key|secret|password|passwd|pwd|credentials?|auth)(?:$|[_.\-])")
+SECRET_SECTIONS = ("serve.env",)  # environment passed to vLLM: tokens live there (HF_TOKEN)
+
+
+def mask_secrets(config: dict, prefix: str = "") -> dict:
+    """A copy of ``config`` fit for MLflow params and reports: values under keys named like secrets
+    (``*token*``, ``*key*``, ``*secret*``, ``*password*``, as a word of the key: ``max_new_tokens`` stays),
+    everything under ``serve.env``, and secrets inside strings (a password in a database URL) become
+    ``<redacted>`` or their placeholder."""
+    out: dict = {}
+    for k, v in config.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if any(path == s or path.startswith(s + ".") for s in SECRET_SECTIONS) and not isinstance(v, dict):
+            out[k] = "<redacted>" if v not in (None, "", {}) else v
+        elif isinstance(v, dict):
+            out[k] = mask_secrets(v, path) if not (path in SECRET_SECTIONS) else {n: "<redacted>" for n in v}
+        elif _SECRET_KEY.search(str(k)) and v not in (None, "", [], {}) and not isinstance(v, bool):
+            out[k] = "<redacted>"
+        elif isinstance(v, str):
+            out[k] = redact(v)[0] if ("@" in v or "earer" in v or "PRIVATE" in v or "eyJ" in v) else v
+        else:
+            out[k] = v
+    return out

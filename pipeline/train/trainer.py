@@ -25,6 +25,7 @@ from pipeline.device import detect
 from pipeline.hashing import file_sha256
 from pipeline.io import load_chat_file, write_json
 from pipeline.modeling import base_config_sha256, base_weights_sha256, load_base
+from pipeline.pii import mask_secrets
 from pipeline.train.trl_args import check_trl_keys, training_args
 
 
@@ -236,9 +237,9 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     }
     write_json(out / "train_metrics.json", metrics)
     write_json(out / "train_meta.json", {
-        "config": cfg.model_dump(),
+        "config": mask_secrets(cfg.model_dump()),  # train.trl may hold hub_token
         # What TRL ran with for every setting loraflow defaults or the user gave (train.trl over TRL_DEFAULTS).
-        "trl": {k: getattr(trainer.args, k, None) for k in sorted({*TRL_DEFAULTS, *cfg.trl})},
+        "trl": mask_secrets({k: getattr(trainer.args, k, None) for k in sorted({*TRL_DEFAULTS, *cfg.trl})}),
         "base_model_dir": str(base_dir),
         "inputs": {str(p): file_sha256(p) for p in inputs},
         "base_config_sha256": base_config_sha256(base_dir),
