@@ -319,6 +319,9 @@ class TrainConfig(_Strict):
     early_stopping_patience: int = Field(0, ge=0)  # evaluations without eval-loss improvement; 0 = off
     # A share of generic instruction data mixed into training limits forgetting of general skills.
     generic_fraction: float = Field(0.0, ge=0.0, le=0.5)
+    # Training completions cut by train.trl.max_length (or left out: none of their tokens fit) beyond this
+    # share stop the run, naming the setting; below it they are counted in the train report.
+    max_truncated_share: float = Field(0.05, ge=0.0, le=1.0)
     merge_export: bool = False  # also write base+adapter merged (loadable by vLLM and transformers)
     gpu_hour_price: float = Field(0.0, ge=0.0)  # currency units per GPU-hour, for the cost estimate
     # TRL's SFTConfig / DPOConfig fields, passed through over TRL_DEFAULTS; checked against the installed

@@ -355,3 +355,32 @@ def test_trl_options_pass_through_and_unknown_ones_are_named(tmp_path):
     with pytest.raises(ConfigError, match="train.trl: TRL rejected the settings"):
         training_args(tiny_cfg(tmp_path, trl=dict(lr_scheduler_type="no-such-schedule")), tmp_path / "ck", False,
                       detect())
+
+
+def test_every_assistant_turn_of_a_conversation_is_a_training_row(tmp_path):
+    from pipeline.train.trainer import load_turn_rows
+
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"},
+             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+             {"role": "assistant", "content": "a2"}]
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"messages": convo}) + "\n")
+    rows = load_turn_rows(f)
+    assert [r["completion"][0]["content"] for r in rows] == ["a1", "a2"]
+    assert rows[0]["prompt"] == convo[:2] and rows[1]["prompt"] == convo[:4]
+
+
+def test_completions_that_do_not_fit_max_length_are_counted_and_stop_the_run_above_the_share(tiny_base):
+    from transformers import AutoTokenizer
+
+    from pipeline.train.trainer import check_fit, fit_to_length
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    short = {"prompt": [{"role": "user", "content": "late parcel"}], "completion": [{"role": "assistant", "content": "ok"}]}
+    long_answer = {**short, "completion": [{"role": "assistant", "content": "billing " * 80}]}
+    long_prompt = {**short, "prompt": [{"role": "user", "content": "refund " * 200}]}
+    kept, fit = fit_to_length([short] * 8 + [long_answer, long_prompt], tok, 64)
+    assert fit == {"rows": 10, "truncated": 1, "dropped": 1} and long_prompt not in kept and len(kept) == 9
+    with pytest.raises(ValueError, match=r"train.trl.max_length=64: 2 of 10 .*train.max_truncated_share"):
+        check_fit(fit, TrainConfig(trl={"max_length": 64}, max_truncated_share=0.1))
+    check_fit(fit, TrainConfig(trl={"max_length": 64}, max_truncated_share=0.25))  # counted, not fatal

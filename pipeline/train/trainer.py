@@ -23,7 +23,7 @@ from pipeline.canaries import Canary
 from pipeline.config import TRL_DEFAULTS, TrainConfig
 from pipeline.device import detect
 from pipeline.hashing import file_sha256
-from pipeline.io import load_chat_file, write_json
+from pipeline.io import write_json
 from pipeline.modeling import base_config_sha256, base_weights_sha256, load_base
 from pipeline.pii import mask_secrets
 from pipeline.train.trl_args import check_trl_keys, training_args
@@ -40,11 +40,61 @@ def load_preference_file(path: Path) -> list[dict]:
     return rows
 
 
+def load_turn_rows(path: Path) -> list[dict]:
+    """Training rows of a sanitized chat file: one prompt-completion row per assistant turn (its context as
+    the prompt), so every assistant turn of a conversation is trained on, not only the last. The loss is
+    on the completion only (TRL's prompt-completion format), the same mask assistant-only loss gives,
+    with any chat template (no generation markers needed)."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            msgs = json.loads(line)["messages"]
+            first_user = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+            rows += [{"prompt": msgs[:i], "completion": [m]} for i, m in enumerate(msgs)
+                     if m["role"] == "assistant" and i > first_user]
+    return rows
+
+
+def fit_to_length(rows: list[dict], tokenizer, max_length: int | None) -> tuple[list[dict], dict]:
+    """Rows whose completion has at least one token within ``max_length``, and counts: ``truncated`` (the
+    completion is cut) and ``dropped`` (no completion token fits: TRL would train on it with zero loss, or
+    drop it unsaid). Counted with the chat template the trainer applies."""
+    if not max_length or not rows:
+        return rows, {"rows": len(rows), "truncated": 0, "dropped": 0}
+    def length(messages: list[dict], **kw) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+    kept, truncated, dropped = [], 0, 0
+    for row in rows:
+        prompt = length(row["prompt"], add_generation_prompt=True)
+        if prompt >= max_length:
+            dropped += 1
+            continue
+        full = length(row["prompt"] + row["completion"])
+        truncated += full > max_length
+        kept.append(row)
+    return kept, {"rows": len(rows), "truncated": truncated, "dropped": dropped}
+
+
+def check_fit(fit: dict, cfg: TrainConfig) -> None:
+    """Stop when more than ``train.max_truncated_share`` of the completions do not fit ``max_length``."""
+    bad = fit["truncated"] + fit["dropped"]
+    if fit["rows"] and bad / fit["rows"] > cfg.max_truncated_share:
+        raise ValueError(
+            f"train.trl.max_length={cfg.trl_value('max_length')}: {bad} of {fit['rows']} training completions "
+            f"({bad / fit['rows']:.1%}) do not fit ({fit['dropped']} not at all, {fit['truncated']} cut); raise "
+            f"train.trl.max_length, shorten the records, or allow more with train.max_truncated_share "
+            f"(now {cfg.max_truncated_share})")
+    if bad:
+        print(f"train: {fit['truncated']} completion(s) cut at max_length {cfg.trl_value('max_length')}, "
+              f"{fit['dropped']} left out (no completion token fits)")
+
+
 def mix_generic(rows: list[dict], generic_file: Path, fraction: float, seed: int) -> tuple[list[dict], int]:
     """Add generic rows so they make up ``fraction`` of the result (as far as the file allows)."""
     if fraction <= 0:
         return rows, 0
-    generic = load_chat_file(generic_file)
+    generic = load_turn_rows(generic_file)
     want = round(fraction * len(rows) / (1 - fraction))
     picked = random.Random(seed).sample(generic, min(want, len(generic)))
     mixed = rows + picked
@@ -150,18 +200,21 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         print(f"train: resuming from {resume}")
     model, tokenizer = load_base(base_dir, quantize_4bit=cfg.adapter == "qlora",
                                  attn_implementation=attention_implementation(cfg))
-    eval_rows = load_chat_file(eval_file) if eval_file else None
+    eval_rows = load_turn_rows(eval_file) if eval_file else None
     recorder = _LossRecorder()
     callbacks = [recorder.callback, *(extra_callbacks or [])]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     n_generic = 0
+    fit = {"rows": 0, "truncated": 0, "dropped": 0}
     if cfg.method == "sft":
         from trl import SFTTrainer
 
-        rows = load_chat_file(train_file)
+        rows = load_turn_rows(train_file)
         if cfg.generic_fraction and generic_file is not None:
             rows, n_generic = mix_generic(rows, generic_file, cfg.generic_fraction, cfg.seed)
+        rows, fit = fit_to_length(rows, tokenizer, cfg.trl_value("max_length"))
+        check_fit(fit, cfg)
         rows = plant(rows, planted, cfg.seed)
         args = training_args(cfg, ckpt_dir, bool(eval_rows), dev)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
@@ -221,6 +274,8 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         "epochs": float(trainer.state.epoch or 0),
         "duration_s": round(duration, 2),
         "train_samples": len(rows),
+        "completions_truncated": fit["truncated"],  # cut at train.trl.max_length
+        "completions_left_out": fit["dropped"],  # no completion token within max_length
         "generic_samples": n_generic,
         "canaries": sorted({c.digest for c in canaries}),  # sha256 prefixes; the values stay out of outputs
         "canary_rows": len(planted),
