@@ -205,9 +205,9 @@ class PiiConfig(_Strict):
     """Contextual personal data (pipeline/pii/context.py); the structured types are always on."""
 
     names: bool = True
-    # Faker locales whose given and family names make up the name gazetteer (pipeline/pii/gazetteer.py).
-    name_locales: list[str] = ["en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pt_BR", "pl_PL",
-                               "ru_RU"]
+    # Faker locales whose given and family names make up the name gazetteer (pipeline/pii/gazetteer.py);
+    # "*": every locale written in a cased script (64 locales, ~70k names).
+    name_locales: list[str] = ["*"]
     keep_names: list[str] = []  # public names that are not personal data here (a product, a founder)
     addresses: bool = True  # street shapes of sanitize.phone_regions' countries
     dates_of_birth: bool = True
@@ -219,7 +219,7 @@ class PiiConfig(_Strict):
     def _locales_exist(cls, v: list[str]) -> list[str]:
         import importlib.util
 
-        unknown = [loc for loc in v if importlib.util.find_spec(f"faker.providers.person.{loc}") is None]
+        unknown = [loc for loc in v if loc != "*" and importlib.util.find_spec(f"faker.providers.person.{loc}") is None]
         if unknown:
             raise ValueError(f"unknown locales {unknown} (Faker person providers, e.g. en_US, de_DE)")
         return v

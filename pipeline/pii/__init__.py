@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pipeline.pii.context import AddressDetector, NameDetector, context_detectors
+from pipeline.pii.context import AddressDetector, NameDetector, Words, cue_detectors, early_detectors
 from pipeline.pii.gazetteer import load as load_gazetteer
 from pipeline.pii.patterns import (PLACEHOLDERS, Detector, build_detectors, card_ok, iban_ok,  # noqa: F401
                                    luhn_ok, phone_ok)
@@ -38,7 +38,7 @@ _MASK = "\x00"  # stands in for a found value in the text later detectors see (a
 class SpanFinder(Protocol):
     kind: str
 
-    def spans(self, text: str) -> list[tuple[int, int]]: ...
+    def spans(self, text: str, words: Words | None = None) -> list[tuple[int, int]]: ...
 
 
 # ---- the normalised view -------------------------------------------------------------------------
@@ -92,8 +92,13 @@ class Redactor:
         found: list[tuple[int, int, str]] = []  # view coordinates
         taken: list[tuple[int, int]] = []
         digit_run: bool | None = None
+        words: Words | None = None  # the view's words, split once when a contextual detector asks
         for det in self.finders:
             if isinstance(det, Detector):
+                if det.triggers is not None:
+                    words = words or Words(work)
+                    if det.triggers.isdisjoint(words.lower):
+                        continue
                 if det.needs_digit_run:
                     if digit_run is None:
                         digit_run = _DIGIT_RUN.search(work) is not None
@@ -104,7 +109,11 @@ class Redactor:
                 hits = [det.span(m) for m in det.pattern.finditer(work) if det.verify is None or det.verify(m)]
                 keep = det.keep
             else:
-                hits = det.spans(work)
+                # Earlier values are masked in ``work``, not removed: the words computed before still
+                # tell a detector whether to run; its regexes read the masked text.
+                words = words or Words(work)
+                words.text = work
+                hits = det.spans(work, words)
                 keep = False
             hits = [(s, e) for s, e in hits if e > s and _MASK not in work[s:e]]
             if not hits:
@@ -146,7 +155,7 @@ class Redactor:
         return "".join(pieces) + text[pos:], counts
 
 
-DEFAULT_NAME_LOCALES = ["en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pt_BR", "pl_PL", "ru_RU"]
+DEFAULT_NAME_LOCALES = ["*"]
 
 
 def make_redactor(regions: tuple[str, ...] = ("US", "GB", "DE", "FR"), custom: dict[str, str] | None = None,
@@ -155,12 +164,11 @@ def make_redactor(regions: tuple[str, ...] = ("US", "GB", "DE", "FR"), custom: d
                   id_numbers: bool = True, recogniser: SpanFinder | None = None) -> Redactor:
     structured = build_detectors(regions)
     cut = next(i for i, d in enumerate(structured) if d.kind == "IBAN")
-    context = [d for d in context_detectors(regions)
-               if not ((d.kind == "DOB" and not dates_of_birth) or (d.kind == "ID_NUMBER" and not id_numbers))]
-    # Secrets and e-mail first; then tracking numbers are kept before anything can take a part of them as a
-    # card, IBAN or phone; the contextual values before phone numbers, which would take a part of an address.
-    finders: list[Detector | SpanFinder] = structured[:cut] + [d for d in context if d.keep]
-    finders += [d for d in structured[cut:] if d.kind != "PHONE"] + [d for d in context if not d.keep]
+    # Secrets and e-mail first; then what must precede cards, IBANs and phones (tracking numbers, kept;
+    # checksummed national ids); the values known by their cue; addresses before phone numbers, which would
+    # take a part of one; names last.
+    finders: list[Detector | SpanFinder] = structured[:cut] + early_detectors(id_numbers)
+    finders += [d for d in structured[cut:] if d.kind != "PHONE"] + cue_detectors(dates_of_birth, id_numbers)
     phone = [d for d in structured if d.kind == "PHONE"]
     if addresses:
         finders.append(AddressDetector(regions))

@@ -26,6 +26,46 @@ from functools import lru_cache
 from pipeline.pii.gazetteer import Gazetteer
 from pipeline.pii.patterns import Detector
 
+# Punctuation becomes a space before a text is split into words: one C-level pass that gives every
+# contextual detector the words it needs to decide whether to run its regexes at all (Python's ``re``
+# scans at tens of MB/s per pattern; most texts carry none of a detector's cue words).
+_PUNCT = str.maketrans({c: " " for c in "!\"#$%&'()*+,./:;<=>?@[\\]^_`{|}~«»“”‘’„—–-\u00a0"})
+
+
+class Words:
+    """The words of one text, as written and lower-cased, computed once and shared by the detectors."""
+
+    __slots__ = ("text", "_case", "_lower", "_low_text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._case: frozenset[str] | None = None
+        self._lower: frozenset[str] | None = None
+        self._low_text: str | None = None
+
+    @property
+    def case(self) -> frozenset[str]:
+        if self._case is None:
+            self._case = frozenset(self.text.translate(_PUNCT).split())
+        return self._case
+
+    @property
+    def lower(self) -> frozenset[str]:
+        if self._lower is None:
+            self._lower = frozenset(w.lower() for w in self.case)
+        return self._lower
+
+    @property
+    def low_text(self) -> str:
+        if self._low_text is None:
+            self._low_text = self.text.lower()
+        return self._low_text
+
+
+def _cue_words(alternation: str) -> frozenset[str]:
+    """Every word of a cue alternation (lower-cased letters only): the trigger set of its detector."""
+    return frozenset(w for w in re.findall(r"[^\W\d_]+", alternation.lower()) if len(w) > 1 or w in ("я", "i"))
+
 
 @lru_cache(maxsize=1)
 def _upper_class() -> str:
@@ -44,10 +84,38 @@ def _upper_class() -> str:
 _U = _upper_class()
 _L = r"[^\W\d_]"  # any letter
 # One name word: capitalised, with apostrophes and hyphens inside (O'Brien, Jean-Luc, McDonald), or an initial.
-_WORD = rf"(?:{_U}\.|{_U}{_L}*(?:['’\-]{_U}?{_L}+)*)"
+_WORD = rf"(?:{_U}\.|{_U}{_L}*(?:['’\-]{_U}?{_L}+)*(?!\d))"  # not the letter of a model name ("S24")
 _PARTICLE = r"(?:van|von|der|den|de|du|des|da|di|del|della|dos|das|la|le|bin|ibn|al|el|ter|ten|zu|y)"
 # A full name: one to four name words, particles between them ("Ludwig van Beethoven", "María de la Cruz").
 _NAME = rf"(?P<v>{_WORD}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_WORD}){{0,3}})"
+
+def _branches(alternation: str) -> list[str]:
+    """The top-level branches of a regex alternation."""
+    depth, start = 0, 0
+    parts = []
+    for i, ch in enumerate(alternation + "|"):
+        if ch == "(" and (i == 0 or alternation[i - 1] != "\\"):
+            depth += 1
+        elif ch == ")" and alternation[i - 1] != "\\":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append(alternation[start:i])
+            start = i + 1
+    return parts
+
+
+def _lead(alternation: str) -> str:
+    """A look-ahead for the first characters an alternation can start with. Python's ``re`` tries every
+    branch at every position; this one-character test first is what keeps the cue patterns fast."""
+    firsts: set[str] = set()
+    for part in _branches(alternation):
+        part = re.sub(r"^(?:\(\?:)+", "", part)
+        ch = part[1] if part.startswith("\\") else part[:1]
+        if not ch or ch in "([.":
+            return ""  # a branch that starts with a class or group: no safe look-ahead
+        firsts |= {ch.lower(), ch.upper()}
+    return "(?=[" + "".join(re.escape(c) for c in sorted(firsts)) + "])"
+
 
 _STRONG_CUES = (
     r"my name is", r"my name's", r"my full name is", r"i am called", r"call me", r"name[ \t]*:", r"full name[ \t]*:",
@@ -55,7 +123,9 @@ _STRONG_CUES = (
     r"(?: name)?[ \t]*:", r"signed[ \t]*:", r"from[ \t]*:", r"to[ \t]*:", r"attn\.?[ \t]*:?", r"c/o",
     r"dear", r"mein name ist", r"ich hei(?:ß|ss)e", r"je m['’]appelle", r"mon nom est", r"me llamo", r"mi nombre es",
     r"mi chiamo", r"il mio nome è", r"mijn naam is", r"ik heet", r"meu nome é", r"chamo-me", r"меня зовут",
-    r"мо[её] имя", r"nom[ \t]*:", r"vorname[ \t]*:", r"nachname[ \t]*:", r"nombre[ \t]*:", r"nome[ \t]*:",
+    r"мо[её] имя", r"мене звати", r"nom[ \t]*:", r"vorname[ \t]*:", r"nachname[ \t]*:", r"nombre[ \t]*:",
+    r"nome[ \t]*:", r"με λένε", r"ονομάζομαι", r"το όνομά μου είναι", r"benim adım", r"jag heter", r"jeg heter",
+    r"mit navn er", r"nazywam się", r"jmenuji se", r"nimeni on", r"a nevem", r"numele meu este", r"mă numesc",
 )
 _TITLES = (r"Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Herr|Frau|Mme|Mlle|Monsieur|Madame|Señor|Señora|Sra|Srta|"
            r"Dott|Dott\.ssa|Signor|Signora|Dhr|Mevr|Sig|MR|MRS|MS|DR")
@@ -67,25 +137,70 @@ _SIGN_OFFS = (r"(?:(?:best|kind|warm|warmest|kindest|many|with)[ \t]+)?(?:regard
               r"take care|mit freundlichen gr(?:ü|ue)(?:ß|ss)en|(?:viele|liebe|beste|herzliche)[ \t]+gr(?:ü|ue)(?:ß|ss)e|"
               r"gru(?:ß|ss)|cordialement|bien à vous|amicalement|bien cordialement|saludos(?:[ \t]+cordiales)?|"
               r"atentamente|un saludo|cordiali saluti|distinti saluti|saluti|met vriendelijke groet(?:en)?|"
-              r"groeten|atenciosamente|abraços|с уважением")
-_STRONG = re.compile(rf"(?i:\b(?:{'|'.join(_STRONG_CUES)}))[ \t]*,?[ \t]*{_NAME}")
+              r"groeten|atenciosamente|abraços|с уважением|з повагою|med vänliga hälsningar|mvh|pozdrawiam|"
+              r"z poważaniem|s pozdravem|saygılarımla|με εκτίμηση|ystävällisin terveisin|üdvözlettel|cu stimă|"
+              r"venlig hilsen|med vennlig hilsen")
+def _literal(branch: str) -> str | None:
+    """The lower-case phrase a cue branch matches when it is a plain phrase (optional blanks dropped,
+    required ones as one space), else None."""
+    text = branch.replace("[ \\t]*", "").replace("[ \\t]+", " ")
+    return text.lower() if re.fullmatch(r"[^\W\d_](?:[^\W\d_]| |:|/)*", text) else None
+
+
+class _Narrowed:
+    """A cue pattern compiled with only the cues whose words a text contains (cached per cue set): a
+    regex with one or two cues scans many times faster than one with a hundred."""
+
+    def __init__(self, cues: str, template: str, flags: int = 0) -> None:
+        # A branch that is a plain phrase ("my name is", "to[ \t]*:") is looked for as a substring of the
+        # lower-cased text; others by their words.
+        self.cues = [(b, _cue_words(b), _literal(b)) for b in _branches(cues)]
+        self.template, self.flags = template, flags
+        self.full = self._compile(tuple(b for b, _, _ in self.cues))
+
+    @lru_cache(maxsize=512)  # noqa: B019 - a handful of module-level instances
+    def _compile(self, chosen: tuple[str, ...]) -> re.Pattern[str]:
+        alternation = "|".join(chosen)
+        return re.compile(self.template.replace("CUES", f"{_lead(alternation)}(?:{alternation})"), self.flags)
+
+    def pattern(self, words: Words) -> re.Pattern[str] | None:
+        low = words.low_text
+        chosen = tuple(b for b, w, lit in self.cues
+                       if (lit in low if lit is not None else not w or not w.isdisjoint(words.lower)))
+        return self._compile(chosen) if chosen else None
+
+    def finditer(self, text: str):
+        return self.full.finditer(text)
+
+
+_STRONG = _Narrowed("|".join(_STRONG_CUES), rf"\b(?i:CUES)[ \t]*,?[ \t]*{_NAME}")
 _TITLED = re.compile(rf"(?<!\w)(?:{_TITLES})\.?[ \t]+{_NAME}")
-_WEAK = re.compile(rf"(?i:\b(?:{_WEAK_CUES}))[ \t]*,?[ \t]+{_NAME}")
+_WEAK = _Narrowed(_WEAK_CUES, rf"\b(?i:CUES)[ \t]*,?[ \t]+{_NAME}")
 # A sign-off at the end of a line, then the name on the next line (a signature) or after a comma.
-_SIGNATURE = re.compile(rf"(?im:^[ \t]*(?:{_SIGN_OFFS})[ \t]*[,!.]?[ \t]*\r?\n[ \t]*|(?:^|[.!?][ \t]+)(?:{_SIGN_OFFS}),[ \t]*)"
-                        rf"(?-i:{_NAME})[ \t]*$", re.M)
+_SIGNATURE = _Narrowed(_SIGN_OFFS, rf"(?im:^[ \t]*CUES[ \t]*[,!.]?(?:[ \t]*\r?\n){{1,2}}[ \t]*|(?:^|[.!?][ \t]+)CUES,[ \t]*)"
+                       rf"(?-i:{_NAME})[ \t]*$", re.M)
+_STRONG_WORDS = _cue_words("|".join(_STRONG_CUES))
+_WEAK_WORDS = _cue_words(_WEAK_CUES)
+_TITLE_WORDS = _cue_words(_TITLES)
+_SIGN_OFF_WORDS = _cue_words(_SIGN_OFFS)
 _DASH_SIGNATURE = re.compile(rf"(?m:^[ \t]*(?:--|—|–)[ \t]*{_NAME}[ \t]*$)")
 _BARE = re.compile(rf"(?<![\w'’\-]){_WORD}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_WORD})+(?![\w'’\-])")
 # Cues in scripts without capital letters: the next words (spaced) or characters (Han, kana) are the name.
 _UNCASED = re.compile(r"(?:اسمي|أنا اسمي|שמי|मेरा नाम|我叫|我的名字是|我的名字叫|私の名前は|わたしは|제 이름은|저는)[ \t]*"
-                      r"(?P<v>[\u0600-\u06ff\u0590-\u05ff\u0900-\u097f]+(?:[ \t]+[\u0600-\u06ff\u0590-\u05ff\u0900-\u097f]+)?"
-                      r"|[\u4e00-\u9fff\u3040-\u30ff]{2,4}?(?=[ 、，。！？,.!?\s]|です|と申します|$)|[\uac00-\ud7af]{2,4})")
+                      r"(?P<v>[\u0600-\u06ff\u0590-\u05ff\u0900-\u097f]+(?:[ \t]+[\u0600-\u06ff\u0590-\u05ff\u0900-\u097f]+){0,2}"
+                      r"|(?:[\u4e00-\u9fff\u3040-\u30ff]{1,4}[ 　])?[\u4e00-\u9fff\u3040-\u30ff]{1,4}?"
+                      r"(?=[ 、，。！？,.!?\s]|です|と申します|$)|[\uac00-\ud7af]{2,4}?(?=입니다|이에요|예요|이라고|라고|[ ,.!?]|$))")
 
 # Words that end a company or a place rather than a person: "Morgan Stanley Bank", "Jackson Heights".
 _NOT_PERSON_AFTER = re.compile(r"[ \t]*(?:&|and[ \t]+Co\b|Inc\b|Ltd\b|LLC\b|GmbH\b|AG\b|SA\b|S\.A\.|PLC\b|plc\b|Corp\b|"
                                r"Co\.|Company\b|Group\b|Bank\b|Foundation\b|University\b|College\b|School\b|"
                                r"Hospital\b|Institute\b|Museum\b|Airport\b|Station\b|Hotel\b|Street\b|Road\b|"
                                r"Avenue\b|Park\b|Square\b|Bridge\b|Prize\b|Award\b|Law\b|Effect\b|Theorem\b)")
+
+
+# Words that make a signature a team's or a company's.
+_TEAM = frozenset("team support service services desk department crew group staff helpdesk office inc ltd llc gmbh "
+                  "customer care".split())
 
 
 def _trim(words: list[str], gz: Gazetteer) -> list[str]:
@@ -107,7 +222,9 @@ def _name_span(m: re.Match[str], gz: Gazetteer, strong: bool) -> tuple[int, int]
             kept.append(w)
             continue
         known = bare in gz.first or bare in gz.last or bare.title() in gz.first or bare.title() in gz.last
-        if gz.is_common(bare) and not (strong and kept == [] and known):
+        if bare.casefold() in _TEAM:  # "Best,\nAcme Support": a team signs, not a person
+            return None
+        if gz.is_common(bare) and not (strong and known and (kept == [] or not gz.is_stop(bare))):
             break
         if len(bare) > 1 and bare.isupper() and not known:  # an acronym ("call me ASAP"), not a name
             break
@@ -116,9 +233,16 @@ def _name_span(m: re.Match[str], gz: Gazetteer, strong: bool) -> tuple[int, int]
         kept.pop()
     if not kept:
         return None
-    if not strong and not gz.is_first(kept[0]):  # "Hi, Pages load slowly": a weak cue needs a given name
+    # A weak cue needs a given name it knows ("Hi, Pages load slowly" is not a name), or a full name: two
+    # capitalised words that are neither common words nor all capitals ("Hi Jolana Malá, thanks").
+    two_names = (len(kept) >= 2 and all(not gz.is_common(w) and not (w.isupper() and len(w) > 1) for w in kept[:2])
+                 and (kept[0] in gz.first or kept[-1] in gz.last))  # "Microsoft Teams" is neither
+    if not strong and not (gz.is_first(kept[0]) or two_names):
         return None
     if not strong and " ".join(kept).casefold() in gz.keep:
+        return None
+    end_at = m.start("v") + _prefix_len(m.group("v"), kept)
+    if not strong and _NOT_PERSON_AFTER.match(m.string, end_at):  # "Thanks Ernst & Young"
         return None
     text = " ".join(kept)
     end = start + len(m.group("v")[:_prefix_len(m.group("v"), kept)])
@@ -149,7 +273,7 @@ def _bare_names(m: re.Match[str], gz: Gazetteer) -> list[tuple[int, int]]:
         best = None
         for j in range(i + 1, min(i + 4, len(words))):
             w = words[j][0]
-            if gz.is_last(w) and len(w) > 1:
+            if gz.is_last(w) and len(w) > 1 and not re.fullmatch(_PARTICLE, w):
                 best = j
             elif not (re.fullmatch(_PARTICLE, w) or w.endswith(".") or gz.is_first(w)):
                 break
@@ -174,19 +298,36 @@ class NameDetector:
 
     def __init__(self, gz: Gazetteer) -> None:
         self.gz = gz
+        # Given names that are not also common words: a text with none of them has no bare name.
+        self.given = frozenset(n for n in gz.first if not gz.is_common(n))
+        # A weak cue needs a name the gazetteer knows (a given name, or a family name in a full name).
+        self.known = self.given | frozenset(n for n in gz.last if not gz.is_common(n))
+        self.gates = ((_STRONG, True, _STRONG_WORDS), (_TITLED, True, _TITLE_WORDS),
+                      (_SIGNATURE, True, _SIGN_OFF_WORDS), (_DASH_SIGNATURE, False, None), (_WEAK, False, _WEAK_WORDS))
 
-    def spans(self, text: str) -> list[tuple[int, int]]:
+    def spans(self, text: str, words: Words | None = None) -> list[tuple[int, int]]:
+        words = words or Words(text)
         found: list[tuple[int, int]] = []
-        for pattern, strong in ((_STRONG, True), (_TITLED, True), (_SIGNATURE, True), (_DASH_SIGNATURE, False),
-                                (_WEAK, False)):
+        for pattern, strong, triggers in self.gates:
+            if triggers is None:
+                if "—" not in text and "--" not in text and "–" not in text:
+                    continue
+            elif triggers.isdisjoint(words.lower) or (not strong and self.known.isdisjoint(words.case)):
+                continue
+            if isinstance(pattern, _Narrowed):
+                pattern = pattern.pattern(words)
+                if pattern is None:
+                    continue
             for m in pattern.finditer(text):
                 span = _name_span(m, self.gz, strong)
                 if span:
                     found.append(span)
-        for m in _UNCASED.finditer(text):
-            found.append(m.span("v"))
-        for m in _BARE.finditer(text):
-            found.extend(_bare_names(m, self.gz))
+        if not text.isascii():
+            for m in _UNCASED.finditer(text):
+                found.append(m.span("v"))
+        if not self.given.isdisjoint(words.case):
+            for m in _BARE.finditer(text):
+                found.extend(_bare_names(m, self.gz))
         return _merge(found)
 
 
@@ -220,7 +361,8 @@ _EN_TYPES = (r"Street|St|Road|Rd|Avenue|Ave|Av|Lane|Ln|Drive|Dr|Court|Ct|Place|P
              r"Bottom|Bend|Beach|Arcade")
 _ROMANCE_TYPES = (r"rue|avenue|av\.|boulevard|bd|bld|place|pl\.|chemin|ch\.|allée|impasse|imp\.|quai|route|rte|cours|"
                   r"passage|square|voie|sentier|rond-point|faubourg|calle|c/|avenida|avda\.?|plaza|paseo|camino|"
-                  r"carretera|ronda|travesía|callejón|cuesta|glorieta|cañada|pasaje|via|viale|piazza|piazzale|corso|"
+                  r"carretera|ronda|travesía|callejón|cuesta|glorieta|cañada|pasaje|acceso|vial|rambla|c\.|urbanización|"
+                  r"urb\.|polígono|carrer|passeig|avinguda|pasadizo|via|viale|piazza|piazzale|corso|canale|incrocio|"
                   r"vicolo|largo|strada|contrada|borgo|stretto|rotonda|rua|travessa|praça|alameda|estrada|ulica|ul\.|"
                   r"aleja|al\.|plac|pl\.|osiedle|os\.|ул\.|улица|пр\.|проспект|пер\.|переулок|бул\.|бульвар|ш\.|шоссе|"
                   r"наб\.|набережная|пл\.|площадь")
@@ -228,10 +370,12 @@ _GERMANIC_CORE = (r"straße|strasse|str\.|weg|gasse|platz|allee|damm|ufer|chauss
                   r"straat|steeg|vej|gatan|gata|veien|katu|utca|ulice")
 # Endings that are also ordinary word endings ("Spring 2024", "Firewall 2"): only with a postcode after them.
 _GERMANIC_SUFFIX = (rf"{_GERMANIC_CORE}|ring|steig|pfad|markt|berg|hof|graben|kamp|stieg|wall|zeile|promenade|twiete|"
-                    r"dijk|dreef|tie|út")
+                    r"dijk|dreef|tie|út|baan|pad|boulevard|park|plantsoen|hof|veld|markt|erf|wal")
 _NUM = r"\d{1,5}(?:[ \t]?[A-Za-z](?![A-Za-z]))?(?:[-/]\d{1,5}[A-Za-z]?)?"
 _SW = rf"(?:{_U}[\w'’.\-]*|\d{{1,3}}(?:st|nd|rd|th)|de|du|des|la|le|l['’]|d['’]|of|the|van|von)"  # street-name word
-_UNIT = r"(?:,?[ \t]*(?:Apt|Apartment|Suite|Ste|Unit|Flat|Floor|Fl|Bldg|Building|Room|Rm|Piso|Appartamento|App|Étage|Etage|Wohnung|Whg|#)\.?[ \t]*#?\w{1,6})"
+_UNIT = (r"(?:(?:,?[ \t]*(?:Apt|Apartment|Suite|Ste|Unit|Flat|Floor|Fl|Bldg|Building|Room|Rm|Piso|Puerta|Pta|Escalera|"
+         r"Esc|Portal|Bajo|Planta|Appartamento|App|Piano|Scala|Interno|Int|Étage|Etage|Bâtiment|Bât|Appartement|Wohnung|"
+         r"Whg|Stock|Bus|kv|кв|#)\.?[ \t]*#?\w{1,6}){1,3})")
 _POSTCODES = {
     "US": r"\d{5}(?:-\d{4})?", "GB": r"[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}", "CA": r"[A-Z]\d[A-Z][ \t]?\d[A-Z]\d",
     "DE": r"\d{5}", "FR": r"\d{5}", "ES": r"\d{5}", "IT": r"\d{5}", "NL": r"\d{4}[ \t]?[A-Z]{2}", "BE": r"\d{4}",
@@ -239,7 +383,16 @@ _POSTCODES = {
     "DK": r"\d{4}", "NO": r"\d{4}", "FI": r"\d{5}", "IE": r"[A-Z]\d{2}[ \t]?[A-Z\d]{4}", "AU": r"\d{4}",
     "RU": r"\d{6}", "IN": r"\d{6}", "BR": r"\d{5}-?\d{3}", "MX": r"\d{5}", "JP": r"\d{3}-\d{4}",
 }
-_CITY = rf"{_U}[\w'’.\-]*(?:[ \t]+(?:{_U}[\w'’.\-]*|de|du|la|le|sur|am|an|der|im|on|upon|en|di|del)){{0,3}}"
+_CITY = rf"(?:['’]s-)?{_U}[\w'’.\-]*(?:[ \t]+(?:{_U}[\w'’.\-]*|de|du|la|le|sur|am|an|der|im|on|upon|en|di|del)){{0,3}}"
+
+
+@lru_cache(maxsize=1)
+def _usps_types() -> str:
+    """Street types: ours plus the USPS suffix list Faker ships (its addresses use all of them)."""
+    from faker.providers.address.en_US import Provider
+
+    words = set(_EN_TYPES.split("|")) | {w for w in Provider.street_suffixes if w.isalpha()}
+    return "|".join(sorted(words, key=len, reverse=True))
 
 
 def _postcode(regions: tuple[str, ...]) -> str:
@@ -251,16 +404,19 @@ def _address_patterns(regions: tuple[str, ...]) -> list[re.Pattern[str]]:
     pc = _postcode(regions)
     sep = r"(?:[ \t]*,[ \t]*|[ \t]*\r?\n[ \t]*|[ \t]+)"
     # What may follow a street: a unit, then "City, ST 12345" / "City NW1 6XE" / "12345 City" / "12345, City (XX)".
-    place = (rf"{sep}(?:(?:{_CITY})(?:[ \t]*,?[ \t]*[A-Z]{{2}})?[ \t]*,?[ \t]*{pc}|{pc}[ \t]*,?[ \t]*{_CITY}"
+    place = (rf"{sep}(?:(?:{_CITY})(?:[ \t]*,?[ \t]*[A-Z]{{2}})?[ \t]*,?[ \t]*{pc}|{pc}(?:[ \t]*,?[ \t]*|[ \t]*\r?\n[ \t]*){_CITY}"
              rf"(?:[ \t]*\([A-Z]{{2}}\))?)(?![\w-])")
     tail = rf"{_UNIT}?(?:{place}|{sep}(?:{_CITY})(?=[ \t]*(?:[.;!?]|$)))?"
     tail_required = rf"(?:{_UNIT}(?:{place})?|{place})"
     house = rf"(?<![\w-]){_NUM}[ \t]+(?:(?:N|S|E|W|NE|NW|SE|SW)\.?[ \t]+)?(?:{_SW}[ \t]+){{1,4}}"
     english = rf"{house}(?:{_EN_CORE})\b\.?(?![\w-]){tail}"
-    english_other = rf"{house}(?:{_EN_TYPES})\b\.?(?![\w-]){tail_required}"
-    romance = (rf"(?<![\w-]){_NUM}(?:[ \t]*(?:bis|ter))?[ \t]*,?[ \t]+(?i:{_ROMANCE_TYPES})[ \t]+(?:{_SW}[ \t]*){{1,5}}"
+    english_other = rf"{house}(?:{_usps_types()})\b\.?(?![\w-]){tail_required}"
+    rt = _lead(_ROMANCE_TYPES)
+    romance = (rf"(?<![\w-]){_NUM}(?:[ \t]*(?:bis|ter))?[ \t]*,?[ \t]+{rt}(?i:{_ROMANCE_TYPES})[ \t]+(?:{_SW}[ \t]*){{1,5}}"
                rf"(?<=\w){tail}")
-    romance_after = (rf"(?<![\w-])(?i:{_ROMANCE_TYPES})[ \t]+(?:{_SW}[ \t]+){{0,4}}{_SW},?[ \t]+"
+    # A street without a house number, closed by a postcode and city ("chemin de Marty, 55284 Sainte Augustin").
+    romance_bare = rf"(?<![\w-]){rt}(?i:{_ROMANCE_TYPES})[ \t]+(?:{_SW}[ \t]+){{0,4}}{_SW}(?<=\w){place}"
+    romance_after = (rf"(?<![\w-]){rt}(?i:{_ROMANCE_TYPES})[ \t]+(?:{_SW}[ \t]+){{0,4}}{_SW},?[ \t]+"
                      rf"(?:(?:n[º°o]|no|nr|д|дом)\.?[ \t]*)?\d{{1,5}}[A-Za-z]?(?:[-/]\d{{1,5}})?(?![\w-])"
                      rf"(?:[ \t]*(?:к|корп|стр|кв)\.?[ \t]*\d{{1,5}}(?:/\d{{1,4}})?)*{tail}")
     street = rf"(?<![\w-])(?:{_U}[\w'’.\-]*[ \t-])?{_U}[\w'’\-]*"
@@ -281,11 +437,13 @@ def _address_patterns(regions: tuple[str, ...]) -> list[re.Pattern[str]]:
     east_asian = (r"(?:[\u4e00-\u9fff\u3040-\u30ff]{1,4}[都道府県省])?[\u4e00-\u9fff\u3040-\u30ff]{1,8}[市区町村县縣]"
                   r"[\u4e00-\u9fff\u3040-\u30ffA-Za-z0-9]{0,16}?(?:\d{1,4}丁目\d{1,4}番地?\d{1,4}号?|\d{1,4}-\d{1,4}-\d{1,4}|"
                   r"[\u4e00-\u9fff]{1,6}[街路道巷][A-Za-z0-9\u4e00-\u9fff]{0,6}[号座栋室]?)")
-    return [re.compile(p) for p in (english, english_other, romance, romance_after, germanic, germanic_other,
+    return [re.compile(p) for p in (english, english_other, romance, romance_after, romance_bare, germanic, germanic_other,
                                     germanic_words, po_box, military, flat, east_asian)]
 
 
 _ADDRESS_HINT = re.compile(r"\d")
+_GLUED_CORE = tuple(x.replace("\\.", ".") for x in _GERMANIC_CORE.split("|"))
+_GLUED_ALL = tuple(x.replace("\\.", ".") for x in _GERMANIC_SUFFIX.replace("{_GERMANIC_CORE}|", "").split("|")) + _GLUED_CORE
 
 
 class AddressDetector:
@@ -293,11 +451,36 @@ class AddressDetector:
 
     def __init__(self, regions: tuple[str, ...]) -> None:
         self.patterns = _address_patterns(tuple(r.upper() for r in regions))
+        english, english_other, romance, romance_after, romance_bare, germanic, germanic_other, germanic_words, \
+            po_box, military, flat, east_asian = self.patterns
+        types = _cue_words(_EN_TYPES) | _cue_words(_usps_types())
+        romance_types = _cue_words(_ROMANCE_TYPES)
+        # Each pattern runs only when the text has a word it needs (a street type, a unit, a box), or for
+        # the glued German/Dutch street names a suffix somewhere in the lower-cased text.
+        self.gated = [
+            (english, types, None), (english_other, types, None), (romance, romance_types, None),
+            (romance_after, romance_types, None), (romance_bare, romance_types, None),
+            (germanic, None, _GLUED_CORE), (germanic_other, None, _GLUED_ALL),
+            (germanic_words, frozenset({"am", "an", "auf", "im", "in", "zum", "zur", "unter", "alte", "alter", "altes",
+                                        "neue", "neuer", "neues"}), None),
+            (po_box, frozenset({"box", "postfach", "apartado", "casella", "postbox"}), None),
+            (military, frozenset({"apo", "fpo", "dpo"}), None),
+            (flat, None, None), (east_asian, None, None),
+        ]
 
-    def spans(self, text: str) -> list[tuple[int, int]]:
+    def spans(self, text: str, words: Words | None = None) -> list[tuple[int, int]]:
         if not _ADDRESS_HINT.search(text):
             return []
-        found = [m.span() for p in self.patterns for m in p.finditer(text)]
+        words = words or Words(text)
+        found = []
+        for pattern, triggers, glued in self.gated:
+            if triggers is not None and triggers.isdisjoint(words.lower):
+                continue
+            if glued is not None and not any(g in words.low_text for g in glued):
+                continue
+            if pattern is self.patterns[-1] and text.isascii():  # East Asian scripts only
+                continue
+            found += [m.span() for m in pattern.finditer(text)]
         return [(s, e) for s, e in _merge(found) if _has_letters(text[s:e])]
 
 
@@ -318,7 +501,7 @@ _DATE_VALUE = (rf"(?:\d{{4}}[-./]\d{{1,2}}[-./]\d{{1,2}}|\d{{1,2}}[-./]\d{{1,2}}
 _BIRTH_CUE = (r"date of birth|birth ?date|birthday|d\.?o\.?b\.?|born(?:[ \t]+on)?|born in|b\.|geburtsdatum|geboren(?:[ \t]+am)?|"
               r"geb\.|n[ée]e?(?:[ \t]+le)?|date de naissance|fecha de nacimiento|nacid[oa](?:[ \t]+el)?|"
               r"data di nascita|nat[oa](?:[ \t]+il)?|geboortedatum|geboren op|data de nascimento|дата рождения")
-_DOB = re.compile(rf"(?i:\b(?:{_BIRTH_CUE}))[ \t]*(?:[:\-–][ \t]*)?(?i:(?:is|was|on|the|am|le|el|il)[ \t]+)?(?P<v>{_DATE_VALUE})(?!\d)")
+_DOB = re.compile(rf"\b{_lead(_BIRTH_CUE)}(?i:(?:{_BIRTH_CUE}))[ \t]*(?:[:\-–][ \t]*)?(?i:(?:is|was|on|the|am|le|el|il)[ \t]+)?(?P<v>{_DATE_VALUE})(?!\d)")
 
 # ---- id numbers ----------------------------------------------------------------------------------
 _ID_CUE = (r"passport|passport[ \t]+(?:no|number|num|nr)|reisepass(?:nummer)?|pass(?:nummer|-?nr\.?)|personalausweis(?:nummer)?|"
@@ -334,10 +517,11 @@ _ID_CUE = (r"passport|passport[ \t]+(?:no|number|num|nr)|reisepass(?:nummer)?|pa
            r"mrn|patient[ \t]+(?:id|no|number)|member[ \t]+(?:id|no|number)|policy[ \t]+(?:no|number)|insurance[ \t]+(?:id|no|number)|"
            r"health[ \t]+(?:card|insurance)[ \t]+(?:no|number)|nhs[ \t]+(?:no|number)|паспорт")
 _ID_VALUE = r"(?P<v>(?=[A-Z0-9 -]*\d[A-Z0-9 -]*\d)[A-Z0-9](?:[A-Z0-9]|[ -](?=[A-Z0-9])){4,19})(?![\w-])"
-_ID_AFTER_CUE = re.compile(rf"(?i:\b(?:{_ID_CUE}))\.?[ \t]*(?i:(?:no|nr|num|number|#|n°|nº)\.?[ \t]*)?(?:[:#\-–][ \t]*)?"
+_ID_AFTER_CUE = re.compile(rf"\b{_lead(_ID_CUE)}(?i:(?:{_ID_CUE}))\.?[ \t]*(?i:(?:no|nr|num|number|#|n°|nº)\.?[ \t]*)?(?:[:#\-–][ \t]*)?"
                            rf"(?i:(?:is|was|ist|est|es|è)[ \t]+)?{_ID_VALUE}")
 _DNI = re.compile(r"(?<![\w-])(?P<v>(?:[XYZ]-?)?\d{7,8}-?[A-Z])(?![\w-])")
-_CODICE_FISCALE = re.compile(r"(?<![\w-])[A-Z]{6}\d{2}[A-EHLMPRST]\d{2}[A-Z]\d{3}[A-Z](?![\w-])")
+# Starts with its character class (not a look-behind) so ``re`` can skip ahead to candidate letters.
+_CODICE_FISCALE = re.compile(r"[A-Z](?<![\w-][A-Z])[A-Z]{5}\d{2}[A-EHLMPRST]\d{2}[A-Z]\d{3}[A-Z](?![\w-])")
 _NIR = re.compile(r"(?<![\w-])[12][ \t]?\d{2}[ \t]?(?:0[1-9]|1[0-2]|[2-9]\d)[ \t]?(?:\d{2}|2A|2B)[ \t]?\d{3}[ \t]?\d{3}[ \t]?\d{2}(?![\w-])")
 _NINO = re.compile(r"(?<![\w-])(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z][ \t]?\d{2}[ \t]?\d{2}[ \t]?\d{2}[ \t]?[A-D](?![\w-])")
 
@@ -367,19 +551,34 @@ def nir_ok(value: str) -> bool:
 
 # Parcel tracking numbers (UPS 1Z..., and 2-letter + 9 digits + 2-letter S10 postal items): not personal data.
 _UPS = re.compile(r"(?<![\w-])1Z[ \t]?[0-9A-Z]{3}[ \t]?[0-9A-Z]{3}[ \t]?[0-9A-Z]{2}[ \t]?[0-9A-Z]{4}[ \t]?[0-9A-Z]{3,4}(?![\w-])")
-_S10 = re.compile(r"(?<![\w-])[A-Z]{2}[ \t]?\d{3}[ \t]?\d{3}[ \t]?\d{3}[ \t]?[A-Z]{2}(?![\w-])")
+_S10 = re.compile(r"[A-Z](?<![\w-][A-Z])[A-Z][ \t]?\d{3}[ \t]?\d{3}[ \t]?\d{3}[ \t]?[A-Z]{2}(?![\w-])")
 
 
-def context_detectors(regions: tuple[str, ...]) -> list[Detector]:
-    """Regex detectors of this module, in the order they must run (tracking numbers first: kept)."""
-    has_digit = lambda t: any(c.isdigit() for c in t)  # noqa: E731
-    return [
-        Detector("TRACKING", _UPS, lambda t: "1Z" in t, keep=True),
-        Detector("TRACKING", _S10, has_digit, keep=True),
-        Detector("DOB", _DOB, has_digit),
-        Detector("ID_NUMBER", _ID_AFTER_CUE, has_digit),
-        Detector("ID_NUMBER", _DNI, has_digit, lambda m: dni_ok(m.group("v"))),
-        Detector("ID_NUMBER", _CODICE_FISCALE, has_digit, lambda m: codice_fiscale_ok(m.group())),
-        Detector("ID_NUMBER", _NIR, has_digit, lambda m: nir_ok(m.group())),
-        Detector("ID_NUMBER", _NINO, has_digit),
-    ]
+_DIGIT = re.compile(r"\d")
+
+
+def _has_digit(text: str) -> bool:
+    return _DIGIT.search(text) is not None
+
+
+def early_detectors(id_numbers: bool = True) -> list[Detector]:
+    """What runs before the card, IBAN and phone detectors: tracking numbers (kept, so no part of one is
+    taken for a phone) and the checksummed national ids (a French NIR can pass Luhn: its key decides)."""
+    has_digit = _has_digit
+    out = [Detector("TRACKING", _UPS, lambda t: "1Z" in t, keep=True),
+           Detector("TRACKING", _S10, has_digit, keep=True)]
+    if id_numbers:
+        # DNI, NIR and NINO hold 6+ digits in a run (separators allowed): skipped unless the text has one.
+        out += [Detector("ID_NUMBER", _DNI, has_digit, lambda m: dni_ok(m.group("v")), needs_digit_run=True),
+                Detector("ID_NUMBER", _CODICE_FISCALE, has_digit, lambda m: codice_fiscale_ok(m.group())),
+                Detector("ID_NUMBER", _NIR, has_digit, lambda m: nir_ok(m.group()), needs_digit_run=True),
+                Detector("ID_NUMBER", _NINO, has_digit, needs_digit_run=True)]
+    return out
+
+
+def cue_detectors(dates_of_birth: bool = True, id_numbers: bool = True) -> list[Detector]:
+    """Values known by the words before them: a date of birth, an id number after its name."""
+    has_digit = _has_digit
+    return ([Detector("DOB", _DOB, has_digit, triggers=_cue_words(_BIRTH_CUE) | {"dob", "d"})] if dates_of_birth
+            else []) + ([Detector("ID_NUMBER", _ID_AFTER_CUE, has_digit, triggers=_cue_words(_ID_CUE))] if id_numbers
+                        else [])

@@ -42,6 +42,9 @@ english french german spanish italian dutch polish chinese japanese russian arab
 """
 
 
+_STOP = frozenset(_COMMON.split("customer")[0].split())  # everything before the support-chat vocabulary
+
+
 @dataclass(frozen=True)
 class Gazetteer:
     first: frozenset[str]
@@ -58,6 +61,10 @@ class Gazetteer:
     def is_common(self, word: str) -> bool:
         return word.casefold() in self.common
 
+    def is_stop(self, word: str) -> bool:
+        """Function words, months, weekdays, greetings: never a name, even after "my name is Robert"."""
+        return word.casefold() in _STOP
+
 
 def _names(locale: str) -> tuple[set[str], set[str]]:
     try:
@@ -66,21 +73,44 @@ def _names(locale: str) -> tuple[set[str], set[str]]:
         raise ValueError(f"sanitize.pii.name_locales: no name list for locale {locale!r} in Faker") from None
     first: set[str] = set()
     last: set[str] = set()
-    for attr, into in (("first_names", first), ("first_names_male", first), ("first_names_female", first),
-                       ("first_names_nonbinary", first), ("last_names", last)):
-        value = provider.__dict__.get(attr)
-        if value is None:  # inherited from the language's base provider
-            value = getattr(provider, attr, None)
+    for attr in dir(provider):  # first_names, first_names_female, last_names_male, ... (locales differ)
+        into = first if attr.startswith("first_names") else last if attr.startswith("last_names") else None
+        value = getattr(provider, attr, None) if into is not None else None
         if isinstance(value, (list, tuple, dict, set, frozenset)):
-            into.update(w for w in value if isinstance(w, str))
+            for name in value:
+                if isinstance(name, str):
+                    # A family name with particles ("van der Kint") is matched by its last word.
+                    into.update({name, name.split()[-1]} if " " in name else {name})
     return first, last
+
+
+# Scripts without capital letters: their names are found after cues (pipeline/pii/context.py), never bare.
+_UNCASED_LANGUAGES = {"ar", "zh", "ja", "ko", "hi", "he", "fa", "bn", "gu", "ta", "th", "ne", "mr", "or", "si", "ka", "hy",
+                      "tw", "ur", "pa", "te", "ml", "kn", "my", "km", "lo", "am"}
+
+
+def all_locales() -> list[str]:
+    """Every Faker person locale written in a cased script (Latin, Cyrillic, Greek): what ``*`` means."""
+    import pkgutil
+
+    import faker.providers.person as person
+
+    return sorted(m.name for m in pkgutil.iter_modules(person.__path__)
+                  if m.name.split("_")[0] not in _UNCASED_LANGUAGES)
+
+
+def expand(locales: tuple[str, ...] | list[str]) -> list[str]:
+    out: list[str] = []
+    for loc in locales:
+        out += all_locales() if loc == "*" else [loc]
+    return list(dict.fromkeys(out))
 
 
 @lru_cache(maxsize=8)
 def load(locales: tuple[str, ...], keep: tuple[str, ...] = ()) -> Gazetteer:
     first: set[str] = set()
     last: set[str] = set()
-    for locale in locales:
+    for locale in expand(locales):
         f, l_ = _names(locale)
         first |= f
         last |= l_

@@ -170,6 +170,8 @@ class Detector:
     # A value that is not personal but looks like one (a parcel tracking number): it is left as written
     # and hidden from the detectors after it, so none of them redacts a part of it.
     keep: bool = False
+    # Lower-cased words one of which the text must contain for the pattern to be tried (cue words).
+    triggers: frozenset[str] | None = None
 
     def span(self, m: re.Match[str]) -> tuple[int, int]:
         """The part of a match that is the value: the group ``v`` when the pattern has one (the token
