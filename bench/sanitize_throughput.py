@@ -376,7 +376,7 @@ def _nino(rng: random.Random) -> str:
     return f"{p} {d[:2]} {d[2:4]} {d[4:]} {rng.choice('ABCD')}"
 
 
-def bench_contextual(n: int = 150, seed: int = 0) -> list[str]:
+def bench_contextual(n: int = 300, seed: int = 0) -> list[str]:
     """Recall of the contextual types by how a value is introduced and by locale; precision on look-alikes."""
     import re as _re
     from collections import defaultdict

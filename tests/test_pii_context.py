@@ -14,6 +14,7 @@ from pipeline.pii import DigestKeyMismatch, make_redactor, mask_secrets, read_di
     ("Best regards,\nJohn Smith", "NAME", "Smith"),
     ("Thanks,\nAnna", "NAME", "Anna"),
     ("Kind regards\n\nPeter Müller\nHead of Sales", "NAME", "Müller"),
+    ("Kind regards,\n\nZorvath Quellin\nCustomer", "NAME", "Quellin"),  # a name no list knows
     ("Dear Mrs. Okafor, your refund is on its way", "NAME", "Okafor"),
     ("Name: Émilie Dubois", "NAME", "Dubois"),
     ("Hi Jordan, the app crashes", "NAME", "Jordan"),
@@ -35,6 +36,7 @@ from pipeline.pii import DigestKeyMismatch, make_redactor, mask_secrets, read_di
     ("I was born on March 3, 1990", "DOB", "1990"),
     ("geboren am 3. Mai 1971", "DOB", "1971"),
     ("passport H87366851", "ID_NUMBER", "H87366851"),
+    ("Reisepassnummer XV8064888", "ID_NUMBER", "XV8064888"),
     ("my driver's license number is D1234-5678-9012", "ID_NUMBER", "5678"),
     ("NI number QQ 12 34 56 C", "ID_NUMBER", "34 56"),
     ("codice fiscale RGNLLR83P01M163M", "ID_NUMBER", "RGNLLR83P01M163M"),

@@ -63,8 +63,11 @@ class Words:
 
 
 def _cue_words(alternation: str) -> frozenset[str]:
-    """Every word of a cue alternation (lower-cased letters only): the trigger set of its detector."""
-    return frozenset(w for w in re.findall(r"[^\W\d_]+", alternation.lower()) if len(w) > 1 or w in ("я", "i"))
+    """Every word of a cue alternation (lower-cased letters only): the trigger set of its detector. An
+    optional suffix group also counts glued on ("reisepass(?:nummer)?" gives "reisepassnummer")."""
+    glued = re.sub(r"\(\?:([^()|]*)\)\?", r"\1", alternation)
+    words = re.findall(r"[^\W\d_]+", alternation.lower()) + re.findall(r"[^\W\d_]+", glued.lower())
+    return frozenset(w for w in words if len(w) > 1 or w in ("я", "i"))
 
 
 @lru_cache(maxsize=1)
@@ -104,11 +107,26 @@ def _branches(alternation: str) -> list[str]:
     return parts
 
 
+def _optional_group(part: str) -> bool:
+    """Whether ``part`` starts with a group that may match nothing (followed by ? or *)."""
+    depth = 0
+    for i, ch in enumerate(part):
+        if ch == "(" and (i == 0 or part[i - 1] != "\\"):
+            depth += 1
+        elif ch == ")" and part[i - 1] != "\\":
+            depth -= 1
+            if depth == 0:
+                return part[i + 1:i + 2] in ("?", "*")
+    return False
+
+
 def _lead(alternation: str) -> str:
     """A look-ahead for the first characters an alternation can start with. Python's ``re`` tries every
     branch at every position; this one-character test first is what keeps the cue patterns fast."""
     firsts: set[str] = set()
     for part in _branches(alternation):
+        if part.startswith("(") and _optional_group(part):
+            return ""  # "(?:kind )?regards" can start with either word
         part = re.sub(r"^(?:\(\?:)+", "", part)
         ch = part[1] if part.startswith("\\") else part[:1]
         if not ch or ch in "([.":
