@@ -150,7 +150,8 @@ _TITLES = (r"Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Herr|Frau|Mme|Mlle|Monsieur|Mad
 _WEAK_CUES = (r"i['’]m|i am|this is|it['’]s|hi|hello|hey|thanks|thank you|ich bin|je suis|soy|sono|ik ben|sou|"
               r"hallo|bonjour|salut|hola|ciao|olá|привет|я|liebe[rs]?|sehr geehrte[rs]?|cher|chère|estimad[oa]|"
               r"caro|cara|beste|geachte|querid[oa]")
-_SIGN_OFFS = (r"(?:(?:best|kind|warm|warmest|kindest|many|with)[ \t]+)?(?:regards|wishes|thanks)|cheers|thanks|"
+_SIGN_OFFS = (r"best[ \t]+regards|kind[ \t]+regards|warm[ \t]+regards|warmest[ \t]+regards|kindest[ \t]+regards|"
+              r"with[ \t]+regards|regards|best[ \t]+wishes|warm[ \t]+wishes|many[ \t]+thanks|with[ \t]+thanks|cheers|thanks|"
               r"thank you|sincerely|yours(?:[ \t]+(?:truly|sincerely|faithfully))?|best|respectfully|cordially|"
               r"take care|mit freundlichen gr(?:ü|ue)(?:ß|ss)en|(?:viele|liebe|beste|herzliche)[ \t]+gr(?:ü|ue)(?:ß|ss)e|"
               r"gru(?:ß|ss)|cordialement|bien à vous|amicalement|bien cordialement|saludos(?:[ \t]+cordiales)?|"
@@ -158,23 +159,45 @@ _SIGN_OFFS = (r"(?:(?:best|kind|warm|warmest|kindest|many|with)[ \t]+)?(?:regard
               r"groeten|atenciosamente|abraços|с уважением|з повагою|med vänliga hälsningar|mvh|pozdrawiam|"
               r"z poważaniem|s pozdravem|saygılarımla|με εκτίμηση|ystävällisin terveisin|üdvözlettel|cu stimă|"
               r"venlig hilsen|med vennlig hilsen")
-def _literal(branch: str) -> str | None:
-    """The lower-case phrase a cue branch matches when it is a plain phrase (optional blanks dropped,
-    required ones as one space), else None."""
+def _literal(branch: str) -> tuple[str, ...] | None:
+    """The lower-case phrases a cue branch matches when it is a plain phrase (optional blanks dropped,
+    required ones as one space; an apostrophe class gives both apostrophes), else None."""
     text = branch.replace("[ \\t]*", "").replace("[ \\t]+", " ")
-    return text.lower() if re.fullmatch(r"[^\W\d_](?:[^\W\d_]| |:|/)*", text) else None
+    variants = [text.replace("['’]", q) for q in ("'", "’")] if "['’]" in text else [text]
+    if all(re.fullmatch(r"[^\W\d_](?:[^\W\d_]| |:|/|'|’)*", v) for v in variants):
+        return tuple(dict.fromkeys(v.lower() for v in variants))
+    return None
+
+
+def _head_words(branch: str) -> frozenset[str]:
+    """The words a branch must start with: those before its first blank (any one of them)."""
+    head = re.split(r"\[ \\t\][*+]|[ ]", branch, maxsplit=1)[0]
+    return _cue_words(head) or _cue_words(branch)
+
+
+_FIELD = re.compile(r"(?<!\(\?):")  # a cue that ends in a colon ("Customer name:"), not a group's "(?:"
 
 
 class _Narrowed:
     """A cue pattern compiled with only the cues whose words a text contains (cached per cue set): a
     regex with one or two cues scans many times faster than one with a hundred."""
 
-    def __init__(self, cues: str, template: str, flags: int = 0) -> None:
+    def __init__(self, cues: str, template: str, flags: int = 0, after: tuple[str, ...] = ("",)) -> None:
         # A branch that is a plain phrase ("my name is", "to[ \t]*:") is looked for as a substring of the
         # lower-cased text; others by their words.
-        self.cues = [(b, _cue_words(b), _literal(b)) for b in _branches(cues)]
-        self.template, self.flags = template, flags
+        self.cues = [(b, _head_words(b), _literal(b)) for b in _branches(cues)]
+        self.template, self.flags, self.after = template, flags, after
         self.full = self._compile(tuple(b for b, _, _ in self.cues))
+        # Branches by the words they start with: a text's words pick the few branches worth checking.
+        self.by_word: dict[str, list[int]] = {}
+        self.always: list[int] = []
+        for i, (_, head, lit) in enumerate(self.cues):
+            keys = {v.translate(_PUNCT).split()[0] for v in lit if v.translate(_PUNCT).split()} if lit else head
+            for k in keys or ():
+                self.by_word.setdefault(k, []).append(i)
+            if not keys:
+                self.always.append(i)
+        self.keys = frozenset(self.by_word)
 
     @lru_cache(maxsize=512)  # noqa: B019 - a handful of module-level instances
     def _compile(self, chosen: tuple[str, ...]) -> re.Pattern[str]:
@@ -182,10 +205,22 @@ class _Narrowed:
         return re.compile(self.template.replace("CUES", f"{_lead(alternation)}(?:{alternation})"), self.flags)
 
     def pattern(self, words: Words) -> re.Pattern[str] | None:
+        candidates = set(self.always)
+        for word in self.keys.intersection(words.lower):
+            candidates.update(self.by_word[word])
+        if not candidates:
+            return None
         low = words.low_text
-        chosen = tuple(b for b, w, lit in self.cues
-                       if (lit in low if lit is not None else not w or not w.isdisjoint(words.lower)))
-        return self._compile(chosen) if chosen else None
+        chosen = []
+        for i in sorted(candidates):
+            b, _, lit = self.cues[i]
+            if lit is not None:
+                ok = any(v in low and any(v + a in low for a in self.after) for v in lit)
+            else:
+                ok = ":" in low or not _FIELD.search(b)
+            if ok:
+                chosen.append(b)
+        return self._compile(tuple(chosen)) if chosen else None
 
     def finditer(self, text: str):
         return self.full.finditer(text)
@@ -196,7 +231,7 @@ _TITLED = re.compile(rf"(?<!\w)(?:{_TITLES})\.?[ \t]+{_NAME}")
 _WEAK = _Narrowed(_WEAK_CUES, rf"\b(?i:CUES)[ \t]*,?[ \t]+{_NAME}")
 # A sign-off at the end of a line, then the name on the next line (a signature) or after a comma.
 _SIGNATURE = _Narrowed(_SIGN_OFFS, rf"(?im:^[ \t]*CUES[ \t]*[,!.]?(?:[ \t]*\r?\n){{1,2}}[ \t]*|(?:^|[.!?][ \t]+)CUES,[ \t]*)"
-                       rf"(?-i:{_NAME})[ \t]*$", re.M)
+                       rf"(?-i:{_NAME})[ \t]*$", re.M, after=(",", "\n", "!", ".", " \n", "\r"))
 _STRONG_WORDS = _cue_words("|".join(_STRONG_CUES))
 _WEAK_WORDS = _cue_words(_WEAK_CUES)
 _TITLE_WORDS = _cue_words(_TITLES)
@@ -390,6 +425,9 @@ _GERMANIC_CORE = (r"straße|strasse|str\.|weg|gasse|platz|allee|damm|ufer|chauss
 _GERMANIC_SUFFIX = (rf"{_GERMANIC_CORE}|ring|steig|pfad|markt|berg|hof|graben|kamp|stieg|wall|zeile|promenade|twiete|"
                     r"dijk|dreef|tie|út|baan|pad|boulevard|park|plantsoen|hof|veld|markt|erf|wal")
 _NUM = r"\d{1,5}(?:[ \t]?[A-Za-z](?![A-Za-z]))?(?:[-/]\d{1,5}[A-Za-z]?)?"
+# The same, written to start with its character class: ``re`` then skips straight to digits instead of
+# testing a look-behind at every position (twice as fast on long texts).
+_NUM_FIRST = r"\d(?<![\w-]\d)\d{0,4}(?:[ \t]?[A-Za-z](?![A-Za-z]))?(?:[-/]\d{1,5}[A-Za-z]?)?"
 _SW = rf"(?:{_U}[\w'’.\-]*|\d{{1,3}}(?:st|nd|rd|th)|de|du|des|la|le|l['’]|d['’]|of|the|van|von)"  # street-name word
 _UNIT = (r"(?:(?:,?[ \t]*(?:Apt|Apartment|Suite|Ste|Unit|Flat|Floor|Fl|Bldg|Building|Room|Rm|Piso|Puerta|Pta|Escalera|"
          r"Esc|Portal|Bajo|Planta|Appartamento|App|Piano|Scala|Interno|Int|Étage|Etage|Bâtiment|Bât|Appartement|Wohnung|"
@@ -422,15 +460,15 @@ def _address_patterns(regions: tuple[str, ...]) -> list[re.Pattern[str]]:
     pc = _postcode(regions)
     sep = r"(?:[ \t]*,[ \t]*|[ \t]*\r?\n[ \t]*|[ \t]+)"
     # What may follow a street: a unit, then "City, ST 12345" / "City NW1 6XE" / "12345 City" / "12345, City (XX)".
-    place = (rf"{sep}(?:(?:{_CITY})(?:[ \t]*,?[ \t]*[A-Z]{{2}})?[ \t]*,?[ \t]*{pc}|{pc}(?:[ \t]*,?[ \t]*|[ \t]*\r?\n[ \t]*){_CITY}"
+    place = (rf"{sep}(?:(?:{_CITY})(?:[ \t]*,?[ \t]*[A-Z]{{2}})?(?:[ \t]*,?[ \t]*|[ \t]*\r?\n[ \t]*){pc}|{pc}(?:[ \t]*,?[ \t]*|[ \t]*\r?\n[ \t]*){_CITY}"
              rf"(?:[ \t]*\([A-Z]{{2}}\))?)(?![\w-])")
     tail = rf"{_UNIT}?(?:{place}|{sep}(?:{_CITY})(?=[ \t]*(?:[.;!?]|$)))?"
     tail_required = rf"(?:{_UNIT}(?:{place})?|{place})"
-    house = rf"(?<![\w-]){_NUM}[ \t]+(?:(?:N|S|E|W|NE|NW|SE|SW)\.?[ \t]+)?(?:{_SW}[ \t]+){{1,4}}"
+    house = rf"{_NUM_FIRST}[ \t]+(?:(?:N|S|E|W|NE|NW|SE|SW)\.?[ \t]+)?(?:{_SW}[ \t]+){{1,4}}"
     english = rf"{house}(?:{_EN_CORE})\b\.?(?![\w-]){tail}"
     english_other = rf"{house}(?:{_usps_types()})\b\.?(?![\w-]){tail_required}"
     rt = _lead(_ROMANCE_TYPES)
-    romance = (rf"(?<![\w-]){_NUM}(?:[ \t]*(?:bis|ter))?[ \t]*,?[ \t]+{rt}(?i:{_ROMANCE_TYPES})[ \t]+(?:{_SW}[ \t]*){{1,5}}"
+    romance = (rf"{_NUM_FIRST}(?:[ \t]*(?:bis|ter))?[ \t]*,?[ \t]+{rt}(?i:{_ROMANCE_TYPES})[ \t]+(?:{_SW}[ \t]*){{1,5}}"
                rf"(?<=\w){tail}")
     # A street without a house number, closed by a postcode and city ("chemin de Marty, 55284 Sainte Augustin").
     romance_bare = rf"(?<![\w-]){rt}(?i:{_ROMANCE_TYPES})[ \t]+(?:{_SW}[ \t]+){{0,4}}{_SW}(?<=\w){place}"
@@ -449,7 +487,7 @@ def _address_patterns(regions: tuple[str, ...]) -> list[re.Pattern[str]]:
                 r"(?:[ \t]*,[ \t]*|[ \t]*\r?\n[ \t]*|[ \t]+)[AFD]PO[ \t]+A[AEP][ \t]+\d{5}")
     # A British flat line with no house number: "Flat 7, Jones Light, North Holly, S6 7LJ"; a house number
     # and street without a type, then town and postcode: "08 Jennifer Park, West Dale, DT7M 6XE".
-    flat = (rf"(?<![\w-])(?:(?:Flat|Apartment|Unit|Studio)[ \t]+\d{{1,4}}[A-Za-z]?|{_NUM})"
+    flat = (rf"(?<![\w-])(?:Flat|Apartment|Unit|Studio)[ \t]+\d{{1,4}}[A-Za-z]?"
             rf"(?:{sep}{_CITY}){{1,3}}{sep}{pc}(?![\w-])")
     # East Asian addresses: prefecture/province, city, block numbers ("石川県香取市台東29丁目16番13号").
     east_asian = (r"(?:[\u4e00-\u9fff\u3040-\u30ff]{1,4}[都道府県省])?[\u4e00-\u9fff\u3040-\u30ff]{1,8}[市区町村县縣]"
@@ -460,8 +498,9 @@ def _address_patterns(regions: tuple[str, ...]) -> list[re.Pattern[str]]:
 
 
 _ADDRESS_HINT = re.compile(r"\d")
-_GLUED_CORE = tuple(x.replace("\\.", ".") for x in _GERMANIC_CORE.split("|"))
-_GLUED_ALL = tuple(x.replace("\\.", ".") for x in _GERMANIC_SUFFIX.replace("{_GERMANIC_CORE}|", "").split("|")) + _GLUED_CORE
+# Word endings (punctuation is split off, so "str." is "str") that glued street names end with.
+_GLUED_CORE = tuple(x.replace("\\.", "") for x in _GERMANIC_CORE.split("|"))
+_GLUED_ALL = tuple(dict.fromkeys(x.replace("\\.", "") for x in _GERMANIC_SUFFIX.split("|")))
 
 
 class AddressDetector:
@@ -483,7 +522,7 @@ class AddressDetector:
                                         "neue", "neuer", "neues"}), None),
             (po_box, frozenset({"box", "postfach", "apartado", "casella", "postbox"}), None),
             (military, frozenset({"apo", "fpo", "dpo"}), None),
-            (flat, None, None), (east_asian, None, None),
+            (flat, frozenset({"flat", "apartment", "unit", "studio"}), None), (east_asian, None, None),
         ]
 
     def spans(self, text: str, words: Words | None = None) -> list[tuple[int, int]]:
@@ -494,7 +533,7 @@ class AddressDetector:
         for pattern, triggers, glued in self.gated:
             if triggers is not None and triggers.isdisjoint(words.lower):
                 continue
-            if glued is not None and not any(g in words.low_text for g in glued):
+            if glued is not None and not any(w.endswith(glued) for w in words.lower):
                 continue
             if pattern is self.patterns[-1] and text.isascii():  # East Asian scripts only
                 continue
@@ -535,9 +574,10 @@ _ID_CUE = (r"passport|passport[ \t]+(?:no|number|num|nr)|reisepass(?:nummer)?|pa
            r"mrn|patient[ \t]+(?:id|no|number)|member[ \t]+(?:id|no|number)|policy[ \t]+(?:no|number)|insurance[ \t]+(?:id|no|number)|"
            r"health[ \t]+(?:card|insurance)[ \t]+(?:no|number)|nhs[ \t]+(?:no|number)|паспорт")
 _ID_VALUE = r"(?P<v>(?=[A-Z0-9 -]*\d[A-Z0-9 -]*\d)[A-Z0-9](?:[A-Z0-9]|[ -](?=[A-Z0-9])){4,19})(?![\w-])"
-_ID_AFTER_CUE = re.compile(rf"\b{_lead(_ID_CUE)}(?i:(?:{_ID_CUE}))\.?[ \t]*(?i:(?:no|nr|num|number|#|n°|nº)\.?[ \t]*)?(?:[:#\-–][ \t]*)?"
+_ID_AFTER_CUE = _Narrowed(_ID_CUE, rf"\b(?i:CUES)\.?[ \t]*(?i:(?:no|nr|num|number|#|n°|nº)\.?[ \t]*)?(?:[:#\-–][ \t]*)?"
                            rf"(?i:(?:is|was|ist|est|es|è)[ \t]+)?{_ID_VALUE}")
 _DNI = re.compile(r"(?<![\w-])(?P<v>(?:[XYZ]-?)?\d{7,8}-?[A-Z])(?![\w-])")
+_CF_CORE = re.compile(r"\d\d[A-EHLMPRST]\d\d[A-Z]\d{3}[A-Z]")  # pre-scan: the digits-first middle of a code
 # Starts with its character class (not a look-behind) so ``re`` can skip ahead to candidate letters.
 _CODICE_FISCALE = re.compile(r"[A-Z](?<![\w-][A-Z])[A-Z]{5}\d{2}[A-EHLMPRST]\d{2}[A-Z]\d{3}[A-Z](?![\w-])")
 _NIR = re.compile(r"(?<![\w-])[12][ \t]?\d{2}[ \t]?(?:0[1-9]|1[0-2]|[2-9]\d)[ \t]?(?:\d{2}|2A|2B)[ \t]?\d{3}[ \t]?\d{3}[ \t]?\d{2}(?![\w-])")
@@ -588,15 +628,26 @@ def early_detectors(id_numbers: bool = True) -> list[Detector]:
     if id_numbers:
         # DNI, NIR and NINO hold 6+ digits in a run (separators allowed): skipped unless the text has one.
         out += [Detector("ID_NUMBER", _DNI, has_digit, lambda m: dni_ok(m.group("v")), needs_digit_run=True),
-                Detector("ID_NUMBER", _CODICE_FISCALE, has_digit, lambda m: codice_fiscale_ok(m.group())),
+                Detector("ID_NUMBER", _CODICE_FISCALE, lambda t: _CF_CORE.search(t) is not None,
+                         lambda m: codice_fiscale_ok(m.group())),
                 Detector("ID_NUMBER", _NIR, has_digit, lambda m: nir_ok(m.group()), needs_digit_run=True),
                 Detector("ID_NUMBER", _NINO, has_digit, needs_digit_run=True)]
     return out
 
 
-def cue_detectors(dates_of_birth: bool = True, id_numbers: bool = True) -> list[Detector]:
+class IdAfterCue:
+    """An id number after the name of its document ("passport H87366851", "NI number QQ 12 34 56 C")."""
+
+    kind = "ID_NUMBER"
+
+    def spans(self, text: str, words: Words | None = None) -> list[tuple[int, int]]:
+        if not _has_digit(text):
+            return []
+        pattern = _ID_AFTER_CUE.pattern(words or Words(text))
+        return [m.span("v") for m in pattern.finditer(text)] if pattern is not None else []
+
+
+def cue_detectors(dates_of_birth: bool = True, id_numbers: bool = True) -> list:
     """Values known by the words before them: a date of birth, an id number after its name."""
-    has_digit = _has_digit
-    return ([Detector("DOB", _DOB, has_digit, triggers=_cue_words(_BIRTH_CUE) | {"dob", "d"})] if dates_of_birth
-            else []) + ([Detector("ID_NUMBER", _ID_AFTER_CUE, has_digit, triggers=_cue_words(_ID_CUE))] if id_numbers
-                        else [])
+    return ([Detector("DOB", _DOB, _has_digit, triggers=_cue_words(_BIRTH_CUE) | {"dob", "d"})] if dates_of_birth
+            else []) + ([IdAfterCue()] if id_numbers else [])
