@@ -35,31 +35,26 @@ _PUNCT = str.maketrans({c: " " for c in "!\"#$%&'()*+,./:;<=>?@[\\]^_`{|}~«»�
 class Words:
     """The words of one text, as written and lower-cased, computed once and shared by the detectors."""
 
-    __slots__ = ("text", "_case", "_lower", "_low_text")
+    __slots__ = ("text", "case", "lower", "_low_text", "_ends")
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self._case: frozenset[str] | None = None
-        self._lower: frozenset[str] | None = None
+        self.case: frozenset[str] = frozenset(text.translate(_PUNCT).split())
+        self.lower: frozenset[str] = frozenset(w.lower() for w in self.case)
         self._low_text: str | None = None
-
-    @property
-    def case(self) -> frozenset[str]:
-        if self._case is None:
-            self._case = frozenset(self.text.translate(_PUNCT).split())
-        return self._case
-
-    @property
-    def lower(self) -> frozenset[str]:
-        if self._lower is None:
-            self._lower = frozenset(w.lower() for w in self.case)
-        return self._lower
+        self._ends: str | None = None
 
     @property
     def low_text(self) -> str:
         if self._low_text is None:
             self._low_text = self.text.lower()
         return self._low_text
+
+    def ends_with(self, suffixes: tuple[str, ...]) -> bool:
+        """Whether a word ends with one of ``suffixes`` (substring tests on the joined words)."""
+        if self._ends is None:
+            self._ends = " ".join(self.lower) + " "
+        return any(sfx + " " in self._ends for sfx in suffixes)
 
 
 def _cue_words(alternation: str) -> frozenset[str]:
@@ -533,7 +528,7 @@ class AddressDetector:
         for pattern, triggers, glued in self.gated:
             if triggers is not None and triggers.isdisjoint(words.lower):
                 continue
-            if glued is not None and not any(w.endswith(glued) for w in words.lower):
+            if glued is not None and not words.ends_with(glued):
                 continue
             if pattern is self.patterns[-1] and text.isascii():  # East Asian scripts only
                 continue
