@@ -73,8 +73,8 @@ def _names(locale: str) -> tuple[set[str], set[str]]:
         raise ValueError(f"sanitize.pii.name_locales: no name list for locale {locale!r} in Faker") from None
     first: set[str] = set()
     last: set[str] = set()
-    for attr in dir(provider):  # first_names, first_names_female, last_names_male, ... (locales differ)
-        into = first if attr.startswith("first_names") else last if attr.startswith("last_names") else None
+    for attr in dir(provider):  # first_names, first_names_female, male_last_names, ... (locales differ)
+        into = first if "first_names" in attr else last if "last_names" in attr else None
         value = getattr(provider, attr, None) if into is not None else None
         if isinstance(value, (list, tuple, dict, set, frozenset)):
             for name in value:
