@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.pii import DigestKeyMismatch, make_redactor, mask_secrets, read_digests, redact, write_digests
+from pipeline.pii import DigestKeyMismatch, mask_secrets, read_digests, redact, write_digests
 
 
 @pytest.mark.parametrize("text, kind, gone", [

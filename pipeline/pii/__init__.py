@@ -18,7 +18,7 @@ import re
 import sys
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -83,7 +83,6 @@ _DIGIT_RUN = re.compile(r"\d[\d ().-]{5,}\d")
 class Redactor:
     finders: list[Detector | SpanFinder]
     recogniser: SpanFinder | None = None  # a model: runs on the whole view, fills gaps the rules left
-    found_kinds: Counter[str] = field(default_factory=Counter)
 
     def spans(self, text: str) -> list[tuple[int, int, str, str]]:
         """(start, end, kind, value) of every value to redact, in original coordinates, sorted."""

@@ -251,13 +251,6 @@ _TEAM = frozenset("team support service services desk department crew group staf
                   "customer care".split())
 
 
-def _trim(words: list[str], gz: Gazetteer) -> list[str]:
-    """Drop trailing words that are not name words (a capitalised word after the name: "Anna Thanks")."""
-    while words and gz.is_common(words[-1].rstrip(".")) and not (words[-1] in gz.first or words[-1] in gz.last):
-        words.pop()
-    return words
-
-
 def _name_span(m: re.Match[str], gz: Gazetteer, strong: bool) -> tuple[int, int] | None:
     """The span of the name a cue introduces, or None when what follows the cue is not a name."""
     start = m.start("v")
@@ -281,20 +274,18 @@ def _name_span(m: re.Match[str], gz: Gazetteer, strong: bool) -> tuple[int, int]
         kept.pop()
     if not kept:
         return None
-    # A weak cue needs a given name it knows ("Hi, Pages load slowly" is not a name), or a full name: two
-    # capitalised words that are neither common words nor all capitals ("Hi Jolana Malá, thanks").
+    end = start + _prefix_len(m.group("v"), kept)
+    if strong:
+        return start, end
+    # A weak cue needs a given name it knows ("Hi, Pages load slowly" is not a name), or a full name of two
+    # uncommon capitalised words one of which a list knows ("Hi Jolana Novák"; "Microsoft Teams" is neither).
     two_names = (len(kept) >= 2 and all(not gz.is_common(w) and not (w.isupper() and len(w) > 1) for w in kept[:2])
-                 and (kept[0] in gz.first or kept[-1] in gz.last))  # "Microsoft Teams" is neither
-    if not strong and not (gz.is_first(kept[0]) or two_names):
+                 and (kept[0] in gz.first or kept[-1] in gz.last))
+    if not (gz.is_first(kept[0]) or two_names) or " ".join(kept).casefold() in gz.keep:
         return None
-    if not strong and " ".join(kept).casefold() in gz.keep:
+    if _NOT_PERSON_AFTER.match(m.string, end):  # "Thanks Ernst & Young"
         return None
-    end_at = m.start("v") + _prefix_len(m.group("v"), kept)
-    if not strong and _NOT_PERSON_AFTER.match(m.string, end_at):  # "Thanks Ernst & Young"
-        return None
-    text = " ".join(kept)
-    end = start + len(m.group("v")[:_prefix_len(m.group("v"), kept)])
-    return (start, end) if text else None
+    return start, end
 
 
 def _prefix_len(text: str, words: list[str]) -> int:
