@@ -401,6 +401,12 @@ class RegistryConfig(_Strict):
     artifact_root: str = "mlflow/artifacts"
     experiment: str = "loraflow"
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    # A registry call that fails for a reason other than a definite answer (a locked SQLite file, a timeout,
+    # a server restarting) is retried this many times with exponential backoff, then fails the operation;
+    # nothing is ever decided on a read that did not answer (pipeline/registry.py).
+    timeout_s: float = Field(15.0, gt=0.0)  # per HTTP request to a tracking server
+    retries: int = Field(4, ge=0)
+    retry_backoff_s: float = Field(0.5, gt=0.0)  # first wait; doubles each retry
 
 
 class ServeConfig(_Strict):

@@ -3,13 +3,23 @@
 Promotion is an alias move (``champion`` by default; stages are deprecated in MLflow). The registered
 model keeps a ``previous_<alias>`` tag so ``rollback`` can move the alias back. Versions carry lineage
 tags (data hashes from ``dvc.lock``, params hash, git commit, adapter hash) and a model card.
+
+Failures are of two kinds. A definite answer ("no such alias", "no such model") is a result. Anything
+else (a locked SQLite file, a timeout, a tracking server restarting) is retried with backoff and then
+raises ``RegistryUnavailable``: "could not read" is never turned into "absent", so no gate judges a
+candidate against the base because the champion could not be read, and no compare-and-set "confirms" an
+empty alias.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pipeline.config import RegistryConfig
 from pipeline.hashing import dir_sha256
@@ -25,10 +35,53 @@ class VersionInfo:
     tags: dict[str, str]
 
 
+T = TypeVar("T")
+# Error codes that are the registry's answer, not a failure to get one.
+DEFINITE = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
+                      "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST", "INVALID_STATE"})
+
+
+class RegistryUnavailable(RuntimeError):
+    """The registry did not answer (after retries): nothing may be decided from this call."""
+
+
+def definite(err: BaseException) -> bool:
+    """Whether ``err`` is the registry's answer (a missing alias, a bad name), not a failure to reach it."""
+    return getattr(err, "error_code", None) in DEFINITE
+
+
+def absent(err: BaseException) -> bool:
+    """Whether ``err`` says the thing asked for does not exist (an alias, a model, a version)."""
+    return getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" or (
+        getattr(err, "error_code", None) == "INVALID_PARAMETER_VALUE" and "not found" in str(err))
+
+
+def call(cfg: RegistryConfig, what: str, fn: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run ``fn`` (registry calls); definite answers pass through at once, other failures are retried
+    ``cfg.retries`` times with doubling waits and then raise ``RegistryUnavailable`` naming ``what``."""
+    delay = cfg.retry_backoff_s
+    for attempt in range(cfg.retries + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - sorted below: a definite answer or a transient failure
+            if definite(err) or isinstance(err, (TypeError, AttributeError, KeyError)):
+                raise
+            if attempt == cfg.retries:
+                raise RegistryUnavailable(f"registry {cfg.tracking_uri}: could not {what} after {cfg.retries + 1} "
+                                          f"attempts: {type(err).__name__}: {str(err)[:300]}") from err
+            sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
 def client(cfg: RegistryConfig):
     import mlflow
     from mlflow import MlflowClient
 
+    # MLflow's own HTTP defaults are a 120 s timeout and 7 retries with backoff (minutes); loraflow retries
+    # itself, per operation, so each request is bounded here.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(cfg.timeout_s, 1))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = cfg.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -148,13 +201,18 @@ def _info(mv) -> VersionInfo:
 
 
 def get_alias(cfg: RegistryConfig, name: str, alias: str | None = None) -> VersionInfo | None:
-    from mlflow.exceptions import MlflowException
+    """The version ``name@alias`` points at; None only when the registry says there is none (no such
+    alias or model). A registry that does not answer raises ``RegistryUnavailable`` after retries."""
 
-    c = client(cfg)
-    try:
-        return _info(c.get_model_version_by_alias(name, alias or cfg.alias))
-    except MlflowException:
-        return None
+    def read() -> VersionInfo | None:
+        try:
+            return _info(client(cfg).get_model_version_by_alias(name, alias or cfg.alias))
+        except Exception as err:  # noqa: BLE001 - only "not found" is an answer; the rest is retried
+            if absent(err):
+                return None
+            raise
+
+    return call(cfg, f"read {name}@{alias or cfg.alias}", read)
 
 
 class AliasMoved(RuntimeError):
@@ -181,16 +239,20 @@ def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None |
     so the check and the move are a read and a write a few milliseconds apart; loraflow's own writers
     are serialised by the retrain lock, which leaves only a person's click inside that window.
     """
-    c = client(cfg)
-    mv = c.get_model_version(name, str(version))  # raises if it does not exist
-    current = get_alias(cfg, name)
+    mv = call(cfg, f"read {name} v{version}", lambda: client(cfg).get_model_version(name, str(version)))
+    current = get_alias(cfg, name)  # raises RegistryUnavailable rather than "no champion"
     now = current.version if current else None
     if expected is not ANY and now != expected:
         raise AliasMoved(name, cfg.alias, expected, now)
-    if now is not None and now != version:
-        c.set_registered_model_tag(name, f"previous_{cfg.alias}", str(now))
-        c.set_registered_model_alias(name, f"previous_{cfg.alias}", str(now))
-    c.set_registered_model_alias(name, cfg.alias, str(version))
+
+    def move() -> None:
+        c = client(cfg)
+        if now is not None and now != version:
+            c.set_registered_model_tag(name, f"previous_{cfg.alias}", str(now))
+            c.set_registered_model_alias(name, f"previous_{cfg.alias}", str(now))
+        c.set_registered_model_alias(name, cfg.alias, str(version))
+
+    call(cfg, f"move {name}@{cfg.alias} to v{version}", move)
     return _info(mv)
 
 
@@ -209,7 +271,7 @@ def ensure_webhook(cfg: RegistryConfig, name: str, url: str, secret: str) -> str
 
 
 def set_version_tag(cfg: RegistryConfig, name: str, version: int, key: str, value: str) -> None:
-    client(cfg).set_model_version_tag(name, str(version), key, value)
+    call(cfg, f"tag {name} v{version} {key}", lambda: client(cfg).set_model_version_tag(name, str(version), key, value))
 
 
 def rollback(cfg: RegistryConfig, name: str) -> VersionInfo:

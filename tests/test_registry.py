@@ -93,3 +93,72 @@ def test_champion_of_another_base_is_no_reference(cfg, tmp_path):
 
     worse = ModelScore("candidate", {"exact_match": 0.01, "valid": 1.0}, {"exact_match": [0] * 40})
     assert not release.gate(p, worse, base, never)[0].promote
+
+
+def _locked(db: Path):
+    """Another writer holding the SQLite store (what a second process mid-write looks like)."""
+    import sqlite3
+
+    conn = sqlite3.connect(db, timeout=0.1, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    return conn
+
+
+def test_a_locked_store_is_could_not_read_never_no_champion_and_nothing_moves(cfg, tmp_path):
+    v1, _ = _register(cfg, tmp_path, "one")
+    v2, _ = _register(cfg, tmp_path, "two")
+    registry.promote(cfg, "m", v1.version)
+    # MLflow waits 20 s on a locked SQLite file (its busy_timeout) before each attempt fails: one attempt.
+    quick = cfg.model_copy(update={"retries": 0})
+    lock = _locked(tmp_path / "mlflow/mlflow.db")
+    try:
+        with pytest.raises(registry.RegistryUnavailable, match="could not read m@champion after 1 attempts"):
+            registry.get_alias(quick, "m")
+        with pytest.raises(registry.RegistryUnavailable):
+            registry.promote(quick, "m", v2.version, expected=None)  # "no champion" is never assumed
+    finally:
+        lock.close()
+    assert registry.get_alias(cfg, "m").version == v1.version
+    assert registry.client(cfg).get_registered_model("m").tags.get("previous_champion") is None
+
+
+def test_an_unreachable_server_fails_loudly_and_a_missing_alias_is_an_answer(cfg, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    down = RegistryConfig(tracking_uri=f"http://127.0.0.1:{port}", retries=1, retry_backoff_s=0.05, timeout_s=2)
+    with pytest.raises(registry.RegistryUnavailable, match=f"127.0.0.1:{port}"):
+        registry.get_alias(down, "m")
+    _register(cfg, tmp_path, "one")
+    assert registry.get_alias(cfg, "m") is None  # the model exists, the alias does not: a definite answer
+    assert registry.get_alias(cfg, "no-such-model") is None
+
+
+def test_transient_failures_are_retried_with_backoff_and_definite_ones_are_not():
+    waits, calls = [], []
+
+    class Locked(Exception):
+        pass
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise Locked("database is locked")
+        return "ok"
+
+    cfg = RegistryConfig(retries=4, retry_backoff_s=0.5)
+    assert registry.call(cfg, "read", flaky, sleep=waits.append) == "ok" and waits == [0.5, 1.0]
+
+    class NotFound(Exception):
+        error_code = "RESOURCE_DOES_NOT_EXIST"
+
+    def missing():
+        calls.append(1)
+        raise NotFound("no such model")
+
+    calls.clear()
+    with pytest.raises(NotFound):
+        registry.call(cfg, "read", missing, sleep=waits.append)
+    assert len(calls) == 1
