@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from pipeline.config import BuiltinBaseConfig, RegistryConfig, SanitizeConfig, ServeConfig, TaskConfig, TrainConfig  # noqa: E402
+from pipeline.config import (BuiltinBaseConfig, LimitsConfig, RegistryConfig, SanitizeConfig, ServeConfig,  # noqa: E402
+                             TaskConfig, TrainConfig)
 from pipeline.data.sanitize import sanitize_files  # noqa: E402
 from pipeline.hashing import dir_sha256  # noqa: E402
 from pipeline.io import load_chat_file  # noqa: E402
@@ -38,6 +39,9 @@ from pipeline import registry  # noqa: E402
 from pipeline.serve.follow import Follower  # noqa: E402
 from pipeline.serve.gateway import GatewayServer, RequestLog, Route, Routes, build_app  # noqa: E402
 from pipeline.serve.vllm import VLLMServer  # noqa: E402
+
+# The bench measures the gateway's overhead, not its per-key limits: one key sends everything.
+UNLIMITED = LimitsConfig(requests_per_s=1e9, burst=10**9, max_concurrent=10**6)
 from pipeline.base.builtin import build_builtin  # noqa: E402
 from pipeline.train.trainer import train  # noqa: E402
 
@@ -84,7 +88,7 @@ def gateway_only(upstream: str, internal: str, port: int, log_path: str) -> None
 
     routes = Routes()
     routes.set(Route("bench", internal, 1, TaskConfig(kind="text")))
-    app = build_app(routes, upstream, "vllm-key", {KEY}, RequestLog(Path(log_path), 2**30, 30))
+    app = build_app(routes, upstream, "vllm-key", {KEY}, RequestLog(Path(log_path), 2**30, 30), limits=UNLIMITED)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -162,7 +166,7 @@ def main() -> None:
         out["logged_requests"] = len((tmp / "requests.jsonl").read_text().splitlines())
         # Swap time, in-process (the follower and the route table must be shared to time them).
         log = RequestLog(tmp / "swap-requests.jsonl", 2**30, 30)
-        gw = GatewayServer(build_app(routes, server.url, "vllm-key", {KEY}, log), "127.0.0.1", free_port()).start()
+        gw = GatewayServer(build_app(routes, server.url, "vllm-key", {KEY}, log, limits=UNLIMITED), "127.0.0.1", free_port()).start()
         swaps = []
         for target in (2, 1, 2):
             t0 = time.perf_counter()

@@ -409,6 +409,18 @@ class RegistryConfig(_Strict):
     retry_backoff_s: float = Field(0.5, gt=0.0)  # first wait; doubles each retry
 
 
+class LimitsConfig(_Strict):
+    """What one client may ask of the gateway; checked before anything reaches vLLM."""
+
+    max_body_kb: int = Field(256, gt=0)  # 413 above
+    max_tokens: int = Field(1024, gt=0)  # ceiling on a request's max_tokens (400 above)
+    max_n: int = Field(4, gt=0)  # ceiling on n (400 above)
+    requests_per_s: float = Field(10.0, gt=0.0)  # per client key, sustained ...
+    burst: int = Field(20, gt=0)  # ... with this many at once (429 + Retry-After beyond)
+    max_concurrent: int = Field(16, gt=0)  # requests in flight per client key (429 beyond)
+    request_timeout_s: float = Field(120.0, gt=0.0)  # upstream deadline per request (504 after)
+
+
 class ServeConfig(_Strict):
     # vLLM lives in its own environment (its pins conflict with Prefect's); we talk HTTP to it.
     python: str = ".venv-vllm/bin/python"
@@ -435,7 +447,9 @@ class ServeConfig(_Strict):
     # once; the poll above reconciles anyway, so a missed webhook cannot leave serving on a stale version.
     webhook_url: str = ""  # how MLflow reaches the gateway; empty = http://gateway_host:gateway_port/hooks/mlflow
     log_max_mb: float = Field(50.0, gt=0.0)  # request log rotates at this size
-    log_retention_days: float = Field(30.0, gt=0.0)  # rotated request logs older than this are deleted
+    log_retention_days: float = Field(30.0, gt=0.0)  # request-log records older than this are deleted
+    log_rotate_hours: float = Field(24.0, gt=0.0)  # the live log rotates at this age too (so retention runs)
+    limits: LimitsConfig = LimitsConfig()
 
     @property
     def base_url(self) -> str:
@@ -521,7 +535,20 @@ class Params(_Strict):
             if m not in self.task.all_metric_names:
                 raise ValueError(f"task.guardrail_metrics: {m!r} is not produced by task kind {self.task.kind!r} "
                                  f"(its metrics: {', '.join(self.task.all_metric_names)})")
+        self._check_serving_fits()
         return self
+
+    def _check_serving_fits(self) -> None:
+        """Combinations that would pass training and the gate and only fail when serving loads the adapter."""
+        if self.train.lora_r > self.serve.max_lora_rank:
+            raise ValueError(f"train.lora_r: {self.train.lora_r} is above serve.max_lora_rank "
+                             f"({self.serve.max_lora_rank}); vLLM would refuse the adapter after the gate passed it. "
+                             "Raise serve.max_lora_rank (vLLM takes 8, 16, 32, 64, 128, 256, 320, 512) or lower "
+                             "train.lora_r")
+        served = len(self.serve.models) or 1
+        if self.serve.max_loras < served + 1:
+            raise ValueError(f"serve.max_loras: {self.serve.max_loras} cannot hold {served} served model(s) plus "
+                             "the version being swapped in; set it to at least " + str(served + 1))
 
     @property
     def guardrail_metrics(self) -> list[str]:

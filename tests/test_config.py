@@ -100,3 +100,15 @@ def test_every_deploy_overlay_is_valid():
         p = load_params(f).model_dump()
         changed = {k for k in p if p[k] != base[k]}
         assert changed and changed <= DEPLOYMENT_SECTIONS, (f, changed)  # it changes something, and only those
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"lora_r": 32}}, r"train.lora_r: 32 is above serve.max_lora_rank \(16\)"),
+    ({"serve": {"max_loras": 1}}, r"serve.max_loras: 1 cannot hold 1 served model"),
+    ({"serve": {"models": ["a", "b"], "max_loras": 2}}, r"set it to at least 3"),
+])
+def test_combinations_that_would_only_fail_in_serving_stop_at_start(change, message):
+    from pipeline.config import Params
+
+    with pytest.raises(ValueError, match=message):
+        Params(**change)

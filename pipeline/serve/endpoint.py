@@ -93,9 +93,9 @@ class Endpoint:
         p = self.p
         key = self.upstream_key or (self.server.api_key if self.server else "")
         self.log = RequestLog(Path(p.serve.traffic_log), int(p.serve.log_max_mb * 2**20),
-                              p.serve.log_retention_days, build_redactor(p.sanitize))
+                              p.serve.log_retention_days, build_redactor(p.sanitize), p.serve.log_rotate_hours)
         app = build_app(self.routes, p.serve.base_url, key, self.keys, self.log,
-                        webhook_secret=self.webhook_secret, on_alias=self._on_alias, known=frozenset(self.models))
+                        webhook_secret=self.webhook_secret, on_alias=self._on_alias, known=frozenset(self.models), limits=p.serve.limits)
         self.gateway = GatewayServer(app, p.serve.gateway_host, p.serve.gateway_port).start()
         return self
 

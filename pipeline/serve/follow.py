@@ -3,10 +3,18 @@
 A new version is loaded into vLLM under a fresh internal name (``<model>-v<version>-<random>``: vLLM's
 prefix cache is keyed by adapter name, so a same-name reload could answer from the old weights), a few
 held-out prompts must produce answers the task's parser accepts, and only then does the gateway's route
-switch. The old adapter is unloaded once its in-flight requests finished. A version that fails to load
-or answers garbage is never routed to: the previous one keeps serving, the version gets a
-``serving_status`` tag saying why, and an alias still pointing at it is moved back to the served version.
-Registry or vLLM errors are reported and retried by the caller's loop; they never stop serving.
+switch. The old adapter is unloaded once its in-flight requests finished.
+
+Two kinds of failure, handled differently:
+- **the version is bad**: vLLM refuses it (a 4xx: its rank, its shape) or its answers fail the smoke test.
+  It is never routed to. The rejection is written to the registry first (``serving_status`` tag, retried);
+  only once it is recorded is the alias moved back to the served version. A rejection that could not be
+  recorded is not acted on: the next pass tries again.
+- **it could not be fetched or loaded right now** (storage, the registry or vLLM busy, a timeout, a 5xx):
+  the current version keeps serving, nothing is tagged, the alias stays, and the swap is retried on later
+  passes with a doubling wait.
+Whatever was loaded for a swap that did not finish is unloaded. Registry errors while reading the alias
+are raised to the caller's loop, which retries; they never stop serving.
 """
 
 from __future__ import annotations
@@ -59,6 +67,10 @@ class Follower:
     say: Callable[[str], None] = print
     on_reject: Callable[[dict], None] | None = None  # e.g. a Prefect event, wired in flows/
     rejected: dict[str, set[int]] = field(default_factory=dict)
+    # name -> (version, attempts, monotonic time of the next try): swaps that failed for a transient reason.
+    deferred: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    retry_base_s: float = 5.0
+    retry_max_s: float = 300.0
     # The weights vLLM runs (None: unknown, an attached server), and how to restart it on another base.
     base_sha: str | None = None
     rebase: Callable[[str], VLLMServer] | None = None
@@ -68,13 +80,29 @@ class Follower:
         return [r for r in (self.follow(name) for name in self.models) if r]
 
     def follow(self, name: str) -> dict | None:
-        champion = registry.get_alias(self.registry_cfg, name)
+        champion = registry.get_alias(self.registry_cfg, name)  # RegistryUnavailable: the caller retries
         current = self.routes.get(name)
         if champion is None or (current and current.version == champion.version):
+            self.deferred.pop(name, None)
             return None
-        if champion.version in self.rejected.get(name, set()):
+        if champion.version in self.rejected.get(name, set()) or \
+                champion.tags.get("serving_status", "").startswith("rejected"):
+            # Recorded as bad (maybe by an earlier process); the alias move back may not have happened yet.
+            self.rejected.setdefault(name, set()).add(champion.version)
+            return self._restore(name, champion, current)
+        wait = self.deferred.get(name)
+        if wait and wait[0] == champion.version and time.monotonic() < wait[2]:
             return None
         return self.swap(name, champion, current)
+
+    def _defer(self, name: str, champion: registry.VersionInfo, reason: str) -> dict:
+        """A transient failure: keep serving, retry this version later with a doubling wait."""
+        _, attempts, _ = self.deferred.get(name, (champion.version, 0, 0.0))
+        delay = min(self.retry_base_s * 2 ** attempts, self.retry_max_s)
+        self.deferred[name] = (champion.version, attempts + 1, time.monotonic() + delay)
+        self.say(f"{name}: v{champion.version} not served yet ({reason}); the current version keeps serving, "
+                 f"retry in {delay:.0f}s")
+        return {"model": name, "version": champion.version, "deferred": reason, "retry_in_s": delay}
 
     def swap(self, name: str, champion: registry.VersionInfo, current: Route | None) -> dict:
         internal = f"{name}-v{champion.version}-{secrets.token_hex(3)}"
@@ -92,16 +120,35 @@ class Follower:
             self.base_sha, current = want, None
         try:
             adapter = registry.download_adapter(self.registry_cfg, champion, self.adapters_dir)
+        except Exception as e:  # noqa: BLE001 - storage or registry: not the version's fault
+            return self._defer(name, champion, f"download failed: {type(e).__name__}: {e}")
+        try:
             self.server.load_adapter(internal, adapter)
-        except Exception as e:  # noqa: BLE001 - any failure to load keeps the old version serving
+        except ServingError as e:
+            if e.transient:
+                self._unload(internal)  # a timed-out load may still complete inside vLLM
+                return self._defer(name, champion, f"load failed: {e}")
             return self._reject(name, champion, current, f"load failed: {e}")
-        problems = smoke_test(self.server, internal, task, smoke_prompts_of(champion, self.default_prompts))
+        try:
+            problems = smoke_test(self.server, internal, task, smoke_prompts_of(champion, self.default_prompts))
+        except ServingError as e:
+            self._unload(internal)
+            if e.transient:
+                return self._defer(name, champion, f"smoke test interrupted: {e}")
+            return self._reject(name, champion, current, f"smoke test could not run: {e}")
+        except BaseException:
+            self._unload(internal)
+            raise
         if problems:
             self._unload(internal)
             return self._reject(name, champion, current, "smoke test failed: " + "; ".join(problems))
         previous = self.routes.set(Route(name, internal, champion.version, task))
+        self.deferred.pop(name, None)
         seconds = time.monotonic() - started
-        registry.set_version_tag(self.registry_cfg, name, champion.version, "serving_status", "served")
+        try:
+            registry.set_version_tag(self.registry_cfg, name, champion.version, "serving_status", "served")
+        except registry.RegistryUnavailable as e:  # serving is right; the tag is information only
+            self.say(f"warning: {e}")
         self.say(f"{name}: serving v{champion.version} (adapter {internal}, ready in {seconds:.1f}s)"
                  + (f", v{previous.version} retires after its in-flight requests" if previous else ""))
         if previous:
@@ -118,23 +165,38 @@ class Follower:
         try:
             self.server.unload_adapter(internal)
         except ServingError as e:
-            self.say(f"warning: {e}")
+            if "not found" not in str(e).lower() and "does not exist" not in str(e).lower():
+                self.say(f"warning: {e}")
 
     def _reject(self, name: str, champion: registry.VersionInfo, current: Route | None, reason: str) -> dict:
-        self.rejected.setdefault(name, set()).add(champion.version)
         self.say(f"{name}: v{champion.version} NOT served: {reason}")
-        registry.set_version_tag(self.registry_cfg, name, champion.version, "serving_status",
-                                 f"rejected: {reason}"[:4000])
-        restored = None
-        if current is not None:
-            # Compare-and-set: move the alias back only if it still names the rejected version.
-            try:
-                registry.promote(self.registry_cfg, name, current.version, expected=champion.version)
-                restored = current.version
-                self.say(f"{name}: alias @{self.registry_cfg.alias} moved back to v{current.version}, which keeps serving")
-            except registry.AliasMoved as moved:
-                self.say(f"{name}: alias left alone: {moved}")
-        result = {"model": name, "version": champion.version, "rejected": reason, "alias_restored_to": restored}
+        try:  # recorded first: a rejection nobody can see must not move the alias
+            registry.set_version_tag(self.registry_cfg, name, champion.version, "serving_status",
+                                     f"rejected: {reason}"[:4000])
+        except registry.RegistryUnavailable as e:
+            return self._defer(name, champion, f"rejection not recorded yet ({e})")
+        self.rejected.setdefault(name, set()).add(champion.version)
+        self.deferred.pop(name, None)
+        result = {**(self._restore(name, champion, current) or {"model": name, "version": champion.version,
+                                                                 "alias_restored_to": None}), "rejected": reason}
         if self.on_reject is not None:
             self.on_reject(result)
         return result
+
+    def _restore(self, name: str, champion: registry.VersionInfo, current: Route | None) -> dict | None:
+        """Move the alias back from a rejected version to the served one (compare-and-set: only if it still
+        names the rejected version). None when there is nothing to do or it must wait for the registry."""
+        if current is None:
+            return None
+        try:
+            registry.promote(self.registry_cfg, name, current.version, expected=champion.version)
+        except registry.AliasMoved as moved:
+            self.say(f"{name}: alias left alone: {moved}")
+            return None
+        except registry.RegistryUnavailable as e:
+            self.say(f"{name}: alias still on rejected v{champion.version}; moving it back when the registry "
+                     f"answers ({e})")
+            return None
+        self.say(f"{name}: alias @{self.registry_cfg.alias} moved back to v{current.version}, which keeps serving "
+                 f"(to try v{champion.version} again, remove its serving_status tag)")
+        return {"model": name, "version": champion.version, "alias_restored_to": current.version}

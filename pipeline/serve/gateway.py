@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.config import TaskConfig
+from pipeline.config import LimitsConfig, TaskConfig
 from pipeline.pii import Redactor, build_redactor
 from pipeline.io import rotated_files
 from pipeline.serve.vllm import generation_defaults
@@ -100,6 +100,10 @@ class Routes:
         with self._lock:
             self._inflight[route.internal] -= 1
 
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(self._inflight.values())
+
     def wait_drained(self, internal: str, timeout_s: float = 300) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -114,19 +118,57 @@ class Routes:
 class RequestLog:
     """Append-only JSONL of every request, PII-redacted before it is written, rotated by size and age.
 
-    The live file is ``path``; a full one is renamed ``<stem>.<UTC time>.jsonl`` and rotated files older
-    than ``retention_days`` are deleted. Raw text is only ever in memory.
+    The live file is ``path``; a full one, or one older than ``rotate_hours``, is renamed
+    ``<stem>.<UTC time>.jsonl``, and rotated files whose newest record is older than ``retention_days`` are
+    deleted. Retention runs on a timer (every ``check_s``), so at low traffic no record outlives
+    retention + rotate_hours. Raw text is only ever in memory.
     """
 
-    def __init__(self, path: Path, max_bytes: int, retention_days: float, redactor: Redactor | None = None):
+    def __init__(self, path: Path, max_bytes: int, retention_days: float, redactor: Redactor | None = None,
+                 rotate_hours: float = 24.0, check_s: float = 60.0):
         """``redactor``: the sanitizer's (``build_redactor(p.sanitize)``, custom patterns included), so the
         log keeps nothing that training data would not."""
         self.path, self.max_bytes, self.retention = path, max_bytes, timedelta(days=retention_days)
+        self.rotate_after_s = rotate_hours * 3600
         self._redactor = redactor or build_redactor()
         self._lock = threading.Lock()
         # Redaction and disk writes happen on a writer thread, off the request path.
         self._queue: queue.Queue[dict] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True, name="loraflow-request-log").start()
+        self._stop = threading.Event()
+        threading.Thread(target=self._timer, args=(check_s,), daemon=True, name="loraflow-log-retention").start()
+
+    def _timer(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.enforce_retention()
+            except OSError as e:  # a full or read-only disk must not kill serving; say so
+                print(f"warning: request log {self.path}: retention: {e}", flush=True)
+
+    def enforce_retention(self, now: float | None = None) -> None:
+        """Rotate the live file once it is older than ``rotate_hours``, delete rotated files past retention."""
+        now = time.time() if now is None else now
+        with self._lock:
+            started = self._started()
+            if started is not None and now - started > self.rotate_after_s:
+                self._rotate()
+            self._expire(now)
+
+    def _started(self) -> float | None:
+        """When the live file's first record was written (its first line's ``ts``), or None."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                first = fh.readline()
+            return datetime.fromisoformat(json.loads(first)["ts"]).timestamp()
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _rotate(self) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        self.path.rename(self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}"))
+
+    def close(self) -> None:
+        self._stop.set()
 
     def redact(self, text: str) -> str:
         return self._redactor.redact(text)[0]
@@ -155,8 +197,7 @@ class RequestLog:
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:
-                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-                self.path.rename(self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}"))
+                self._rotate()
                 self._expire()
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(line)
@@ -164,8 +205,8 @@ class RequestLog:
     def rotated(self) -> list[Path]:
         return rotated_files(self.path)
 
-    def _expire(self) -> None:
-        cutoff = time.time() - self.retention.total_seconds()
+    def _expire(self, now: float | None = None) -> None:
+        cutoff = (time.time() if now is None else now) - self.retention.total_seconds()
         for f in self.rotated():
             if f.stat().st_mtime < cutoff:
                 f.unlink(missing_ok=True)
@@ -193,7 +234,46 @@ def _prompt_text(body: dict) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt)
 
 
-def _validate(body: object, chat: bool) -> str | None:
+class KeyLimiter:
+    """Per client key: a token bucket (``requests_per_s`` sustained, ``burst`` at once) and a cap on requests
+    in flight, so one client cannot starve the others. ``admit`` says how long to wait (0: go ahead)."""
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # key digest -> (tokens, last refill time)
+        self._inflight: dict[str, int] = {}
+
+    def admit(self, key: str) -> tuple[float, str]:
+        """(seconds to wait before retrying, why) when refused; (0, "") when admitted (then ``done`` later)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._inflight.get(key, 0) >= self.limits.max_concurrent:
+                return 1.0, f"more than {self.limits.max_concurrent} requests in flight for this key"
+            tokens, last = self._buckets.get(key, (float(self.limits.burst), now))
+            tokens = min(float(self.limits.burst), tokens + (now - last) * self.limits.requests_per_s)
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now)
+                return (1.0 - tokens) / self.limits.requests_per_s, (
+                    f"rate limit: {self.limits.requests_per_s:g} requests/s per key (burst {self.limits.burst})")
+            self._buckets[key] = (tokens - 1.0, now)
+            self._inflight[key] = self._inflight.get(key, 0) + 1
+            return 0.0, ""
+
+    def done(self, key: str) -> None:
+        with self._lock:
+            left = self._inflight.get(key, 0) - 1
+            if left > 0:
+                self._inflight[key] = left
+            else:
+                self._inflight.pop(key, None)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(self._inflight.values())
+
+
+def _validate(body: object, chat: bool, limits: LimitsConfig | None = None) -> str | None:
     """Why ``body`` is not a request we forward, or None."""
     if not isinstance(body, dict):
         return "the request body must be a JSON object"
@@ -208,9 +288,15 @@ def _validate(body: object, chat: bool) -> str | None:
                 return f"messages[{i}] needs 'role' and 'content'"
     elif not isinstance(body.get("prompt"), (str, list)):
         return "'prompt' is required (a string or a list)"
-    for key in ("max_tokens", "n"):
+    for key in ("max_tokens", "max_completion_tokens", "n"):
         if key in body and body[key] is not None and (not isinstance(body[key], int) or body[key] < 1):
             return f"'{key}' must be a positive integer"
+    if limits is not None:
+        for key, ceiling, setting in (("max_tokens", limits.max_tokens, "max_tokens"),
+                                      ("max_completion_tokens", limits.max_tokens, "max_tokens"),
+                                      ("n", limits.max_n, "max_n")):
+            if isinstance(body.get(key), int) and body[key] > ceiling:
+                return f"'{key}' is {body[key]}, above this endpoint's limit of {ceiling} (serve.limits.{setting})"
     return None
 
 
@@ -246,24 +332,39 @@ def verify_webhook(secret: str, headers, body: bytes, seen: set[str]) -> str | N
 
 
 def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[str], log: RequestLog,
-              timeout_s: float = 300.0, webhook_secret: str = "", on_alias=None, known: frozenset[str] = frozenset()):
+              timeout_s: float | None = None, webhook_secret: str = "", on_alias=None,
+              known: frozenset[str] = frozenset(), limits: LimitsConfig | None = None):
     """The Starlette app: /v1/models, /v1/chat/completions, /v1/completions, /health, and /hooks/mlflow
     (MLflow registry webhooks, HMAC-verified; only with a ``webhook_secret``): ``on_alias(name, alias,
     version)`` runs for every authentic alias event. ``known``: names this endpoint serves once a version is
-    loaded (503 with Retry-After until then, instead of 404)."""
+    loaded (503 with Retry-After until then, instead of 404). ``limits``: what one client key may ask
+    (body size, max_tokens, n, rate, requests in flight, the upstream deadline).
+
+    Every request that passed authentication ends in the log with its real outcome, and releases what it
+    took (the adapter's in-flight count, the key's slot, the upstream connection) whatever the upstream does:
+    unreachable -> 503, deadline passed -> 504, reset or broken body -> 502, a stream that breaks half-way ->
+    a final ``error`` event and the log's status 502/504, a client that hangs up -> 499.
+    """
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route as Endpoint
 
+    limits = limits or LimitsConfig()
+    timeout_s = timeout_s or limits.request_timeout_s
+    limiter = KeyLimiter(limits)
     key_bytes = [k.encode() for k in keys]
     state: dict = {}
 
-    def authorized(request) -> bool:
+    def key_of(request) -> str | None:
+        """The client key the request carries, when it is one of ours (constant-time compare per key)."""
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("bearer "):
-            return False
+            return None
         given = header[7:].strip().encode()
-        return any(hmac.compare_digest(given, k) for k in key_bytes)  # constant time per key
+        for k in key_bytes:
+            if hmac.compare_digest(given, k):
+                return k.decode()
+        return None
 
     def client() -> httpx.AsyncClient:
         if "client" not in state:
@@ -272,59 +373,129 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         return state["client"]
 
     async def health(request):
-        return JSONResponse({"status": "ok", "models": len(routes.all())})
+        return JSONResponse({"status": "ok", "models": len(routes.all()), "in_flight": limiter.in_flight()})
 
     async def models(request):
-        if not authorized(request):
+        if key_of(request) is None:
             return _error(401, "invalid or missing API key", "invalid_api_key")
         return JSONResponse({"object": "list", "data": [
             {"id": r.name, "object": "model", "owned_by": "loraflow", "version": r.version} for r in routes.all()]})
 
+    async def read_body(request) -> bytes | None:
+        """The body, or None when it is larger than the limit (read no further than that)."""
+        cap = limits.max_body_kb * 1024
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def refused(status: int, message: str, code: str, retry_after: float | None = None):
+        resp = _error(status, message, code)
+        if retry_after is not None:
+            resp.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+        return resp
+
     async def completions(request):
         chat = request.url.path.endswith("/chat/completions")
-        if not authorized(request):
+        key = key_of(request)
+        if key is None:
             return _error(401, "invalid or missing API key", "invalid_api_key")
+        wait, why = limiter.admit(key)
+        if wait:
+            return refused(429, why, "rate_limited", wait)
+        ticket = {"key": key, "route": None}  # what this request holds until it ends
+
+        def release() -> None:
+            if ticket["key"] is not None:
+                limiter.done(ticket["key"])
+                ticket["key"] = None
+            if ticket["route"] is not None:
+                routes.release(ticket["route"])
+                ticket["route"] = None
+
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _error(400, f"the request body is not valid JSON: {e}", "invalid_json")
-        problem = _validate(body, chat)
-        if problem:
-            return _error(400, problem, "invalid_request")
-        route = routes.acquire(body["model"])
-        if route is None and body["model"] in known:
-            resp = _error(503, f"the model '{body['model']}' has no version loaded yet (starting, or its base model "
-                               "is being swapped); retry shortly", "model_not_ready")
-            resp.headers["Retry-After"] = "10"
-            return resp
+            raw_body = await read_body(request)
+            if raw_body is None:
+                release()
+                return refused(413, f"the request body is larger than {limits.max_body_kb} KB "
+                                    "(serve.limits.max_body_kb)", "body_too_large")
+            try:
+                body = json.loads(raw_body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                release()
+                return _error(400, f"the request body is not valid JSON: {e}", "invalid_json")
+            problem = _validate(body, chat, limits)
+            if problem:
+                release()
+                return _error(400, problem, "invalid_request")
+            route = ticket["route"] = routes.acquire(body["model"])
+        except BaseException:
+            release()
+            raise
         if route is None:
+            release()
+            if body["model"] in known:
+                return refused(503, f"the model '{body['model']}' has no version loaded yet (starting, or its base "
+                                    "model is being swapped); retry shortly", "model_not_ready", 10)
             return _error(404, f"the model '{body['model']}' does not exist; GET /v1/models lists the served names",
                           "model_not_found")
-        for key, value in generation_defaults(route.task).items():
-            body.setdefault(key, value)
+        for k, value in generation_defaults(route.task).items():
+            body.setdefault(k, value)
+        if isinstance(body.get("max_tokens"), int):  # the task's default may exceed the endpoint's ceiling
+            body["max_tokens"] = min(body["max_tokens"], limits.max_tokens)
         body["model"] = route.internal
         started = time.perf_counter()
         record = {"ts": datetime.now(timezone.utc).isoformat(), "model": route.name, "version": route.version,
                   "adapter": route.internal, "endpoint": "chat" if chat else "completions",
                   "stream": bool(body.get("stream")), "prompt": _prompt_text(body)}
+
+        def finish(status: int, text: str, usage: dict | None, error: str = "") -> None:
+            """Log the outcome and release what the request held: exactly once per request."""
+            if ticket.get("logged"):
+                return
+            ticket["logged"] = True
+            release()
+            log.write({**record, "status": status, "latency_s": round(time.perf_counter() - started, 4),
+                       "prompt_tokens": (usage or {}).get("prompt_tokens"),
+                       "completion_tokens": (usage or {}).get("completion_tokens"), "response": text,
+                       **({"error": error} if error else {})})
+
+        def upstream_failure(e: BaseException) -> tuple[int, str, str]:
+            if isinstance(e, httpx.TimeoutException):
+                return 504, f"the model server did not answer within {timeout_s:g}s", "upstream_timeout"
+            if isinstance(e, httpx.ConnectError):
+                return 503, "the model server is not reachable; retry shortly", "upstream_unavailable"
+            return 502, f"the model server broke off the answer ({type(e).__name__})", "upstream_error"
+
         path = "/v1/chat/completions" if chat else "/v1/completions"
         try:
             upstream = await client().send(client().build_request("POST", path, json=body), stream=True)
         except httpx.HTTPError as e:
-            routes.release(route)
-            log.write({**record, "status": 503, "latency_s": round(time.perf_counter() - started, 4),
-                       "error": type(e).__name__})
-            return _error(503, "the model server is not reachable; retry shortly", "upstream_unavailable")
-
-        def finish(status: int, text: str, usage: dict | None) -> None:
-            routes.release(route)
-            log.write({**record, "status": status, "latency_s": round(time.perf_counter() - started, 4),
-                       "prompt_tokens": (usage or {}).get("prompt_tokens"),
-                       "completion_tokens": (usage or {}).get("completion_tokens"), "response": text})
+            status, message, code = upstream_failure(e)
+            finish(status, "", None, type(e).__name__)
+            return refused(status, message, code, 5 if status == 503 else None)
+        except BaseException as e:
+            finish(499, "", None, type(e).__name__)  # the client went away while we waited
+            raise
 
         if not record["stream"] or upstream.status_code != 200:
-            raw = await upstream.aread()
-            await upstream.aclose()
+            try:
+                raw = await upstream.aread()
+            except httpx.HTTPError as e:
+                status, message, code = upstream_failure(e)
+                finish(status, "", None, type(e).__name__)
+                return refused(status, message, code)
+            except BaseException as e:
+                finish(499, "", None, type(e).__name__)
+                raise
+            finally:
+                await upstream.aclose()
             try:
                 data = json.loads(raw)
             except json.JSONDecodeError:
@@ -333,7 +504,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
             if isinstance(data, dict) and "model" in data:
                 data["model"] = route.name
             text = ""
-            if upstream.status_code == 200:
+            if upstream.status_code == 200 and isinstance(data, dict):
                 choice = (data.get("choices") or [{}])[0]
                 text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
             finish(upstream.status_code, text, data.get("usage") if isinstance(data, dict) else None)
@@ -342,6 +513,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         async def relay():
             pieces: list[str] = []
             usage = None
+            outcome: tuple[int, str] = (200, "")
             try:
                 async for line in upstream.aiter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
@@ -355,9 +527,16 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                         except json.JSONDecodeError:
                             pass
                     yield line + "\n"
+            except httpx.HTTPError as e:  # the stream broke half-way: say so in the stream, log the failure
+                status, message, code = upstream_failure(e)
+                outcome = (status, type(e).__name__)
+                yield "data: " + json.dumps({"error": {"message": message, "type": "api_error", "code": code}}) + "\n\n"
+            except BaseException as e:  # the client hung up (or the server is stopping)
+                outcome = (499, type(e).__name__)
+                raise
             finally:
                 await upstream.aclose()
-                finish(200, "".join(pieces), usage)
+                finish(outcome[0], "".join(pieces), usage, outcome[1])
 
         return StreamingResponse(relay(), media_type="text/event-stream")
 

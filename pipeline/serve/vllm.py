@@ -23,7 +23,24 @@ from pipeline.modeling import BaseMissing, resolve_base
 
 
 class ServingError(RuntimeError):
-    pass
+    """vLLM failed a request. ``transient``: it could not answer now (a timeout, a reset, a 5xx: retry and
+    keep serving what is served); else it refused this request for good (a 4xx: the adapter's shape, bad
+    input)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def _post(url: str, what: str, timeout: float, **kw) -> httpx.Response:
+    """A POST to vLLM whose failure says whether it was transient."""
+    try:
+        r = httpx.post(url, timeout=timeout, **kw)
+    except httpx.TransportError as err:  # connect, read, timeout, reset
+        raise ServingError(f"{what}: {type(err).__name__}: {err}", transient=True) from None
+    if r.status_code != 200:
+        raise ServingError(f"{what} failed: HTTP {r.status_code}: {r.text[:500]}", transient=r.status_code >= 500)
+    return r
 
 
 def launch_command(cfg: ServeConfig, base_dir: Path) -> list[str]:
@@ -131,25 +148,19 @@ class VLLMServer:
         return [m["id"] for m in r.json()["data"]]
 
     def load_adapter(self, name: str, path: Path) -> None:
-        r = httpx.post(f"{self.url}/v1/load_lora_adapter",
-                       json={"lora_name": name, "lora_path": str(path.resolve())}, timeout=120,
-                       headers=self._auth)
-        if r.status_code != 200:
-            raise ServingError(f"loading adapter {name} from {path} failed: HTTP {r.status_code}: {r.text[:500]}")
+        _post(f"{self.url}/v1/load_lora_adapter", f"loading adapter {name} from {path}", 120,
+              json={"lora_name": name, "lora_path": str(path.resolve())}, headers=self._auth)
 
     def unload_adapter(self, name: str) -> None:
-        r = httpx.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60,
-                       headers=self._auth)
-        if r.status_code != 200:
-            raise ServingError(f"unloading adapter {name} failed: HTTP {r.status_code}: {r.text[:500]}")
+        _post(f"{self.url}/v1/unload_lora_adapter", f"unloading adapter {name}", 60, json={"lora_name": name},
+              headers=self._auth)
 
     def chat(self, model: str, messages: list[dict], task: TaskConfig | None = None, **overrides) -> str:
         """One OpenAI chat completion straight to vLLM with the task's generation defaults (``overrides``
         win): the follower's smoke test; clients go through the gateway."""
         body = {"model": model, "messages": messages, **generation_defaults(task or TaskConfig()), **overrides}
-        r = httpx.post(f"{self.url}/v1/chat/completions", timeout=120, json=body, headers=self._auth)
-        if r.status_code != 200:
-            raise ServingError(f"chat completion on {model} failed: HTTP {r.status_code}: {r.text[:500]}")
+        r = _post(f"{self.url}/v1/chat/completions", f"chat completion on {model}", 120, json=body,
+                  headers=self._auth)
         return r.json()["choices"][0]["message"]["content"]
 
 
