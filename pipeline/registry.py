@@ -13,11 +13,13 @@ empty alias.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -230,7 +232,49 @@ def _v(version: int | None) -> str:
 ANY = object()  # promote(expected=ANY): move the alias whatever it points at (a person's command)
 
 
-def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None | object = ANY) -> VersionInfo:
+HISTORY_TAG = "alias_history"  # registered-model tag: JSON list of the alias's moves, newest last
+HISTORY_MAX_CHARS = 4500  # MLflow tag values are bounded (5000 on SQL stores): the oldest moves drop off
+
+
+def history(cfg: RegistryConfig, name: str) -> list[dict]:
+    """The alias's recorded moves, oldest first: ``{"at", "from", "to", "by"}``."""
+    tags = call(cfg, f"read {name}'s tags", lambda: client(cfg).get_registered_model(name).tags) or {}
+    try:
+        moves = json.loads(tags.get(f"{HISTORY_TAG}_{cfg.alias}", "[]"))
+    except json.JSONDecodeError:
+        return []
+    return moves if isinstance(moves, list) else []
+
+
+def record_move(cfg: RegistryConfig, name: str, before: int | None, after: int, by: str) -> None:
+    moves = history(cfg, name) + [{"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                   "from": before, "to": after, "by": by}]
+    text = json.dumps(moves)
+    while len(text) > HISTORY_MAX_CHARS and len(moves) > 1:
+        moves = moves[1:]
+        text = json.dumps(moves)
+    call(cfg, f"record {name}@{cfg.alias} history",
+         lambda: client(cfg).set_registered_model_tag(name, f"{HISTORY_TAG}_{cfg.alias}", text))
+
+
+def reconcile_history(cfg: RegistryConfig, name: str, current: int | None = None) -> list[dict]:
+    """The history, with a move made outside loraflow (the MLflow UI, its API) added when the alias points
+    somewhere the last recorded move did not leave it. Returns the history."""
+    if current is None:
+        info = get_alias(cfg, name)
+        if info is None:
+            return history(cfg, name)
+        current = info.version
+    moves = history(cfg, name)
+    last = moves[-1]["to"] if moves else None
+    if last != current:
+        record_move(cfg, name, last, current, "outside loraflow (MLflow UI or API)")
+        moves = history(cfg, name)
+    return moves
+
+
+def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None | object = ANY,
+            by: str = "loraflow promote") -> VersionInfo:
     """Point the alias at ``version``; the version it left keeps the ``previous_<alias>`` alias (and the
     model tag of that name) for ``rollback``.
 
@@ -252,7 +296,11 @@ def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None |
             c.set_registered_model_alias(name, f"previous_{cfg.alias}", str(now))
         c.set_registered_model_alias(name, cfg.alias, str(version))
 
+    if now is not None and now != version:
+        reconcile_history(cfg, name, now)  # a UI move before this one is recorded as such first
     call(cfg, f"move {name}@{cfg.alias} to v{version}", move)
+    if now != version:
+        record_move(cfg, name, now, version, by)
     return _info(mv)
 
 
@@ -275,12 +323,26 @@ def set_version_tag(cfg: RegistryConfig, name: str, version: int, key: str, valu
 
 
 def rollback(cfg: RegistryConfig, name: str) -> VersionInfo:
-    c = client(cfg)
-    tags = c.get_registered_model(name).tags
-    previous = tags.get(f"previous_{cfg.alias}")
-    if not previous:
-        raise LookupError(f"model {name!r} has no previous {cfg.alias} to roll back to")
-    return promote(cfg, name, int(previous))
+    """Move the alias back to the version it held before its current one, by the recorded history (moves
+    made in the MLflow UI included: they are reconciled first), skipping versions serving rejected."""
+    current = get_alias(cfg, name)
+    if current is None:
+        raise LookupError(f"model {name!r} has no @{cfg.alias} to roll back from")
+    moves = reconcile_history(cfg, name, current.version)
+    # Walk back through the moves: each one's "from" is a candidate, newest first, except versions a
+    # rollback already left (a second rollback steps further back instead of undoing the first).
+    seen = {current.version} | {m.get("from") for m in moves if str(m.get("by", "")).startswith("loraflow rollback")}
+    for move in reversed(moves):
+        target = move.get("from")
+        if target is None or target in seen:
+            continue
+        seen.add(target)
+        status = call(cfg, f"read {name} v{target}",
+                      lambda t=target: client(cfg).get_model_version(name, str(t)).tags).get("serving_status", "")
+        if status.startswith("rejected"):
+            continue
+        return promote(cfg, name, int(target), expected=current.version, by=f"loraflow rollback from v{current.version}")
+    raise LookupError(f"model {name!r}: no earlier {cfg.alias} in its alias history to roll back to")
 
 
 def download_adapter(cfg: RegistryConfig, info: VersionInfo, dst: Path) -> Path:

@@ -46,7 +46,7 @@ def test_promote_and_rollback_through_the_cli(tmp_path, monkeypatch):
                                         eval_metrics={}, artifacts={}, tags={})
         registry.register(p.registry, p.project.name, run_id, {}, "card")
     res = runner.invoke(app, ["rollback"])
-    assert res.exit_code == 1 and "no previous champion" in res.output
+    assert res.exit_code == 1 and "no @champion to roll back from" in res.output
     assert runner.invoke(app, ["promote", "1"]).exit_code == 0
     res = runner.invoke(app, ["promote", "2"])
     assert res.exit_code == 0 and res.output.strip().endswith("@champion -> v2")
@@ -57,6 +57,9 @@ def test_promote_and_rollback_through_the_cli(tmp_path, monkeypatch):
     assert lines[0].split()[:2] == ["prefect-server", "down"]  # no platform running here
     assert any(line.startswith("v1") and "@champion" in line for line in lines), res.output
     assert f"champion: {p.project.name}@champion = v1" in res.output
+    moves = [line.split() for line in lines if "  by " in line]  # the alias history, newest last
+    assert [m[1:4] for m in moves] == [["none", "->", "v1"], ["v1", "->", "v2"], ["v2", "->", "v1"]]
+    assert moves[-1][-3:] == ["rollback", "from", "v2"]
 
 
 def test_sanitize_works_from_any_directory_without_params(tmp_path, monkeypatch):

@@ -177,6 +177,32 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
         assert len(records) == 5 and {r["model"] for r in records} == {"alpha", "beta"}
         assert "555 0134" not in text and "jane.doe@example.com" not in text
         assert all(r["status"] == 200 and r["latency_s"] > 0 for r in records)
+
+        # Storage fails during a swap: not the version's fault. Nothing is tagged, the alias stays, v2 keeps
+        # serving, and the swap is retried: served once the storage is back.
+        assert register("alpha", a1) == 4
+        stored = Path(registry.client(reg).get_model_version_download_uri("alpha", "4").removeprefix("file://"))
+        hidden = stored.with_name(stored.name + ".unavailable")
+        stored.rename(hidden)
+        registry.promote(reg, "alpha", 4)
+        [deferred] = follower.reconcile()
+        assert deferred["deferred"].startswith("download failed") and routes.get("alpha").version == 2
+        assert registry.get_alias(reg, "alpha").version == 4
+        assert "serving_status" not in registry.client(reg).get_model_version("alpha", "4").tags
+        assert follower.reconcile() == []  # within the backoff wait: no hammering
+        hidden.rename(stored)
+        follower.deferred["alpha"] = (4, 1, 0.0)  # the wait is over
+        follower.reconcile()
+        assert routes.get("alpha").version == 4
+
+        # The smoke test itself errors (vLLM refuses its prompt): what was loaded for it is unloaded again.
+        assert register("alpha", a2) == 5
+        registry.set_version_tag(reg, "alpha", 5, "smoke_prompts", json.dumps([[{"role": "nonsense", "content": "x"}]]))
+        loaded = set(server.models())
+        registry.promote(reg, "alpha", 5)
+        [result] = follower.reconcile()
+        assert result["rejected"].startswith("smoke test could not run") and routes.get("alpha").version == 4
+        assert set(server.models()) == loaded and registry.get_alias(reg, "alpha").version == 4
         gw.stop()
     finally:
         server.stop()

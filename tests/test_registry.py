@@ -38,7 +38,7 @@ def test_register_promote_rollback_and_download(cfg, tmp_path):
     v2, _ = _register(cfg, tmp_path, "two")
     assert (v1.version, v2.version) == (1, 2)
     assert registry.get_alias(cfg, "m") is None
-    with pytest.raises(LookupError, match="no previous champion"):
+    with pytest.raises(LookupError, match="no @champion to roll back from"):
         registry.rollback(cfg, "m")
     registry.promote(cfg, "m", 1)
     registry.promote(cfg, "m", 2)
@@ -162,3 +162,23 @@ def test_transient_failures_are_retried_with_backoff_and_definite_ones_are_not()
     with pytest.raises(NotFound):
         registry.call(cfg, "read", missing, sleep=waits.append)
     assert len(calls) == 1
+
+
+def test_rollback_follows_the_alias_history_including_moves_made_in_the_ui(cfg, tmp_path):
+    versions = [_register(cfg, tmp_path, tag)[0].version for tag in ("one", "two", "three", "four")]
+    registry.promote(cfg, "m", 1)
+    registry.promote(cfg, "m", 2)
+    # A person moves the alias in the MLflow UI (the client call the UI makes): loraflow did not see it.
+    registry.client(cfg).set_registered_model_alias("m", "champion", "3")
+    info = registry.rollback(cfg, "m")
+    assert info.version == 2  # the version before the UI move, not a stale previous_champion
+    moves = registry.history(cfg, "m")
+    assert [(m["from"], m["to"]) for m in moves] == [(None, 1), (1, 2), (2, 3), (3, 2)]
+    assert moves[2]["by"].startswith("outside loraflow") and moves[3]["by"] == "loraflow rollback from v3"
+    # A second rollback steps further back; a version serving rejected is skipped.
+    assert registry.rollback(cfg, "m").version == 1
+    registry.promote(cfg, "m", 4)
+    registry.set_version_tag(cfg, "m", 1, "serving_status", "rejected: load failed")
+    with pytest.raises(LookupError, match="no earlier champion"):
+        registry.rollback(cfg, "m")
+    assert versions == [1, 2, 3, 4]

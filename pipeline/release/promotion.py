@@ -189,7 +189,7 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
         expected, newly = (gated_against.version if gated_against else None), True
     for _ in range(max_regates + 1):
         try:
-            registry.promote(p.registry, name, info.version, expected=expected)
+            registry.promote(p.registry, name, info.version, expected=expected, by="loraflow retrain (gate passed)")
             _tag(p, info.version, promotion="done")
             say(f"{name}@{alias} -> v{info.version}")
             return _summary(info.version, newly, decision, True, "promoted")

@@ -69,6 +69,7 @@ class Follower:
     rejected: dict[str, set[int]] = field(default_factory=dict)
     # name -> (version, attempts, monotonic time of the next try): swaps that failed for a transient reason.
     deferred: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    seen_alias: dict[str, int] = field(default_factory=dict)  # the alias version last recorded in the history
     retry_base_s: float = 5.0
     retry_max_s: float = 300.0
     # The weights vLLM runs (None: unknown, an attached server), and how to restart it on another base.
@@ -82,6 +83,13 @@ class Follower:
     def follow(self, name: str) -> dict | None:
         champion = registry.get_alias(self.registry_cfg, name)  # RegistryUnavailable: the caller retries
         current = self.routes.get(name)
+        if champion is not None and self.seen_alias.get(name) != champion.version:
+            # A move loraflow did not make (the MLflow UI) enters the alias history here, for rollback.
+            try:
+                registry.reconcile_history(self.registry_cfg, name, champion.version)
+                self.seen_alias[name] = champion.version
+            except registry.RegistryUnavailable as e:
+                self.say(f"warning: {e}")
         if champion is None or (current and current.version == champion.version):
             self.deferred.pop(name, None)
             return None
@@ -189,7 +197,8 @@ class Follower:
         if current is None:
             return None
         try:
-            registry.promote(self.registry_cfg, name, current.version, expected=champion.version)
+            registry.promote(self.registry_cfg, name, current.version, expected=champion.version,
+                             by=f"loraflow serve: v{champion.version} rejected")
         except registry.AliasMoved as moved:
             self.say(f"{name}: alias left alone: {moved}")
             return None
