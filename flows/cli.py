@@ -390,6 +390,14 @@ def _served_status(p) -> None:
         return
     for m in r.json()["data"]:
         typer.echo(f"serving {m['id']} = v{m['version']}")
+    try:
+        engine = httpx.get(url.replace("/v1/models", "/health"), timeout=5).json().get("engine") or {}
+    except (httpx.HTTPError, ValueError):
+        engine = {}
+    if engine:
+        typer.echo(f"vLLM: {'up' if engine.get('up') else 'DOWN'}, restarted {engine.get('restarts', 0)} time(s)"
+                   + (f" (last exit code {engine['last_exit']})" if engine.get("last_exit") is not None else "")
+                   + (f", {engine['outages']} outage(s) of an attached server" if engine.get("outages") else ""))
 
 
 def main() -> None:

@@ -6,6 +6,12 @@ slowly (minutes on CPU). ``open`` starts the gateway (it answers /health at once
 version is served), waits for vLLM and loads each model's champion; ``loraflow serve`` may first wait for
 the base model (the platform's first retrain builds it). When a new champion was trained on another base
 (the builtin base is rebuilt from new training data), the vLLM this endpoint started is restarted on it.
+
+The engine is supervised (``supervise``): when the vLLM this endpoint started dies, every route is dropped
+at once (clients get 503 with Retry-After, not a hang), vLLM is restarted with a doubling wait, and the
+follower loads and smoke-tests each champion again. A vLLM attached by URL is health-checked the same way;
+when it comes back without the adapters (it restarted), they are loaded again. The counts are in the log
+and in the gateway's /health (``loraflow status`` shows them).
 """
 
 from __future__ import annotations
@@ -71,6 +77,9 @@ class Endpoint:
     follower: Follower | None = None
     log: RequestLog | None = None
     upstream_key: str = ""  # vLLM's key; defaults to the started server's
+    engine: dict = field(default_factory=lambda: {"restarts": 0, "outages": 0, "last_exit": None, "up": True})
+    _engine_lock: threading.Lock = field(default_factory=threading.Lock)  # a restart (rebase, supervisor) at a time
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def models(self) -> list[str]:
@@ -94,7 +103,7 @@ class Endpoint:
         key = self.upstream_key or (self.server.api_key if self.server else "")
         self.log = RequestLog(Path(p.serve.traffic_log), int(p.serve.log_max_mb * 2**20),
                               p.serve.log_retention_days, build_redactor(p.sanitize), p.serve.log_rotate_hours)
-        app = build_app(self.routes, p.serve.base_url, key, self.keys, self.log,
+        app = build_app(self.routes, p.serve.base_url, key, self.keys, self.log, engine=self.engine,
                         webhook_secret=self.webhook_secret, on_alias=self._on_alias, known=frozenset(self.models), limits=p.serve.limits)
         self.gateway = GatewayServer(app, p.serve.gateway_host, p.serve.gateway_port).start()
         return self
@@ -115,6 +124,62 @@ class Endpoint:
             self.reconcile()
         except Exception as e:  # noqa: BLE001 - answer anyway; follow() retries with backoff
             self.say(f"warning: could not reach the registry yet ({type(e).__name__}: {e}); retrying")
+        threading.Thread(target=self.supervise, daemon=True, name="loraflow-vllm-supervisor").start()
+
+    def supervise(self, every_s: float = 1.0, max_delay_s: float = 60.0) -> None:
+        """Watch the engine until ``stop``: restart a started vLLM that died, re-load after an attached one
+        came back. Never raises: a failed restart is reported and tried again after a doubling wait."""
+        delay = 1.0
+        while not self._stopping.wait(every_s):
+            with self._engine_lock:
+                server = self.server
+                if server is None or self.follower is None:
+                    continue
+                if server.process is not None:
+                    code = server.process.poll()
+                    if code is None:
+                        continue
+                    self.routes.clear()  # 503 + Retry-After at once instead of connection errors
+                    self.engine.update(up=False, last_exit=code)
+                    self.engine["restarts"] += 1
+                    n = self.engine["restarts"]
+                    self.say(f"vLLM exited with code {code}: clients get 503 meanwhile; restart #{n} in {delay:.0f}s")
+                    if self._stopping.wait(delay):
+                        return
+                    new = None
+                    try:
+                        new = VLLMServer.start(self.p.serve, Path(self.p.base.out_dir), api_key=server.api_key)
+                        waited = new.wait_ready()
+                    except Exception as e:  # noqa: BLE001 - try again after a longer wait
+                        if new is not None:
+                            new.stop()  # hung or died during start-up: the next attempt starts clean
+                        self.say(f"vLLM restart #{n} failed ({type(e).__name__}: {e}); next try in {2 * delay:.0f}s")
+                        delay = min(delay * 2, max_delay_s)
+                        continue  # self.server is still the dead one: the next pass restarts again
+                    self.server = new
+                    self.follower.server = new
+                    self.follower.deferred.clear()
+                    self.engine["up"] = True
+                    delay = 1.0
+                    self.say(f"vLLM restarted (#{n}), ready after {waited:.0f}s: loading the served versions again")
+                    self.wake.set()  # the follow loop reconciles: every champion is loaded and smoke-tested
+                else:
+                    healthy = server.healthy()
+                    if not healthy and self.engine["up"]:
+                        self.engine.update(up=False)
+                        self.engine["outages"] += 1
+                        self.say(f"vLLM at {server.url} is not answering (outage #{self.engine['outages']}); "
+                                 "clients get 503 until it is back")
+                    elif healthy and not self.engine["up"]:
+                        self.engine["up"] = True
+                        try:
+                            loaded = set(server.models())
+                        except Exception:  # noqa: BLE001 - checked again next second
+                            continue
+                        if any(r.internal not in loaded for r in self.routes.all()):
+                            self.routes.clear()  # it restarted: the adapters are gone
+                        self.say(f"vLLM at {server.url} answers again: reconciling")
+                        self.wake.set()
 
     def _rebase(self, want_sha: str) -> VLLMServer:
         """Restart the vLLM this endpoint started on the base a new champion was trained on (the one in
@@ -127,11 +192,12 @@ class Endpoint:
         assert self.server is not None
         self.say(f"the new champion needs base {want_sha[:12]}: restarting vLLM on {base_dir} "
                  "(clients get 503 until it is ready)")
-        self.routes.clear()
-        key = self.server.api_key
-        self.server.stop()
-        self.server = VLLMServer.start(self.p.serve, base_dir, api_key=key)
-        waited = self.server.wait_ready(progress=self.say)
+        with self._engine_lock:  # not a crash: the supervisor must not restart it too
+            self.routes.clear()
+            key = self.server.api_key
+            self.server.stop()
+            self.server = VLLMServer.start(self.p.serve, base_dir, api_key=key)
+            waited = self.server.wait_ready(progress=self.say)
         self.say(f"vLLM ready on the new base after {waited:.0f}s")
         return self.server
 
@@ -168,6 +234,7 @@ class Endpoint:
 
     def stop(self) -> None:
         """Stop answering, flush the request log, stop the vLLM this endpoint started."""
+        self._stopping.set()
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None

@@ -333,7 +333,7 @@ def verify_webhook(secret: str, headers, body: bytes, seen: set[str]) -> str | N
 
 def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[str], log: RequestLog,
               timeout_s: float | None = None, webhook_secret: str = "", on_alias=None,
-              known: frozenset[str] = frozenset(), limits: LimitsConfig | None = None):
+              known: frozenset[str] = frozenset(), limits: LimitsConfig | None = None, engine: dict | None = None):
     """The Starlette app: /v1/models, /v1/chat/completions, /v1/completions, /health, and /hooks/mlflow
     (MLflow registry webhooks, HMAC-verified; only with a ``webhook_secret``): ``on_alias(name, alias,
     version)`` runs for every authentic alias event. ``known``: names this endpoint serves once a version is
@@ -373,7 +373,8 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         return state["client"]
 
     async def health(request):
-        return JSONResponse({"status": "ok", "models": len(routes.all()), "in_flight": limiter.in_flight()})
+        return JSONResponse({"status": "ok", "models": len(routes.all()), "in_flight": limiter.in_flight(),
+                             **({"engine": engine} if engine is not None else {})})
 
     async def models(request):
         if key_of(request) is None:
