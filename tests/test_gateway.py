@@ -315,6 +315,33 @@ def test_loraflow_serve_prints_its_endpoint_and_sigterm_stops_vllm(tiny_base, cl
         client = openai.OpenAI(base_url=lines[-1].split(" ", 1)[1].strip(), api_key=KEY, max_retries=0)
         answer = client.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "hi"}])
         assert answer.model == "cli-model" and answer.choices[0].message.content
+        import threading
+
+        import psutil
+
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        # vLLM dies under `loraflow serve`: 503 with Retry-After at once, then it is restarted and the champion
+        # loaded again without a person.
+        [engine] = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "vllm.entrypoints" in " ".join(c.cmdline())]
+        engine.kill()
+        engine.wait(30)
+        chat = {"model": "cli-model", "messages": [{"role": "user", "content": "hi"}]}
+        url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
+        dark = httpx.post(url, json=chat, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert dark.status_code == 503 and int(dark.headers["Retry-After"]) >= 1
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            r = httpx.post(url, json=chat, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503, r.text
+            time.sleep(2)
+        assert r.status_code == 200 and r.json()["model"] == "cli-model", "".join(lines)
+        health = httpx.get(f"http://127.0.0.1:{gw_port}/health", timeout=5).json()
+        assert health["engine"]["restarts"] == 1 and health["engine"]["up"]
+        assert any("vLLM exited with code" in line for line in lines) and any("vLLM restarted" in line for line in lines)
         assert KEY not in "".join(lines)  # keys are never printed
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0

@@ -1,215 +1,23 @@
-"""The one endpoint clients call: an authenticated OpenAI-compatible gateway in front of vLLM.
-
-Clients use stable model names (the registered model's name); the gateway maps each to the internal
-adapter name vLLM serves right now, fills the generation settings the client left out from the task's
-config (the behaviour the gate measured), forwards the request with vLLM's own key (vLLM listens on
-127.0.0.1 only), streams the answer back and appends a PII-redacted record of every request to a rotated
-log. Refused requests (no or bad key: 401, unknown model: 404, malformed body: 400) never reach vLLM.
-
-A small gateway of our own rather than an existing proxy (LiteLLM and the like): it must share the
-pipeline's PII redactor and task configs, switch routes atomically when the registry's alias moves, and
-count in-flight requests per adapter so an old adapter is unloaded only once they finished; a proxy would
-need all of that bolted on through its plugin API and brings a large dependency set of its own.
-"""
+"""The ASGI app behind the one endpoint: authentication and limits first, then the route, then vLLM;
+every request ends in the log with its real outcome. ``GatewayServer`` runs it in a thread."""
 
 from __future__ import annotations
 
 import contextlib
 import hmac
 import json
-import os
-import queue
 import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import datetime, timezone
 
 import httpx
 
-from pipeline.config import LimitsConfig, TaskConfig
-from pipeline.pii import Redactor, build_redactor
-from pipeline.io import rotated_files
+from pipeline.config import LimitsConfig
+from pipeline.serve.gateway.auth import KeyLimiter
+from pipeline.serve.gateway.requestlog import RequestLog
+from pipeline.serve.gateway.routes import Routes
+from pipeline.serve.gateway.webhooks import verify_webhook
 from pipeline.serve.vllm import generation_defaults
-
-KEYS_ENV = "LORAFLOW_API_KEYS"
-
-
-def env_keys() -> list[str]:
-    """Client keys in ``LORAFLOW_API_KEYS`` (comma-separated), in order."""
-    return [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
-
-
-def load_keys(key_file: str = "") -> set[str]:
-    """Client keys from ``LORAFLOW_API_KEYS`` or a key file (one per line)."""
-    keys = set(env_keys())
-    if key_file:
-        path = Path(key_file)
-        if not path.is_file():
-            raise ValueError(f"serve.gateway_key_file: {key_file} does not exist")
-        keys |= {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
-    if not keys:
-        raise ValueError(f"no client API keys: set {KEYS_ENV} (comma-separated) or serve.gateway_key_file; "
-                         "the gateway never runs unauthenticated")
-    return keys
-
-
-@dataclass(frozen=True)
-class Route:
-    name: str        # what clients send
-    internal: str    # the adapter name inside vLLM (fresh for every load)
-    version: int
-    task: TaskConfig
-
-
-class Routes:
-    """Stable name -> the route serving it; swaps are atomic, in-flight requests are counted per adapter."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._routes: dict[str, Route] = {}
-        self._inflight: dict[str, int] = {}
-
-    def get(self, name: str) -> Route | None:
-        with self._lock:
-            return self._routes.get(name)
-
-    def all(self) -> list[Route]:
-        with self._lock:
-            return sorted(self._routes.values(), key=lambda r: r.name)
-
-    def clear(self) -> None:
-        """Forget every route (the vLLM behind them restarts); in-flight counts drain on their own."""
-        with self._lock:
-            self._routes.clear()
-
-    def set(self, route: Route) -> Route | None:
-        with self._lock:
-            previous = self._routes.get(route.name)
-            self._routes[route.name] = route
-            return previous
-
-    def acquire(self, name: str) -> Route | None:
-        with self._lock:
-            route = self._routes.get(name)
-            if route is not None:
-                self._inflight[route.internal] = self._inflight.get(route.internal, 0) + 1
-            return route
-
-    def release(self, route: Route) -> None:
-        with self._lock:
-            self._inflight[route.internal] -= 1
-
-    def in_flight(self) -> int:
-        with self._lock:
-            return sum(self._inflight.values())
-
-    def wait_drained(self, internal: str, timeout_s: float = 300) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._inflight.get(internal):
-                    self._inflight.pop(internal, None)
-                    return True
-            time.sleep(0.05)
-        return False
-
-
-class RequestLog:
-    """Append-only JSONL of every request, PII-redacted before it is written, rotated by size and age.
-
-    The live file is ``path``; a full one, or one older than ``rotate_hours``, is renamed
-    ``<stem>.<UTC time>.jsonl``, and rotated files whose newest record is older than ``retention_days`` are
-    deleted. Retention runs on a timer (every ``check_s``), so at low traffic no record outlives
-    retention + rotate_hours. Raw text is only ever in memory.
-    """
-
-    def __init__(self, path: Path, max_bytes: int, retention_days: float, redactor: Redactor | None = None,
-                 rotate_hours: float = 24.0, check_s: float = 60.0):
-        """``redactor``: the sanitizer's (``build_redactor(p.sanitize)``, custom patterns included), so the
-        log keeps nothing that training data would not."""
-        self.path, self.max_bytes, self.retention = path, max_bytes, timedelta(days=retention_days)
-        self.rotate_after_s = rotate_hours * 3600
-        self._redactor = redactor or build_redactor()
-        self._lock = threading.Lock()
-        # Redaction and disk writes happen on a writer thread, off the request path.
-        self._queue: queue.Queue[dict] = queue.Queue()
-        threading.Thread(target=self._drain, daemon=True, name="loraflow-request-log").start()
-        self._stop = threading.Event()
-        threading.Thread(target=self._timer, args=(check_s,), daemon=True, name="loraflow-log-retention").start()
-
-    def _timer(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            try:
-                self.enforce_retention()
-            except OSError as e:  # a full or read-only disk must not kill serving; say so
-                print(f"warning: request log {self.path}: retention: {e}", flush=True)
-
-    def enforce_retention(self, now: float | None = None) -> None:
-        """Rotate the live file once it is older than ``rotate_hours``, delete rotated files past retention."""
-        now = time.time() if now is None else now
-        with self._lock:
-            started = self._started()
-            if started is not None and now - started > self.rotate_after_s:
-                self._rotate()
-            self._expire(now)
-
-    def _started(self) -> float | None:
-        """When the live file's first record was written (its first line's ``ts``), or None."""
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                first = fh.readline()
-            return datetime.fromisoformat(json.loads(first)["ts"]).timestamp()
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def _rotate(self) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        self.path.rename(self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}"))
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def redact(self, text: str) -> str:
-        return self._redactor.redact(text)[0]
-
-    def write(self, record: dict) -> None:
-        """Queue ``record``; it is redacted and appended shortly after (``flush`` waits for that)."""
-        self._queue.put(record)
-
-    def flush(self) -> None:
-        self._queue.join()
-
-    def _drain(self) -> None:
-        while True:
-            record = self._queue.get()
-            try:
-                self._append(record)
-            except Exception as e:  # noqa: BLE001 - a full disk must not kill serving; say so instead
-                print(f"warning: request log {self.path}: {e}", flush=True)
-            finally:
-                self._queue.task_done()
-
-    def _append(self, record: dict) -> None:
-        record = {**record, "prompt": self.redact(record.get("prompt") or ""),
-                  "response": self.redact(record.get("response") or "")}
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:
-                self._rotate()
-                self._expire()
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(line)
-
-    def rotated(self) -> list[Path]:
-        return rotated_files(self.path)
-
-    def _expire(self, now: float | None = None) -> None:
-        cutoff = (time.time() if now is None else now) - self.retention.total_seconds()
-        for f in self.rotated():
-            if f.stat().st_mtime < cutoff:
-                f.unlink(missing_ok=True)
 
 
 def _error(status: int, message: str, code: str):
@@ -232,45 +40,6 @@ def _prompt_text(body: dict) -> str:
         return "\n".join(parts)
     prompt = body.get("prompt")
     return prompt if isinstance(prompt, str) else json.dumps(prompt)
-
-
-class KeyLimiter:
-    """Per client key: a token bucket (``requests_per_s`` sustained, ``burst`` at once) and a cap on requests
-    in flight, so one client cannot starve the others. ``admit`` says how long to wait (0: go ahead)."""
-
-    def __init__(self, limits: LimitsConfig) -> None:
-        self.limits = limits
-        self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}  # key digest -> (tokens, last refill time)
-        self._inflight: dict[str, int] = {}
-
-    def admit(self, key: str) -> tuple[float, str]:
-        """(seconds to wait before retrying, why) when refused; (0, "") when admitted (then ``done`` later)."""
-        now = time.monotonic()
-        with self._lock:
-            if self._inflight.get(key, 0) >= self.limits.max_concurrent:
-                return 1.0, f"more than {self.limits.max_concurrent} requests in flight for this key"
-            tokens, last = self._buckets.get(key, (float(self.limits.burst), now))
-            tokens = min(float(self.limits.burst), tokens + (now - last) * self.limits.requests_per_s)
-            if tokens < 1.0:
-                self._buckets[key] = (tokens, now)
-                return (1.0 - tokens) / self.limits.requests_per_s, (
-                    f"rate limit: {self.limits.requests_per_s:g} requests/s per key (burst {self.limits.burst})")
-            self._buckets[key] = (tokens - 1.0, now)
-            self._inflight[key] = self._inflight.get(key, 0) + 1
-            return 0.0, ""
-
-    def done(self, key: str) -> None:
-        with self._lock:
-            left = self._inflight.get(key, 0) - 1
-            if left > 0:
-                self._inflight[key] = left
-            else:
-                self._inflight.pop(key, None)
-
-    def in_flight(self) -> int:
-        with self._lock:
-            return sum(self._inflight.values())
 
 
 def _validate(body: object, chat: bool, limits: LimitsConfig | None = None) -> str | None:
@@ -297,37 +66,6 @@ def _validate(body: object, chat: bool, limits: LimitsConfig | None = None) -> s
                                       ("n", limits.max_n, "max_n")):
             if isinstance(body.get(key), int) and body[key] > ceiling:
                 return f"'{key}' is {body[key]}, above this endpoint's limit of {ceiling} (serve.limits.{setting})"
-    return None
-
-
-WEBHOOK_MAX_AGE_S = 300  # older (or future) MLflow webhook timestamps are replays or clock trouble
-
-
-def verify_webhook(secret: str, headers, body: bytes, seen: set[str]) -> str | None:
-    """Why an MLflow webhook delivery is not authentic, or None. MLflow signs
-    ``<delivery id>.<unix time>.<body>`` with HMAC-SHA256 and sends ``X-MLflow-Signature: v1,<base64>``."""
-    import base64
-    import hashlib
-
-    signature = headers.get("x-mlflow-signature", "")
-    delivery = headers.get("x-mlflow-delivery-id", "")
-    stamp = headers.get("x-mlflow-timestamp", "")
-    if not signature or not delivery or not stamp:
-        return "unsigned delivery"
-    try:
-        age = time.time() - int(stamp)
-    except ValueError:
-        return "malformed timestamp"
-    if abs(age) > WEBHOOK_MAX_AGE_S:
-        return f"stale delivery ({age:.0f}s old)"
-    version, _, given = signature.partition(",")
-    expected = base64.b64encode(hmac.new(secret.encode(), f"{delivery}.{stamp}.".encode() + body,
-                                         hashlib.sha256).digest()).decode()
-    if version != "v1" or not hmac.compare_digest(given, expected):
-        return "bad signature"
-    if delivery in seen:
-        return "replayed delivery"
-    seen.add(delivery)
     return None
 
 

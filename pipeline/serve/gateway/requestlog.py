@@ -1,0 +1,111 @@
+"""The request log: every request, PII-redacted off the request path, rotated by size and age, with
+retention on a timer."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from pipeline.io import rotated_files
+from pipeline.pii import Redactor, build_redactor
+
+
+class RequestLog:
+    """Append-only JSONL of every request, PII-redacted before it is written, rotated by size and age.
+
+    The live file is ``path``; a full one, or one older than ``rotate_hours``, is renamed
+    ``<stem>.<UTC time>.jsonl``, and rotated files whose newest record is older than ``retention_days`` are
+    deleted. Retention runs on a timer (every ``check_s``), so at low traffic no record outlives
+    retention + rotate_hours. Raw text is only ever in memory.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, retention_days: float, redactor: Redactor | None = None,
+                 rotate_hours: float = 24.0, check_s: float = 60.0):
+        """``redactor``: the sanitizer's (``build_redactor(p.sanitize)``, custom patterns included), so the
+        log keeps nothing that training data would not."""
+        self.path, self.max_bytes, self.retention = path, max_bytes, timedelta(days=retention_days)
+        self.rotate_after_s = rotate_hours * 3600
+        self._redactor = redactor or build_redactor()
+        self._lock = threading.Lock()
+        # Redaction and disk writes happen on a writer thread, off the request path.
+        self._queue: queue.Queue[dict] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True, name="loraflow-request-log").start()
+        self._stop = threading.Event()
+        threading.Thread(target=self._timer, args=(check_s,), daemon=True, name="loraflow-log-retention").start()
+
+    def _timer(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.enforce_retention()
+            except OSError as e:  # a full or read-only disk must not kill serving; say so
+                print(f"warning: request log {self.path}: retention: {e}", flush=True)
+
+    def enforce_retention(self, now: float | None = None) -> None:
+        """Rotate the live file once it is older than ``rotate_hours``, delete rotated files past retention."""
+        now = time.time() if now is None else now
+        with self._lock:
+            started = self._started()
+            if started is not None and now - started > self.rotate_after_s:
+                self._rotate()
+            self._expire(now)
+
+    def _started(self) -> float | None:
+        """When the live file's first record was written (its first line's ``ts``), or None."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                first = fh.readline()
+            return datetime.fromisoformat(json.loads(first)["ts"]).timestamp()
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _rotate(self) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        self.path.rename(self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}"))
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def redact(self, text: str) -> str:
+        return self._redactor.redact(text)[0]
+
+    def write(self, record: dict) -> None:
+        """Queue ``record``; it is redacted and appended shortly after (``flush`` waits for that)."""
+        self._queue.put(record)
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def _drain(self) -> None:
+        while True:
+            record = self._queue.get()
+            try:
+                self._append(record)
+            except Exception as e:  # noqa: BLE001 - a full disk must not kill serving; say so instead
+                print(f"warning: request log {self.path}: {e}", flush=True)
+            finally:
+                self._queue.task_done()
+
+    def _append(self, record: dict) -> None:
+        record = {**record, "prompt": self.redact(record.get("prompt") or ""),
+                  "response": self.redact(record.get("response") or "")}
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:
+                self._rotate()
+                self._expire()
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+
+    def rotated(self) -> list[Path]:
+        return rotated_files(self.path)
+
+    def _expire(self, now: float | None = None) -> None:
+        cutoff = (time.time() if now is None else now) - self.retention.total_seconds()
+        for f in self.rotated():
+            if f.stat().st_mtime < cutoff:
+                f.unlink(missing_ok=True)
