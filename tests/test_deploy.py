@@ -54,6 +54,7 @@ def test_compose_files_and_volumes_exist():
         if build:
             assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
         for vol in svc.get("volumes", []):
+            vol = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", vol)  # ${VAR:-default}: the default must exist
             src = vol.split(":")[0]
             if src.startswith("."):
                 assert (ROOT / src).exists(), f"{name}: {src} missing"
@@ -128,7 +129,8 @@ def test_compose_runs_the_commands_loraflow_up_runs(monkeypatch):
     assert plat.p.serve.base_url == "http://vllm:8000" and "--port=8000" in SERVICES["vllm"]["command"]
     gw = plat.p.serve
     assert gw.webhook_url == f"http://serve-follower:{gw.gateway_port}/hooks/mlflow"
-    assert SERVICES["serve-follower"]["ports"] == [f"{gw.gateway_port}:{gw.gateway_port}"]
+    assert SERVICES["serve-follower"]["ports"] == [f"127.0.0.1:{gw.gateway_port}:{gw.gateway_port}"]  # TLS in front
+    assert f"reverse_proxy serve-follower:{gw.gateway_port} " in (ROOT / "deploy/compose/Caddyfile").read_text()
     assert not plat.cfg.serve  # the endpoint is its own service, not started by the worker's platform
     # One database setting for both servers, from the environment (the password stays in .env).
     assert plat.database_url.startswith("postgresql://loraflow:pw@postgres:5432/") and not plat.cfg.database_url
@@ -230,14 +232,20 @@ def test_dockerignore_keeps_secrets_environments_and_run_state_out_of_images():
         assert not spec.match_file(path), f"{path} is needed in the image"
 
 
-def test_only_the_authenticated_gateway_is_published_beyond_localhost():
+def test_only_tls_in_front_of_the_authenticated_gateway_is_published_beyond_localhost():
     for name, svc in SERVICES.items():
         for port in svc.get("ports", []):
-            if name != "serve-follower":
+            if name != "tls":
                 assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
-    assert "ports" not in SERVICES["vllm"]
+    assert SERVICES["tls"]["ports"] == ["443:443"] and "ports" not in SERVICES["vllm"]
     assert SERVICES["serve-follower"]["command"] == ["serve"]
     assert "LORAFLOW_API_KEYS" in SERVICES["serve-follower"]["environment"]
+    # The proxy terminates TLS and forwards to the gateway only; plain HTTP is never published.
+    caddy = (ROOT / "deploy/compose/Caddyfile").read_text()
+    site = re.search(r"^\{\$LORAFLOW_DOMAIN\} \{(.*)^\}", caddy, re.M | re.S).group(1)
+    assert re.search(r"^\s*tls \{\$LORAFLOW_TLS\}$", site, re.M)
+    assert re.search(r"^\s*reverse_proxy serve-follower:8080 ", site, re.M) and "http://" not in site
+    assert "./deploy/compose/Caddyfile:/etc/caddy/Caddyfile:ro" in SERVICES["tls"]["volumes"]
 
 
 def test_secrets_come_from_the_environment_without_defaults():
