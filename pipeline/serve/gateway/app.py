@@ -146,9 +146,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         if key is None:
             return _error(401, "invalid or missing API key", "invalid_api_key")
         wait, why = limiter.admit(key)
-        if wait:
-            return refused(429, why, "rate_limited", wait)
-        ticket = {"key": key, "route": None}  # what this request holds until it ends
+        ticket = {"key": None if wait else key, "route": None}  # what this request holds until it ends
 
         def release() -> None:
             if ticket["key"] is not None:
@@ -158,32 +156,41 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                 routes.release(ticket["route"])
                 ticket["route"] = None
 
+        def refuse(status: int, message: str, code: str, body: object = None, retry_after: float | None = None):
+            """Refused before reaching vLLM: released, and in the log with the reason (never as traffic: drift
+            reads answered requests only)."""
+            release()
+            model = body.get("model") if isinstance(body, dict) else None
+            log.write({"ts": datetime.now(timezone.utc).isoformat(), "model": str(model) if model else None,
+                       "endpoint": "chat" if chat else "completions", "status": status, "error": code,
+                       "prompt": _prompt_text(body) if isinstance(body, dict) and not _validate(body, chat) else "",
+                       "response": ""})
+            return refused(status, message, code, retry_after)
+
         try:
             raw_body = await read_body(request)
             if raw_body is None:
-                release()
-                return refused(413, f"the request body is larger than {limits.max_body_kb} KB "
-                                    "(serve.limits.max_body_kb)", "body_too_large")
+                return refuse(413, f"the request body is larger than {limits.max_body_kb} KB "
+                                   "(serve.limits.max_body_kb)", "body_too_large")
             try:
                 body = json.loads(raw_body)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                release()
-                return _error(400, f"the request body is not valid JSON: {e}", "invalid_json")
+                return refuse(400, f"the request body is not valid JSON: {e}", "invalid_json")
+            if wait:
+                return refuse(429, why, "rate_limited", body, wait)
             problem = _validate(body, chat, limits)
             if problem:
-                release()
-                return _error(400, problem, "invalid_request")
+                return refuse(400, problem, "invalid_request", body)
             route = ticket["route"] = routes.acquire(body["model"])
         except BaseException:
             release()
             raise
         if route is None:
-            release()
             if body["model"] in known:
-                return refused(503, f"the model '{body['model']}' has no version loaded yet (starting, or its base "
-                                    "model is being swapped); retry shortly", "model_not_ready", 10)
-            return _error(404, f"the model '{body['model']}' does not exist; GET /v1/models lists the served names",
-                          "model_not_found")
+                return refuse(503, f"the model '{body['model']}' has no version loaded yet (starting, or its base "
+                                   "model is being swapped); retry shortly", "model_not_ready", body, 10)
+            return refuse(404, f"the model '{body['model']}' does not exist; GET /v1/models lists the served names",
+                          "model_not_found", body)
         for k, value in generation_defaults(route.task).items():
             body.setdefault(k, value)
         if isinstance(body.get("max_tokens"), int):  # the task's default may exceed the endpoint's ceiling
@@ -212,6 +219,8 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                 return 503, "the model server is not reachable; retry shortly", "upstream_unavailable"
             return 502, f"the model server broke off the answer ({type(e).__name__})", "upstream_error"
 
+        # Which registered version answered (clients and audits can tell a swap happened).
+        served_by = {"X-Loraflow-Version": str(route.version)}
         path = "/v1/chat/completions" if chat else "/v1/completions"
         try:
             upstream = await client().send(client().build_request("POST", path, json=body), stream=True)
@@ -247,7 +256,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                 choice = (data.get("choices") or [{}])[0]
                 text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
             finish(upstream.status_code, text, data.get("usage") if isinstance(data, dict) else None)
-            return JSONResponse(data, status_code=upstream.status_code)
+            return JSONResponse(data, status_code=upstream.status_code, headers=served_by)
 
         async def relay():
             pieces: list[str] = []
@@ -277,7 +286,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                 await upstream.aclose()
                 finish(outcome[0], "".join(pieces), usage, outcome[1])
 
-        return StreamingResponse(relay(), media_type="text/event-stream")
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=served_by)
 
     seen: set[str] = set()
 
