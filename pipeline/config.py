@@ -415,9 +415,9 @@ class LimitsConfig(_Strict):
     max_body_kb: int = Field(256, gt=0)  # 413 above
     max_tokens: int = Field(1024, gt=0)  # ceiling on a request's max_tokens (400 above)
     max_n: int = Field(4, gt=0)  # ceiling on n (400 above)
-    requests_per_s: float = Field(10.0, gt=0.0)  # per client key, sustained ...
-    burst: int = Field(20, gt=0)  # ... with this many at once (429 + Retry-After beyond)
-    max_concurrent: int = Field(16, gt=0)  # requests in flight per client key (429 beyond)
+    requests_per_s: float = Field(50.0, gt=0.0)  # per client key, sustained ...
+    burst: int = Field(100, gt=0)  # ... with this many at once (429 + Retry-After beyond)
+    max_concurrent: int = Field(64, gt=0)  # requests in flight per client key (429 beyond)
     request_timeout_s: float = Field(120.0, gt=0.0)  # upstream deadline per request (504 after)
 
 
