@@ -40,12 +40,12 @@ from pipeline.serve.follow import Follower  # noqa: E402
 from pipeline.serve.gateway import GatewayServer, RequestLog, Route, Routes, build_app  # noqa: E402
 from pipeline.serve.vllm import VLLMServer  # noqa: E402
 
-# The bench measures the gateway's overhead, not its per-key limits: one key sends everything.
-UNLIMITED = LimitsConfig(requests_per_s=1e9, burst=10**9, max_concurrent=10**6)
 from pipeline.base.builtin import build_builtin  # noqa: E402
 from pipeline.train.trainer import train  # noqa: E402
 
 KEY = "bench-client-key"
+# The bench measures the gateway's overhead, not its per-key limits: one key sends everything.
+UNLIMITED = LimitsConfig(requests_per_s=1e9, burst=10**9, max_concurrent=10**6)
 
 
 def free_port() -> int:
