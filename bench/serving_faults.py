@@ -103,7 +103,7 @@ def build_fixtures(tmp: Path) -> tuple[Path, list[Path], list[list[dict]]]:
     for i, rank in enumerate((8, 8, 32)):  # the third does not fit serve.max_lora_rank: vLLM refuses it
         out = tmp / f"adapter-{i}"
         train(TrainConfig(out_dir=str(out), checkpoint_dir=str(tmp / f"ck{i}"), lora_r=rank, lora_alpha=2 * rank,
-                          trl=dict(max_steps=4, per_device_train_batch_size=8, max_length=96, seed=i)), base, clean)
+                          trl=dict(max_steps=4, per_device_train_batch_size=8, max_length=96, seed=i), max_truncated_share=1.0), base, clean)
         adapters.append(out)
     prompts = [json.loads(x)["messages"][:-1] for x in clean.read_text().splitlines()[:50]]
     return base, adapters, prompts

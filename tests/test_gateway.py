@@ -113,7 +113,7 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
 
     def adapter(tag: str, seed: int, rank: int = 8) -> Path:
         out = tmp_path / f"adapter-{tag}"
-        train(TrainConfig(out_dir=str(out), checkpoint_dir=str(tmp_path / "ck"), lora_r=rank, lora_alpha=2 * rank, trl=dict(max_steps=6, per_device_train_batch_size=8, learning_rate=5e-2, seed=seed, max_length=96)),
+        train(TrainConfig(out_dir=str(out), checkpoint_dir=str(tmp_path / "ck"), lora_r=rank, lora_alpha=2 * rank, trl=dict(max_steps=6, per_device_train_batch_size=8, learning_rate=5e-2, seed=seed, max_length=96), max_truncated_share=1.0),
               tiny_base, clean_demo / "train/clean.jsonl")
         return out
 
@@ -295,7 +295,7 @@ def test_loraflow_serve_prints_its_endpoint_and_sigterm_stops_vllm(tiny_base, cl
 
     reg = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art"))
     adapter = tmp_path / "adapter"
-    train(TrainConfig(out_dir=str(adapter), checkpoint_dir=str(tmp_path / "ck"), lora_r=8, lora_alpha=16, trl=dict(max_steps=4, per_device_train_batch_size=8, max_length=96)), tiny_base, clean_demo / "train/clean.jsonl")
+    train(TrainConfig(out_dir=str(adapter), checkpoint_dir=str(tmp_path / "ck"), lora_r=8, lora_alpha=16, trl=dict(max_steps=4, per_device_train_batch_size=8, max_length=96), max_truncated_share=1.0), tiny_base, clean_demo / "train/clean.jsonl")
     run = registry.log_candidate(reg, run_name="a", params={}, adapter_dir=adapter, train_metrics={},
                                  eval_metrics={}, artifacts={}, tags={})
     registry.register(reg, "cli-model", run, {"adapter_sha256": dir_sha256(adapter)}, "card")

@@ -93,6 +93,9 @@ def sql_project(project):
     params["augment"]["enabled"] = True
     params["train"]["generic_fraction"] = 0.0
     params["train"]["trl"].update(max_steps=30, per_device_train_batch_size=16, num_train_epochs=1, save_steps=100)
+    # The employees are named in questions and answers: personal names would be redacted (and the records
+    # differing only in a name would collapse); this user's names are data values, kept by configuration.
+    params["sanitize"]["pii"] = {"keep_names": NAMES}
     params["dvc"]["push"] = False
     params["base"]["builtin"]["pretrain_steps"] = 50  # the real pretraining path, short
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
