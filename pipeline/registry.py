@@ -345,6 +345,10 @@ def rollback(cfg: RegistryConfig, name: str) -> VersionInfo:
     raise LookupError(f"model {name!r}: no earlier {cfg.alias} in its alias history to roll back to")
 
 
+class AdapterUnavailable(OSError):
+    """The artifact store did not give back the version's adapter (missing or different files)."""
+
+
 def download_adapter(cfg: RegistryConfig, info: VersionInfo, dst: Path) -> Path:
     """Materialise a version's adapter under ``dst/<name>-v<version>`` (reused when already there)."""
     import mlflow.artifacts
@@ -358,6 +362,12 @@ def download_adapter(cfg: RegistryConfig, info: VersionInfo, dst: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
         got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{info.name}/{info.version}",
                                                        dst_path=tmp))
+        # A storage that lost or hides the files answers with an empty folder, not an error: check what came.
+        want = info.tags.get("adapter_sha256")
+        if not (got / "adapter_config.json").is_file() or (want and dir_sha256(got) != want):
+            raise AdapterUnavailable(f"{info.name} v{info.version}: the artifact store returned "
+                                     f"{'no adapter' if not (got / 'adapter_config.json').is_file() else 'other files'} "
+                                     f"for models:/{info.name}/{info.version} (storage unavailable or changed)")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             import shutil

@@ -140,6 +140,7 @@ class Endpoint:
                     if code is None:
                         continue
                     self.routes.clear()  # 503 + Retry-After at once instead of connection errors
+                    server.stop()  # what is left of it (engine processes) must not hold the port
                     self.engine.update(up=False, last_exit=code)
                     self.engine["restarts"] += 1
                     n = self.engine["restarts"]

@@ -23,13 +23,18 @@ from pipeline.modeling import BaseMissing, resolve_base
 
 
 class ServingError(RuntimeError):
-    """vLLM failed a request. ``transient``: it could not answer now (a timeout, a reset, a 5xx: retry and
-    keep serving what is served); else it refused this request for good (a 4xx: the adapter's shape, bad
-    input)."""
+    """vLLM failed a request. ``transient``: it could not answer now (a timeout, a reset, 429/502/503/504:
+    retry and keep serving what is served); else it refused this request (a 4xx, or the 500 vLLM answers
+    when the engine rejects an adapter: its rank or shape)."""
 
     def __init__(self, message: str, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+# vLLM answers a failed adapter load with 500 whatever the cause (LoRA rank above max_lora_rank included):
+# only these statuses mean "not now".
+TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
 
 
 def _post(url: str, what: str, timeout: float, **kw) -> httpx.Response:
@@ -39,7 +44,8 @@ def _post(url: str, what: str, timeout: float, **kw) -> httpx.Response:
     except httpx.TransportError as err:  # connect, read, timeout, reset
         raise ServingError(f"{what}: {type(err).__name__}: {err}", transient=True) from None
     if r.status_code != 200:
-        raise ServingError(f"{what} failed: HTTP {r.status_code}: {r.text[:500]}", transient=r.status_code >= 500)
+        raise ServingError(f"{what} failed: HTTP {r.status_code}: {r.text[:500]}",
+                           transient=r.status_code in TRANSIENT_STATUS)
     return r
 
 
@@ -138,6 +144,10 @@ class VLLMServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        if self.process is not None:
+            # vLLM's engine processes outlive an API server that was killed, holding its port and memory:
+            # the rest of its process group goes too.
+            _end_group(self.process.pid, timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -162,6 +172,21 @@ class VLLMServer:
         r = _post(f"{self.url}/v1/chat/completions", f"chat completion on {model}", 120, json=body,
                   headers=self._auth)
         return r.json()["choices"][0]["message"]["content"]
+
+
+def _end_group(pgid: int, timeout_s: float) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s / 2
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def generation_defaults(task: TaskConfig) -> dict:
