@@ -229,7 +229,7 @@ class Endpoint:
                 self.reconcile()
                 delay = poll
             except Exception as e:  # noqa: BLE001 - MLflow or vLLM hiccups: report, back off, keep serving
-                delay = min(delay * 2, 300)
+                delay = min(delay * 2, 30)  # short: serving waits on this once the registry is back
                 self.say(f"warning: could not reconcile with the registry ({type(e).__name__}: {e}); "
                          f"retry in {delay:.0f}s")
 

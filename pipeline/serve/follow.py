@@ -70,6 +70,9 @@ class Follower:
     # name -> (version, attempts, monotonic time of the next try): swaps that failed for a transient reason.
     deferred: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     seen_alias: dict[str, int] = field(default_factory=dict)  # the alias version last recorded in the history
+    # The last version each name served well: where a rejected alias goes back to even when nothing is
+    # routed right now (vLLM restarting).
+    last_good: dict[str, int] = field(default_factory=dict)
     retry_base_s: float = 5.0
     retry_max_s: float = 300.0
     # The weights vLLM runs (None: unknown, an attached server), and how to restart it on another base.
@@ -152,6 +155,7 @@ class Follower:
             return self._reject(name, champion, current, "smoke test failed: " + "; ".join(problems))
         previous = self.routes.set(Route(name, internal, champion.version, task))
         self.deferred.pop(name, None)
+        self.last_good[name] = champion.version
         seconds = time.monotonic() - started
         try:
             registry.set_version_tag(self.registry_cfg, name, champion.version, "serving_status", "served")
@@ -194,10 +198,11 @@ class Follower:
     def _restore(self, name: str, champion: registry.VersionInfo, current: Route | None) -> dict | None:
         """Move the alias back from a rejected version to the served one (compare-and-set: only if it still
         names the rejected version). None when there is nothing to do or it must wait for the registry."""
-        if current is None:
+        back = current.version if current is not None else self.last_good.get(name)
+        if back is None or back == champion.version:
             return None
         try:
-            registry.promote(self.registry_cfg, name, current.version, expected=champion.version,
+            registry.promote(self.registry_cfg, name, back, expected=champion.version,
                              by=f"loraflow serve: v{champion.version} rejected")
         except registry.AliasMoved as moved:
             self.say(f"{name}: alias left alone: {moved}")
@@ -206,6 +211,6 @@ class Follower:
             self.say(f"{name}: alias still on rejected v{champion.version}; moving it back when the registry "
                      f"answers ({e})")
             return None
-        self.say(f"{name}: alias @{self.registry_cfg.alias} moved back to v{current.version}, which keeps serving "
+        self.say(f"{name}: alias @{self.registry_cfg.alias} moved back to v{back}, the last version served well "
                  f"(to try v{champion.version} again, remove its serving_status tag)")
-        return {"model": name, "version": champion.version, "alias_restored_to": current.version}
+        return {"model": name, "version": champion.version, "alias_restored_to": back}
