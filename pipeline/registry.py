@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -297,11 +298,20 @@ def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None |
         c.set_registered_model_alias(name, cfg.alias, str(version))
 
     if now is not None and now != version:
-        reconcile_history(cfg, name, now)  # a UI move before this one is recorded as such first
+        _note_history(lambda: reconcile_history(cfg, name, now))  # a UI move before this one, recorded as such
     call(cfg, f"move {name}@{cfg.alias} to v{version}", move)
     if now != version:
-        record_move(cfg, name, now, version, by)
+        _note_history(lambda: record_move(cfg, name, now, version, by))
     return _info(mv)
+
+
+def _note_history(write: Callable[[], object]) -> None:
+    """History is bookkeeping: once the alias moved, failing to note it must not fail the move (the next
+    reconciliation records it, as a move made outside loraflow)."""
+    try:
+        write()
+    except RegistryUnavailable as err:
+        print(f"warning: alias history not updated: {err}", file=sys.stderr, flush=True)
 
 
 def ensure_webhook(cfg: RegistryConfig, name: str, url: str, secret: str) -> str:
