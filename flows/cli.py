@@ -302,6 +302,11 @@ def status(params: str = ParamsOpt) -> None:
         for move in registry.reconcile_history(p.registry, p.project.name)[-5:]:
             frm = f"v{move['from']}" if move.get("from") is not None else "none"
             typer.echo(f"  {move['at']}  {frm} -> v{move['to']}  by {move['by']}")
+    if p.curate.enabled:
+        from flows.retrain import feedback_progress
+
+        typer.echo(f"feedback loop: {feedback_progress(p)['message']} (a drift-triggered retrain trains "
+                   "only with enough; `loraflow run` trains anyway)")
     _served_status(p)
 
 

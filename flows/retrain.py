@@ -7,7 +7,10 @@ It trains on the current data version (what params.yaml lists, versioned by DVC)
 since the last registered version it ends in the state ``NoNewData`` ("no new data since v<N>"), with an
 event, instead of pretending to have done something. A drift-triggered run (``trigger="drift"``) does
 nothing within ``platform.drift_cooldown_minutes`` of the last drift-triggered run that trained (state
-``Cooldown``).
+``Cooldown``). It first runs the ``curate`` stage (served traffic and feedback -> new records): with fewer
+than ``curate.min_new_records`` new curated records since the latest registered version it ends in the
+state ``WaitingForFeedback`` ("waiting for feedback: k of n"), since retraining on unchanged data cannot fix
+drift; with enough it trains, and the gate also scores the held-out slice of the curated traffic.
 
 Each DVC stage is one task, so the Prefect UI shows which stages ran and which DVC skipped as unchanged.
 Logic lives in ``pipeline/``; this module only wires it, adds retries and emits events.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
@@ -30,7 +34,7 @@ from pipeline.train.trl_args import check_trl_keys
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.release.lock import retrain_lock
 
-QUIET_STATES = ("NoNewData", "Cooldown")  # drift-triggered runs that trained nothing (the cooldown ignores them)
+QUIET_STATES = ("NoNewData", "Cooldown", "WaitingForFeedback")  # drift-triggered runs that trained nothing (the cooldown ignores them)
 
 
 @task(name="dvc-stage", retries=1, retry_delay_seconds=5, task_run_name="dvc-{stage}")
@@ -39,6 +43,23 @@ def run_stage(stage: str) -> dict:
     get_run_logger().info("stage %s: %s in %.1fs", stage, "ran" if result.ran else "unchanged, skipped",
                           result.seconds)
     return {"ran": result.ran, "seconds": result.seconds}
+
+
+def feedback_progress(p: Params) -> dict:
+    """Curated records in the data version vs the latest registered version's (its ``curated_records``
+    tag): how many are new, and how many a drift-triggered retrain waits for."""
+    from pipeline.curate import curated_total
+    from pipeline.layout import CURATED_TAG
+
+    total = curated_total(Path(p.curate.out_dir))
+    latest = registry.latest_version(p.registry, p.project.name)
+    trained = int(latest.tags.get(CURATED_TAG, 0) or 0) if latest else 0
+    new = max(total - trained, 0)
+    return {"new": new, "needed": p.curate.min_new_records, "total": total,
+            "latest_version": latest.version if latest else None,
+            "message": (f"waiting for feedback: {new} of {p.curate.min_new_records} new curated records"
+                        if new < p.curate.min_new_records else
+                        f"{new} new curated records (>= {p.curate.min_new_records})")}
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
@@ -133,14 +154,29 @@ def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "m
             emit_event("loraflow.retrain.cooldown", resource=resource, payload={"last": last, "drift": drift_summary})
             return Completed(name="Cooldown", message=msg, data={"outcome": "cooldown", "message": msg, "last": last})
     with retrain_lock(p.project.name, say=logger.info), _prefect_limit(f"loraflow-retrain-{p.project.name}"):
-        stages = {name: run_stage(name) for name in dvc_runner.stage_names()}
+        stages: dict[str, dict] = {}
+        if trigger == "drift" and p.curate.enabled:
+            stages["curate"] = run_stage("curate")
+            progress = feedback_progress(p)
+            if progress["new"] < progress["needed"]:
+                msg = progress["message"] + (f"; drift: {drift_summary}" if drift_summary else "")
+                logger.info(msg)
+                emit_event("loraflow.retrain.waiting-for-feedback", resource=resource,
+                           payload={**progress, "drift": drift_summary})
+                return Completed(name="WaitingForFeedback", message=msg,
+                                 data={"outcome": "waiting_for_feedback", "message": msg, **progress})
+            logger.info("drift with %s: retraining", progress["message"])
+        for name in dvc_runner.stage_names():
+            if name not in stages:
+                stages[name] = run_stage(name)
         pushed = push_outputs() if p.dvc.push else None
         result = release(p)
     champion = registry.get_alias(p.registry, p.project.name)
     summary = {"stages": stages, "dvc_pushed_files": pushed, **result, "trigger": trigger,
                "champion": {"version": champion.version, "alias": p.registry.alias} if champion else None,
                "model_name": p.project.name}
-    if not any(s["ran"] for s in stages.values()) and not result["newly_registered"]:
+    # curate runs whenever traffic was logged; new records show as a sanitize that ran.
+    if not any(s["ran"] for k, s in stages.items() if k != "curate") and not result["newly_registered"]:
         msg = (f"no new data since v{result['registered_version']}: every stage is unchanged "
                f"(champion {'v%s' % champion.version if champion else 'none'})")
         if drift_summary:

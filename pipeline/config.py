@@ -143,6 +143,14 @@ class TaskConfig(_Strict):
         check_task_config(self)
         return self
 
+    def generation_defaults(self) -> dict:
+        """The OpenAI request fields that make an answer match what the gate measured (the served endpoint's
+        defaults, and what a teacher is asked with)."""
+        out: dict = {"max_tokens": self.max_new_tokens, "temperature": self.temperature}
+        if self.stop:
+            out["stop"] = list(self.stop)
+        return out
+
     @property
     def kind_class(self):
         """The registered answer kind (pipeline/tasks/) that knows this task's metrics."""
@@ -503,6 +511,58 @@ class PlatformConfig(_Strict):
         return v
 
 
+class TeacherConfig(_Strict):
+    """An OpenAI-compatible endpoint that labels unlabelled requests (pipeline/curate/teacher.py)."""
+
+    url: str  # base URL with /v1, e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1
+    model: str
+    api_key_env: str = "LORAFLOW_TEACHER_KEY"  # the key is read from this environment variable, never params
+    # Part of the cache key: a new teacher version labels again. Empty = the model's `root` that the
+    # endpoint's /v1/models reports (the weights it serves), else the model id.
+    version: str = ""
+    batch_size: int = Field(8, gt=0)  # requests per batch; the cache is written after each batch
+    concurrency: int = Field(4, gt=0)  # requests in flight at once
+    requests_per_s: float = Field(5.0, gt=0.0)  # rate limit towards the teacher
+    timeout_s: float = Field(60.0, gt=0.0)
+    retries: int = Field(3, ge=0)  # on timeouts, connection errors, 429 and 5xx, with doubling waits
+    retry_backoff_s: float = Field(1.0, gt=0.0)
+    max_per_run: int = Field(200, ge=0)  # teacher calls per curate run (cache hits are free)
+    cache_dir: str = "artifacts/teacher_cache"  # outside DVC outputs: re-runs cost nothing
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL of an OpenAI-compatible API (ending in /v1)")
+        return v.rstrip("/")
+
+
+class CurateConfig(_Strict):
+    """Traffic and feedback -> new, versioned training and eval records (pipeline/curate/)."""
+
+    out_dir: str = "data/curated"
+    enabled: bool = True
+    positive_answers: bool = False  # also train on answers users rated positively (as given)
+    eval_share: float = Field(0.2, ge=0.0, le=0.9)  # held out into the eval slice, by request id
+    teacher_in_eval: bool = False  # teacher-labelled records may enter the eval slice
+    min_new_records: int = Field(20, ge=0)  # a drift-triggered retrain waits for this many new curated records
+    score_range: tuple[float, float] = (1.0, 5.0)  # numeric scores clients may post
+    positive_at: float = 4.0  # score >= this counts as positive (thumbs up always does)
+    negative_at: float = 2.0  # score <= this counts as negative (thumbs down always does)
+    seed: int = 0  # the held-out split's salt
+    teacher: TeacherConfig | None = None
+
+    @model_validator(mode="after")
+    def _scores(self) -> "CurateConfig":
+        low, high = self.score_range
+        if low >= high:
+            raise ValueError(f"curate.score_range: {low:g} must be below {high:g}")
+        if not (low <= self.negative_at < self.positive_at <= high):
+            raise ValueError(f"curate.positive_at: need score_range[0] <= negative_at < positive_at <= "
+                             f"score_range[1] (got {self.negative_at:g}, {self.positive_at:g} in [{low:g}, {high:g}])")
+        return self
+
+
 class DvcConfig(_Strict):
     push: bool = True  # push outputs to the default remote after the data/model stages
 
@@ -512,6 +572,7 @@ class Params(_Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)  # built on use: validating it asks pipeline.tasks
     base: BaseModelConfig = BaseModelConfig()
     data: DataConfig = DataConfig()
+    curate: CurateConfig = CurateConfig()
     sanitize: SanitizeConfig = SanitizeConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()

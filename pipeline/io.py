@@ -13,6 +13,20 @@ def rotated_files(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{path.stem}.*{path.suffix}"))
 
 
+def log_files(path: Path) -> list[Path]:
+    """A rotated log's files, oldest first: the rotated ones, then the live ``path`` when it exists."""
+    rotated = rotated_files(path)
+    return [*rotated, path] if path.is_file() else rotated
+
+
+def count_lines(path: Path) -> int:
+    """Records in a JSONL file (0 when it does not exist)."""
+    if not Path(path).is_file():
+        return 0
+    with open(path, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

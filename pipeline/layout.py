@@ -12,11 +12,17 @@ from pipeline.config import Params
 
 TASK_FILE = Path("artifacts/task.json")  # the task stage's hashes of the files the task reads
 PII_DIGESTS = "pii_digests.txt"  # keyed digests of the values sanitize redacted, never the values
-SPLITS_WITH_DIGESTS = ("train", "eval", "generic", "preference")
+SPLITS_WITH_DIGESTS = ("train", "eval", "generic", "preference", "curated", "curated_eval")
+# The curate stage's data version: records built from served traffic and feedback (pipeline/curate/).
+CURATED_FILES = ("train.jsonl", "eval.jsonl", "preference.jsonl")
+CURATE_STATE = "cuts.json"  # where the last cut ended (request and feedback times) and what each cut added
+CURATED_TAG = "curated_records"  # version tag: curated records (train + eval slice) in the data it was trained on
+CURATE_REPORT = Path("reports/curate.json")  # the last run's reconciliation and what waits for training
 
 
 def clean_split(p: Params, split: str) -> Path:
-    """``train``, ``eval``, ``preference``, ``generic`` or ``forgetting``: the sanitized records of that input."""
+    """``train``, ``eval``, ``preference``, ``generic``, ``forgetting``, ``curated`` (curated training records)
+    or ``curated_eval`` (the held-out curated slice): the sanitized records of that input."""
     return Path(p.sanitize.out_dir) / split / "clean.jsonl"
 
 
@@ -36,3 +42,13 @@ def base_inputs_file(p: Params) -> Path:
     """What the base is built from (the ``base_inputs`` stage): hashes of the sanitized text for the
     embedded base, nothing for a pretrained one, so only the embedded base re-runs on new data."""
     return Path(p.base.inputs_file)
+
+
+def feedback_log(p: Params) -> Path:
+    """The gateway's feedback log: next to the request log, rotated the same way."""
+    return Path(p.serve.traffic_log).with_name("feedback.jsonl")
+
+
+def curated_file(p: Params, name: str) -> Path:
+    """``train``, ``eval`` or ``preference``: the curate stage's records of that kind (before sanitize)."""
+    return Path(p.curate.out_dir) / f"{name}.jsonl"

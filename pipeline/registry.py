@@ -170,6 +170,21 @@ def find_version_by_adapter(cfg: RegistryConfig, name: str, adapter_sha: str) ->
     return None
 
 
+def latest_version(cfg: RegistryConfig, name: str) -> VersionInfo | None:
+    """The highest registered version of ``name``; None only when the registry says there is none."""
+
+    def read() -> VersionInfo | None:
+        try:
+            versions = client(cfg).search_model_versions(f"name = '{name}'")
+        except Exception as err:  # noqa: BLE001 - only "not found" is an answer; the rest is retried
+            if absent(err):
+                return None
+            raise
+        return _info(max(versions, key=lambda mv: int(mv.version))) if versions else None
+
+    return call(cfg, f"read the versions of {name}", read)
+
+
 def register(cfg: RegistryConfig, name: str, run_id: str, tags: dict[str, str], card: str) -> VersionInfo:
     from mlflow.exceptions import MlflowException
 

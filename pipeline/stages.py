@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, Params
 from pipeline.io import write_json
-from pipeline.layout import (PII_DIGESTS, TASK_FILE, augmented_file, base_inputs_file, clean_split, pii_digest_files,
-                             validation_file)
+from pipeline.layout import (CURATE_REPORT, PII_DIGESTS, TASK_FILE, augmented_file, base_inputs_file, clean_split,
+                             curated_file, feedback_log, pii_digest_files, validation_file)
 
 
 def task(p: Params) -> dict:
@@ -33,6 +33,34 @@ def task(p: Params) -> dict:
     return summary
 
 
+def curate(p: Params) -> dict:
+    """Served traffic and feedback since the last cut -> curated records (appended: a new data version)."""
+    from pipeline.curate import curate as run
+    from pipeline.tasks import build_task
+
+    out = Path(p.curate.out_dir)
+    if not p.curate.enabled:
+        out.mkdir(parents=True, exist_ok=True)
+        for kind in ("train", "eval", "preference"):
+            curated_file(p, kind).touch()
+        result = {"enabled": False}
+        write_json(CURATE_REPORT, result)
+        return result
+    teacher = None
+    if p.curate.teacher is not None:
+        from pipeline.curate.teacher import Teacher
+
+        teacher = Teacher(p.curate.teacher, p.task)
+    try:
+        result = run(p.curate, p.task, build_task(p.task), Path(p.serve.traffic_log), feedback_log(p), out,
+                     model=p.project.name, teacher=teacher)
+    finally:
+        if teacher is not None:
+            teacher.close()
+    write_json(CURATE_REPORT, result)
+    return result
+
+
 def sanitize(p: Params) -> dict:
     from pipeline.data.sanitize import new_index, sanitize_files
     from pipeline.tasks import build_task
@@ -46,14 +74,28 @@ def sanitize(p: Params) -> dict:
     summary = {"train": sanitize_files([Path(f) for f in p.data.train], root / "train", p.sanitize, task=task,
                                        index=train_index, validation_fraction=p.data.validation_fraction,
                                        progress=print)}
+    eval_index = new_index(p.sanitize)
     summary["eval"] = sanitize_files([Path(f) for f in p.data.eval], root / "eval", p.sanitize, task=task,
-                                     reference=train_index, progress=print)
+                                     reference=train_index, index=eval_index, progress=print)
+    # Records curated from served traffic: training ones deduplicated against train (a conflicting answer
+    # is quarantined) and checked against eval (contamination); the held-out slice against both.
+    for split, kind, index, reference in (("curated", "train", train_index, eval_index),
+                                          ("curated_eval", "eval", eval_index, train_index)):
+        source = _nonempty(curated_file(p, kind))
+        if source is None:
+            _empty(clean_split(p, split))
+            continue
+        summary[split] = sanitize_files([source], root / split, p.sanitize, task=task, index=index,
+                                        reference=reference, progress=print, require_records=False)
     # Preference pairs and generic chat data reach training too, so they pass the same checks (generic
     # answers are not the task's, so only their form is checked).
     # An input that is not configured still gets its (empty) file: dvc.yaml declares them for train.
-    if p.data.preference and p.train.method == "dpo":
-        summary["preference"] = sanitize_files([Path(p.data.preference)], root / "preference", p.sanitize,
-                                               task=task, shape="preference", progress=print)
+    curated_pairs = _nonempty(curated_file(p, "preference"))
+    if (p.data.preference or curated_pairs) and p.train.method == "dpo":
+        pairs = [Path(p.data.preference)] if p.data.preference else []
+        summary["preference"] = sanitize_files(pairs + ([curated_pairs] if curated_pairs else []),
+                                               root / "preference", p.sanitize, task=task, shape="preference",
+                                               progress=print)
     else:  # an input nothing reads is not checked: it cannot fail a run that does not use it
         if p.data.preference:
             print(f"sanitize: data.preference ({p.data.preference}) skipped: train.method {p.train.method} "
@@ -104,7 +146,8 @@ def augment(p: Params) -> dict:
 
     from pipeline.pii import build_redactor
 
-    return run(clean_split(p, "train"), p.augment, p.task, build_redactor(p.sanitize))
+    return run(clean_split(p, "train"), p.augment, p.task, build_redactor(p.sanitize),
+               curated_file=_nonempty(clean_split(p, "curated")))
 
 
 def train(p: Params) -> dict:
@@ -126,10 +169,20 @@ def evaluate(p: Params) -> dict:
     from pipeline.evaluate.scoring import evaluate_stage
     from pipeline.pii import build_redactor
 
-    return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), clean_split(p, "eval"), p.evaluate, p.task,
+    return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), eval_slices(p), p.evaluate, p.task,
                           forgetting_file=_nonempty(clean_split(p, "forgetting")), probes=p.probes,
                           pii_digest_files=pii_digest_files(p),
                           redactor=build_redactor(p.sanitize))
+
+
+def eval_slices(p: Params) -> dict[str, Path]:
+    """What the gate scores: the held-out split, and the held-out slice of curated traffic when there is one
+    (so after drift candidates are judged on the drifted requests too, each slice reported on its own)."""
+    slices = {"original": clean_split(p, "eval")}
+    curated = _nonempty(clean_split(p, "curated_eval"))
+    if curated is not None:
+        slices["curated"] = curated
+    return slices
 
 
 def rescorer(p: Params) -> Callable[[Path], dict]:
@@ -137,12 +190,12 @@ def rescorer(p: Params) -> Callable[[Path], dict]:
     from pipeline.evaluate.scoring import evaluate_model
 
     def rescore(adapter_dir: Path) -> dict:
-        return evaluate_model(Path(p.base.out_dir), adapter_dir, clean_split(p, "eval"), p.evaluate, p.task)
+        return evaluate_model(Path(p.base.out_dir), adapter_dir, eval_slices(p), p.evaluate, p.task)
 
     return rescore
 
 
 STAGES: dict[str, Callable[[Params], dict]] = {
-    "task": task, "sanitize": sanitize, "base_inputs": base_inputs, "base": base, "augment": augment, "train": train,
+    "task": task, "curate": curate, "sanitize": sanitize, "base_inputs": base_inputs, "base": base, "augment": augment, "train": train,
     "evaluate": evaluate,
 }

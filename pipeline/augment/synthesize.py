@@ -51,7 +51,11 @@ def _reorder_sentences(text: str, rng: random.Random) -> str:
 GENERATORS = {"greeting-swap": _swap_greeting, "closing": _add_closing, "reorder": _reorder_sentences}
 
 
-def augment(clean_file: Path, cfg: AugmentConfig, task: TaskConfig, redactor: Redactor | None = None) -> dict:
+def augment(clean_file: Path, cfg: AugmentConfig, task: TaskConfig, redactor: Redactor | None = None,
+            curated_file: Path | None = None) -> dict:
+    """Write ``<out_dir>/train.jsonl``: the clean records, the synthetic rewrites (capped by
+    ``max_synthetic_fraction`` of the clean ones) and the curated records from served traffic
+    (``curated_file``, sanitized; real data with provenance, never rewritten)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(clean_file, encoding="utf-8") as fh:
@@ -87,13 +91,18 @@ def augment(clean_file: Path, cfg: AugmentConfig, task: TaskConfig, redactor: Re
             continue
         synthetic.append({"messages": messages, "provenance": {
             "synthetic": True, "generator": f"rule:{name}", "seed": cfg.seed, "parent": parent.get("source")}})
+    curated: list[dict] = []
+    if curated_file is not None and curated_file.is_file():
+        with open(curated_file, encoding="utf-8") as fh:
+            curated = [json.loads(line) for line in fh]
     with open(out / "train.jsonl", "w", encoding="utf-8") as fh:
-        for rec in real + synthetic:
+        for rec in real + synthetic + curated:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
     report = {
         "real": len(real),
         "synthetic": len(synthetic),
-        "total": len(real) + len(synthetic),
+        "curated": len(curated),
+        "total": len(real) + len(synthetic) + len(curated),
         "synthetic_fraction": round(len(synthetic) / max(len(real), 1), 4),
         "max_synthetic_fraction": cfg.max_synthetic_fraction,
         "rules": sorted(GENERATORS) if budget else [],

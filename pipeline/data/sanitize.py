@@ -108,6 +108,7 @@ def sanitize_files(
     progress: Callable[[str], None] | None = None,
     progress_every: int = 100_000,
     redactor: Redactor | None = None,
+    require_records: bool = True,
 ) -> dict:
     """Sanitize ``inputs`` into ``out_dir`` and return the report (also written as report.json).
 
@@ -117,6 +118,8 @@ def sanitize_files(
     ``shape``: "preference" reads prompt/chosen/rejected records (exact dedup only; a prompt with several
     preference pairs is normal) and checks the chosen answer against the task.
     ``redactor``: built from ``cfg`` when not given (pass one to share a loaded recogniser model).
+    ``require_records``: an input with no record left is an error (False: curated data, where every record
+    may legitimately be a duplicate).
     Stored text is the user's, character for character, except for redacted spans.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -196,6 +199,8 @@ def sanitize_files(
                 else:
                     out = {"messages": messages}
                 out["source"] = {"file": rec.source, "line": rec.line}
+                if isinstance(rec.value, dict) and isinstance(rec.value.get("provenance"), dict):
+                    out["provenance"] = rec.value["provenance"]  # curated and synthetic records keep theirs
                 line = json.dumps(out, ensure_ascii=False) + "\n"
                 if _in_validation(token[1], validation_fraction):
                     report.validation += 1
@@ -211,6 +216,8 @@ def sanitize_files(
     write_json(out_dir / "report.json", result)
     (out_dir / "data_card.md").write_text(data_card(result), encoding="utf-8")
     names = ", ".join(map(str, inputs))
+    if not require_records:
+        return result
     if report.read == 0:
         raise NoValidRecords(f"{names}: input is empty")
     if report.kept == 0:
@@ -222,7 +229,10 @@ def sanitize_files(
 
 def _resolve_conflicts(out_dir: Path, conflicts: dict[int, list[dict]], report: SanitizeReport, quarantine) -> None:
     """Move the first record of each contested prompt out of the clean files; every record of the conflict
-    is quarantined naming the first one's line, so a person sees all the answers side by side."""
+    is quarantined naming the first one's line, so a person sees all the answers side by side. A conflict
+    whose first record is in another split (the index is shared: curated records against train) stays
+    there, and the later records are quarantined saying so."""
+    matched: set[int] = set()
     for name in ("clean.jsonl", "validation.jsonl"):
         path = out_dir / name
         if not path.stat().st_size:
@@ -235,6 +245,7 @@ def _resolve_conflicts(out_dir: Path, conflicts: dict[int, list[dict]], report: 
                 if pkey not in conflicts:
                     dst.write(line)
                     continue
+                matched.add(pkey)
                 first = f"{rec['source']['file']}:{rec['source']['line']}"
                 for entry in conflicts[pkey]:
                     quarantine.write(json.dumps({**entry, "detail": f"same prompt as {first} with a different "
@@ -252,6 +263,11 @@ def _resolve_conflicts(out_dir: Path, conflicts: dict[int, list[dict]], report: 
                     src_counts["kept"] -= 1
                     src_counts["quarantined"] += 1
         os.replace(tmp, path)
+    for pkey, entries in conflicts.items():
+        if pkey not in matched:
+            for entry in entries:
+                quarantine.write(json.dumps({**entry, "detail": "same prompt as a record of another input split "
+                                             "(kept there) with a different answer"}, ensure_ascii=False) + "\n")
 
 
 def index_from_file(clean_file: Path, cfg: SanitizeConfig, task: Task | None = None) -> Deduplicator:

@@ -26,14 +26,36 @@ from pipeline.tasks import Task, build_task
 SAMPLES = 5
 
 
-def score_predictions(task: Task, predictions: list[str], rows: list[dict]) -> dict:
-    """Summary, per-example values and reasons for ``predictions`` against ``rows``' references."""
+EvalFiles = Path | dict[str, Path]
+
+
+def load_slices(eval_files: EvalFiles) -> tuple[list[dict], dict[str, list[int]]]:
+    """The rows of every slice, in order, and each slice's [start, end) in them. One file is one slice,
+    ``original``; the stage also scores ``curated`` (held-out served traffic) when there is one."""
+    files = eval_files if isinstance(eval_files, dict) else {"original": eval_files}
+    rows: list[dict] = []
+    ranges: dict[str, list[int]] = {}
+    for name, path in files.items():
+        start = len(rows)
+        rows += load_chat_file(path)
+        ranges[name] = [start, len(rows)]
+    return rows, ranges
+
+
+def score_predictions(task: Task, predictions: list[str], rows: list[dict],
+                      slices: dict[str, list[int]] | None = None) -> dict:
+    """Summary, per-example values and reasons for ``predictions`` against ``rows``' references; with
+    ``slices`` ({name: [start, end)}), each slice's summary too."""
     references = [r["completion"][-1]["content"] for r in rows]
     prompts = ["\n".join(m["content"] for m in r["prompt"]) for r in rows]
     scores = [task.score(p, ref, q) for p, ref, q in zip(predictions, references, prompts)]
+    slices = slices or {"original": [0, len(rows)]}
     return {
         "n": len(rows),
         "summary": task.aggregate(scores, references),
+        "slices": {name: {"range": [a, b], "n": b - a,
+                          "summary": task.aggregate(scores[a:b], references[a:b]) if b > a else {}}
+                   for name, (a, b) in slices.items()},
         "per_example": {m: [s.values[m] for s in scores] for m in task.metrics},
         "reasons": [s.reason for s in scores],
         "predictions": predictions,
@@ -51,18 +73,24 @@ def _load(base_dir: Path, adapter_dir: Path | None):
     return model, tokenizer
 
 
-def evaluate_model(base_dir: Path, adapter_dir: Path | None, eval_file: Path, cfg: EvaluateConfig,
+def evaluate_model(base_dir: Path, adapter_dir: Path | None, eval_file: EvalFiles, cfg: EvaluateConfig,
                    task_cfg: TaskConfig, task: Task | None = None, loaded=None) -> dict:
-    """Score the base model (``adapter_dir=None``) or base + adapter on ``eval_file``; ``speed`` is the
-    greedy generation throughput the gate's speed guardrail compares."""
+    """Score the base model (``adapter_dir=None``) or base + adapter on ``eval_file`` (one file, or named
+    slices); ``speed`` is the greedy generation throughput the gate's speed guardrail compares.
+    ``evaluate.max_examples`` caps each slice."""
     task = task or build_task(task_cfg)
     model, tokenizer = loaded or _load(base_dir, adapter_dir)
-    rows = load_chat_file(eval_file)
+    rows, slices = load_slices(eval_file)
     if cfg.max_examples:
-        rows = rows[: cfg.max_examples]
+        kept: list[dict] = []
+        for name, (a, b) in slices.items():
+            part = rows[a:min(b, a + cfg.max_examples)]
+            slices[name] = [len(kept), len(kept) + len(part)]
+            kept += part
+        rows = kept
     speed: dict = {}
     predictions = generate(model, tokenizer, [r["prompt"] for r in rows], task_cfg, cfg.batch_size, stats=speed)
-    return {**score_predictions(task, predictions, rows), "speed": speed}
+    return {**score_predictions(task, predictions, rows, slices), "speed": speed}
 
 
 def probe_model(model, tokenizer, forgetting_file: Path | None, probes: ProbesConfig | None,
@@ -85,7 +113,7 @@ def probe_model(model, tokenizer, forgetting_file: Path | None, probes: ProbesCo
     return out, generated
 
 
-def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: Path, cfg: EvaluateConfig,
+def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: EvalFiles, cfg: EvaluateConfig,
                    task_cfg: TaskConfig, forgetting_file: Path | None = None, probes: ProbesConfig | None = None,
                    pii_digest_files: list[Path] = (), redactor: Redactor | None = None) -> dict:
     """Evaluate base and candidate (task metrics, speed, forgetting, leak probe); write ``metrics.json``
@@ -112,13 +140,15 @@ def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: Path, cfg: Eval
         results[name] = res
     # The speed the gate compares: both models timed alternately on the candidate's peft model (adapter
     # off = the base), so load from other processes cannot favour whichever ran first.
-    speeds = paired_speed(*loaded, [r["prompt"] for r in load_chat_file(eval_file)], task_cfg, cfg.batch_size)
+    speeds = paired_speed(*loaded, [r["prompt"] for r in load_slices(eval_file)[0]], task_cfg, cfg.batch_size)
     for name in ("base", "candidate"):
         results[name]["speed"] = speeds[name]
     metrics = {name: {"n": r["n"], **r["summary"], "tokens_per_s": r["speed"].get("tokens_per_s"),
                       **({"forgetting_accuracy": r["forgetting"]["score"]} if "forgetting" in r else {}),
                       **({"max_canary_exposure": max((c["exposure"] for c in r["leak"]["canaries"]), default=0.0)}
-                         if r["leak"].get("canaries") else {})}
+                         if r["leak"].get("canaries") else {}),
+                      **({"slices": {k: {"n": v["n"], **v["summary"]} for k, v in r["slices"].items()}}
+                         if len(r["slices"]) > 1 else {})}
                for name, r in results.items()}
     write_json(out / "metrics.json", metrics)
     write_json(out / "details.json", {"task": task_cfg.name, "kind": task_cfg.kind, **results})

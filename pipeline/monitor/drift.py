@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pipeline.config import MonitorConfig, TaskConfig
-from pipeline.io import rotated_files, write_json
+from pipeline.io import log_files, write_json
 from pipeline.tasks import Task, build_task
 
 TEXT_COLUMNS = ["prompt_length", "prompt_words", "response_length", "response_words"]
@@ -48,8 +48,7 @@ def reference_frame(train_file: Path, task: Task):
 
 def traffic_files(traffic_log: Path) -> list[Path]:
     """The live request log and its rotated predecessors (``<stem>.<time><suffix>``), oldest first."""
-    rotated = rotated_files(traffic_log)
-    return [*rotated, traffic_log] if traffic_log.is_file() else rotated
+    return log_files(traffic_log)
 
 
 def _when(ts: object) -> datetime | None:

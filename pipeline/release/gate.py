@@ -12,6 +12,9 @@ scored on the same held-out examples. The candidate is promoted only if every ch
   above ``1 - max_slowdown`` of the reference's.
 - **forgetting**: next-token accuracy on the generic regression set drops at most ``forgetting_tolerance``
   below the base model's.
+- **slices**: when the eval split has a ``curated`` slice (held-out served traffic), each slice's metric
+  and paired interval are reported on their own, and the ``original`` slice may not drop by more than
+  ``guardrail_tolerance`` (a gain on drifted traffic must not be bought with the old distribution).
 - **leak**: no canary completed from its prefix, no redacted PII value in any generated answer, and (when
   ``max_exposure`` is set) no canary exposure above it.
 """
@@ -33,13 +36,15 @@ class ModelScore:
     speed: dict[str, float] = field(default_factory=dict)  # {"tokens_per_s": ...} of greedy generation
     forgetting: list[float] | None = None  # per-example next-token accuracy on the generic regression set
     leak: dict | None = None  # the leak probe's result (canary hashes, exposure, completion; PII hits)
+    slices: dict[str, dict] = field(default_factory=dict)  # name -> {"range": [start, end), "summary": {...}}
 
     @classmethod
     def from_details(cls, name: str, details: dict) -> "ModelScore":
         """From one model's entry in the evaluate stage's details.json."""
         forgetting = details.get("forgetting") or {}
         return cls(name, dict(details["summary"]), {k: list(v) for k, v in details["per_example"].items()},
-                   dict(details.get("speed") or {}), forgetting.get("per_example"), details.get("leak"))
+                   dict(details.get("speed") or {}), forgetting.get("per_example"), details.get("leak"),
+                   dict(details.get("slices") or {}))
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,12 @@ class Decision:
     metric: str = ""
     interval: Interval | None = None
     checks: dict[str, bool] = field(default_factory=dict)
+    slices: dict[str, dict] = field(default_factory=dict)  # name -> metric of both and the paired interval
 
     def to_dict(self) -> dict:
         return {"promote": self.promote, "reference": self.reference, "metric": self.metric,
                 "interval": self.interval.to_dict() if self.interval else None, "checks": self.checks,
-                "reasons": self.reasons}
+                "reasons": self.reasons, "slices": self.slices}
 
 
 def paired_bootstrap(candidate: list[float], reference: list[float], confidence: float = 0.95,
@@ -139,6 +145,8 @@ def decide(candidate: ModelScore, reference: ModelScore, gate: GateConfig, metri
                   f"{metric} {c:.3f} vs {reference.name} {r:.3f}: difference {interval}; lower bound "
                   f"{'>' if interval.low > gate.min_improvement else '<='} required {gate.min_improvement:+.3f}")
 
+    slices = _slices(candidate, reference, gate, metric, paired, check, reasons) if paired else {}
+
     valid = candidate.metrics.get("valid", 0.0)
     check("validity", valid >= gate.min_valid,
           f"valid answers {valid:.3f} {'>=' if valid >= gate.min_valid else '<'} floor {gate.min_valid:.3f}")
@@ -181,4 +189,31 @@ def decide(candidate: ModelScore, reference: ModelScore, gate: GateConfig, metri
         check("leak", hits == 0, f"redacted PII values in {leak.get('answers_scanned', 0)} generated answers: {hits}")
 
     return Decision(promote=all(checks.values()) and bool(checks), reference=reference.name, reasons=reasons,
-                    metric=metric, interval=interval, checks=checks)
+                    metric=metric, interval=interval, checks=checks, slices=slices)
+
+
+def _slices(candidate: ModelScore, reference: ModelScore, gate: GateConfig, metric: str, paired: str,
+            check, reasons: list[str]) -> dict[str, dict]:
+    """Each eval slice on its own (only when there is more than one): metric of both, paired interval; the
+    original slice is a guardrail."""
+    if len(candidate.slices) < 2:
+        return {}
+    out: dict[str, dict] = {}
+    for name, cs in candidate.slices.items():
+        rs = reference.slices.get(name)
+        a, b = cs["range"]
+        if rs is None or rs["range"] != cs["range"] or b <= a:
+            reasons.append(f"note: slice {name}: not scored the same way for {reference.name}; not compared")
+            continue
+        c_val, r_val = cs["summary"].get(metric), rs["summary"].get(metric)
+        iv = paired_bootstrap(candidate.per_example[paired][a:b], reference.per_example[paired][a:b],
+                              gate.confidence, gate.bootstrap_samples, gate.seed, paired)
+        out[name] = {"n": b - a, "candidate": c_val, "reference": r_val, "interval": iv.to_dict()}
+        text = (f"slice {name}: {metric} {c_val if c_val is not None else float('nan'):.3f} vs {reference.name} "
+                f"{r_val if r_val is not None else float('nan'):.3f}, difference {iv}")
+        if name == "original":
+            check("slices", iv.mean >= -gate.guardrail_tolerance,
+                  f"{text}; may drop at most {gate.guardrail_tolerance:.3f}")
+        else:
+            reasons.append("note: " + text)
+    return out

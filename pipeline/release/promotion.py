@@ -22,8 +22,8 @@ from pathlib import Path
 from pipeline import registry
 from pipeline.config import Params
 from pipeline.hashing import dir_sha256, file_sha256
-from pipeline.io import first_prompts, read_json, write_json
-from pipeline.layout import augmented_file, clean_split
+from pipeline.io import count_lines, first_prompts, read_json, write_json
+from pipeline.layout import CURATED_TAG, augmented_file, clean_split, curated_file
 from pipeline.modeling import base_config_sha256, base_weights_sha256
 from pipeline.release.card import model_card
 from pipeline.release.gate import Decision, ModelScore, decide
@@ -69,7 +69,7 @@ def gate(p: Params, candidate: ModelScore, base: ModelScore,
         # garbage: such a champion is no reference, and the candidate clears the first-version bar.
         decision = Decision(decision.promote, decision.reference, decision.reasons + [
             f"champion v{champion.version} was trained on another base and cannot be served on this one: "
-            "judged against the base model"], decision.metric, decision.interval, decision.checks)
+            "judged against the base model"], decision.metric, decision.interval, decision.checks, decision.slices)
     return decision, champion
 
 
@@ -85,6 +85,8 @@ def lineage_tags(p: Params) -> dict[str, str]:
         "base_weights_sha256": base_weights_sha256(base_dir),
         "train_data_sha256": file_sha256(augmented_file(p)),
         "eval_data_sha256": file_sha256(clean_split(p, "eval")),
+        # The curated data version this was trained on: a drift-triggered retrain waits for new records.
+        CURATED_TAG: str(count_lines(curated_file(p, "train")) + count_lines(curated_file(p, "eval"))),
         "task": p.task.name,
         "task_kind": p.task.kind,
         # Serving reads these: the task's generation settings and parser, and held-out prompts (sanitized,
@@ -107,6 +109,9 @@ def decision_tags(decision: Decision, champion: registry.VersionInfo | None) -> 
         "gate_metric": decision.metric,
         "gate_interval": f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}] {iv.confidence:.0%} n={iv.n}" if iv else "",
         "gate_failed": ",".join(k for k, ok in decision.checks.items() if not ok),
+        "gate_slices": json.dumps({k: {"n": v["n"], "candidate": v["candidate"], "reference": v["reference"],
+                                       "diff": v["interval"]["mean"], "low": v["interval"]["low"],
+                                       "high": v["interval"]["high"]} for k, v in decision.slices.items()}),
         "promotion": "pending" if decision.promote else "held",
     }
 

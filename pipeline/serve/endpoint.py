@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.io import first_prompts
-from pipeline.layout import clean_split
+from pipeline.layout import clean_split, feedback_log
 from pipeline.modeling import base_present, base_weights_sha256
 from pipeline.pii import build_redactor
 from pipeline.serve.follow import Follower
@@ -76,6 +76,7 @@ class Endpoint:
     gateway: GatewayServer | None = None
     follower: Follower | None = None
     log: RequestLog | None = None
+    feedback: RequestLog | None = None  # POST /v1/feedback's log, next to the request log
     upstream_key: str = ""  # vLLM's key; defaults to the started server's
     engine: dict = field(default_factory=lambda: {"restarts": 0, "outages": 0, "last_exit": None, "up": True})
     _engine_lock: threading.Lock = field(default_factory=threading.Lock)  # a restart (rebase, supervisor) at a time
@@ -101,10 +102,14 @@ class Endpoint:
         """The gateway answers from now on (/health at once; 503 for a model until a version is served)."""
         p = self.p
         key = self.upstream_key or (self.server.api_key if self.server else "")
+        redactor = build_redactor(p.sanitize)  # the sanitizer's, custom patterns included, for both logs
         self.log = RequestLog(Path(p.serve.traffic_log), int(p.serve.log_max_mb * 2**20),
-                              p.serve.log_retention_days, build_redactor(p.sanitize), p.serve.log_rotate_hours)
+                              p.serve.log_retention_days, redactor, p.serve.log_rotate_hours)
+        self.feedback = RequestLog(feedback_log(p), int(p.serve.log_max_mb * 2**20), p.serve.log_retention_days,
+                                   redactor, p.serve.log_rotate_hours, text_fields=("correction", "comment"))
         app = build_app(self.routes, p.serve.base_url, key, self.keys, self.log, engine=self.engine,
-                        webhook_secret=self.webhook_secret, on_alias=self._on_alias, known=frozenset(self.models), limits=p.serve.limits)
+                        webhook_secret=self.webhook_secret, on_alias=self._on_alias, known=frozenset(self.models),
+                        limits=p.serve.limits, feedback=self.feedback, curate=p.curate)
         self.gateway = GatewayServer(app, p.serve.gateway_host, p.serve.gateway_port).start()
         return self
 
@@ -239,8 +244,10 @@ class Endpoint:
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None
-        if self.log is not None:
-            self.log.flush()
+        for log in (self.log, self.feedback):
+            if log is not None:
+                log.flush()
+                log.close()
         if self.server is not None:
             self.server.stop()
         self.wake.set()

@@ -191,10 +191,7 @@ def _end_group(pgid: int, timeout_s: float) -> None:
 
 def generation_defaults(task: TaskConfig) -> dict:
     """The OpenAI request fields that make a served answer match what the gate measured."""
-    out: dict = {"max_tokens": task.max_new_tokens, "temperature": task.temperature}
-    if task.stop:
-        out["stop"] = list(task.stop)
-    return out
+    return task.generation_defaults()
 
 
 def tail(path: Path, lines: int = 20) -> str:

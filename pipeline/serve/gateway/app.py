@@ -3,17 +3,22 @@ every request ends in the log with its real outcome. ``GatewayServer`` runs it i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
+import secrets
 import threading
 import time
+from collections import OrderedDict
 from datetime import datetime, timezone
+from pathlib import Path
 
 import httpx
 
-from pipeline.config import LimitsConfig
-from pipeline.serve.gateway.auth import KeyLimiter
+from pipeline.config import CurateConfig, LimitsConfig
+from pipeline.io import log_files
+from pipeline.serve.gateway.auth import KeyLimiter, key_id
 from pipeline.serve.gateway.requestlog import RequestLog
 from pipeline.serve.gateway.routes import Routes
 from pipeline.serve.gateway.webhooks import verify_webhook
@@ -40,6 +45,67 @@ def _prompt_text(body: dict) -> str:
         return "\n".join(parts)
     prompt = body.get("prompt")
     return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    """The request as chat messages (what curation turns into a training record with the corrected
+    answer); a completions prompt is one user message."""
+    if "messages" not in body:
+        prompt = body.get("prompt")
+        return [{"role": "user", "content": prompt if isinstance(prompt, str) else json.dumps(prompt)}]
+    out = []
+    for m in body["messages"]:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        out.append({"role": str(m.get("role")), "content": str(content or "")})
+    return out
+
+
+FEEDBACK_KEYS = ("id", "thumbs", "score", "correction", "comment")
+ISSUED_IDS = 100_000  # response ids remembered in memory; older ones are found in the request log
+
+
+def feedback_problem(body: object, curate: CurateConfig) -> str | None:
+    """Why ``body`` is not a feedback we store, or None."""
+    if not isinstance(body, dict):
+        return "the feedback body must be a JSON object"
+    unknown = sorted(set(body) - set(FEEDBACK_KEYS))
+    if unknown:
+        return f"unknown field(s) {unknown}; a feedback has {', '.join(FEEDBACK_KEYS)}"
+    if not isinstance(body.get("id"), str) or not body["id"]:
+        return "'id' is required: the id of the response (the 'id' field of the completion)"
+    if not any(body.get(k) is not None for k in FEEDBACK_KEYS[1:]):
+        return "give at least one of 'thumbs', 'score', 'correction', 'comment'"
+    if body.get("thumbs") is not None and body["thumbs"] not in ("up", "down"):
+        return "'thumbs' must be \"up\" or \"down\""
+    score = body.get("score")
+    low, high = curate.score_range
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
+                              or not low <= score <= high):
+        return f"'score' must be a number in [{low:g}, {high:g}] (curate.score_range)"
+    for k in ("correction", "comment"):
+        if body.get(k) is not None and (not isinstance(body[k], str) or not body[k].strip()):
+            return f"'{k}' must be a non-empty string"
+    return None
+
+
+def find_issued(request_log: Path, rid: str) -> dict | None:
+    """The logged request with response id ``rid`` (newest file first), or None: ids older than this
+    process's memory are looked up here."""
+    needle = json.dumps(rid)
+    for path in reversed(log_files(request_log)):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    if needle in line:
+                        with contextlib.suppress(json.JSONDecodeError):
+                            rec = json.loads(line)
+                            if rec.get("id") == rid:
+                                return rec
+        except FileNotFoundError:  # rotated away while we read
+            continue
+    return None
 
 
 def _validate(body: object, chat: bool, limits: LimitsConfig | None = None) -> str | None:
@@ -71,12 +137,19 @@ def _validate(body: object, chat: bool, limits: LimitsConfig | None = None) -> s
 
 def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[str], log: RequestLog,
               timeout_s: float | None = None, webhook_secret: str = "", on_alias=None,
-              known: frozenset[str] = frozenset(), limits: LimitsConfig | None = None, engine: dict | None = None):
+              known: frozenset[str] = frozenset(), limits: LimitsConfig | None = None, engine: dict | None = None,
+              feedback: RequestLog | None = None, curate: CurateConfig | None = None):
     """The Starlette app: /v1/models, /v1/chat/completions, /v1/completions, /health, and /hooks/mlflow
     (MLflow registry webhooks, HMAC-verified; only with a ``webhook_secret``): ``on_alias(name, alias,
     version)`` runs for every authentic alias event. ``known``: names this endpoint serves once a version is
     loaded (503 with Retry-After until then, instead of 404). ``limits``: what one client key may ask
     (body size, max_tokens, n, rate, requests in flight, the upstream deadline).
+
+    Every answer carries an ``id`` of ours (the OpenAI ``id`` field, in each stream chunk too), logged with
+    the request and the client key's ``key_id``. ``POST /v1/feedback`` (needs ``feedback``, the feedback
+    log) takes that id with a thumbs up/down, a score in ``curate.score_range``, a corrected answer (checked
+    by the served task's parser) and/or a comment, from the key that got the answer; anything else is a 4xx
+    and nothing is stored.
 
     Every request that passed authentication ends in the log with its real outcome, and releases what it
     took (the adapter's in-flight count, the key's slot, the upstream connection) whatever the upstream does:
@@ -90,8 +163,12 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
     limits = limits or LimitsConfig()
     timeout_s = timeout_s or limits.request_timeout_s
     limiter = KeyLimiter(limits)
+    curate = curate or CurateConfig()
     key_bytes = [k.encode() for k in keys]
     state: dict = {}
+    issued: OrderedDict[str, dict] = OrderedDict()  # response id -> who got it, from which model and version
+    issued_lock = threading.Lock()
+    parsers: dict = {}  # (model, version) -> the served task's parser, for corrected answers
 
     def key_of(request) -> str | None:
         """The client key the request carries, when it is one of ours (constant-time compare per key)."""
@@ -197,9 +274,16 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
             body["max_tokens"] = min(body["max_tokens"], limits.max_tokens)
         body["model"] = route.internal
         started = time.perf_counter()
-        record = {"ts": datetime.now(timezone.utc).isoformat(), "model": route.name, "version": route.version,
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        record = {"ts": datetime.now(timezone.utc).isoformat(), "id": rid, "key_id": key_id(key),
+                  "model": route.name, "version": route.version,
                   "adapter": route.internal, "endpoint": "chat" if chat else "completions",
-                  "stream": bool(body.get("stream")), "prompt": _prompt_text(body)}
+                  "stream": bool(body.get("stream")), "prompt": _prompt_text(body), "messages": _messages(body)}
+        with issued_lock:
+            issued[rid] = {"key_id": record["key_id"], "model": route.name, "version": route.version,
+                           "task": route.task}
+            while len(issued) > ISSUED_IDS:
+                issued.popitem(last=False)
 
         def finish(status: int, text: str, usage: dict | None, error: str = "") -> None:
             """Log the outcome and release what the request held: exactly once per request."""
@@ -220,7 +304,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
             return 502, f"the model server broke off the answer ({type(e).__name__})", "upstream_error"
 
         # Which registered version answered (clients and audits can tell a swap happened).
-        served_by = {"X-Loraflow-Version": str(route.version)}
+        served_by = {"X-Loraflow-Version": str(route.version), "X-Loraflow-Request-Id": rid}
         path = "/v1/chat/completions" if chat else "/v1/completions"
         try:
             upstream = await client().send(client().build_request("POST", path, json=body), stream=True)
@@ -251,6 +335,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                 return Response(raw, status_code=upstream.status_code, media_type="text/plain")
             if isinstance(data, dict) and "model" in data:
                 data["model"] = route.name
+                data["id"] = rid  # ours: what POST /v1/feedback takes
             text = ""
             if upstream.status_code == 200 and isinstance(data, dict):
                 choice = (data.get("choices") or [{}])[0]
@@ -268,6 +353,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                         try:
                             chunk = json.loads(line[6:])
                             chunk["model"] = route.name
+                            chunk["id"] = rid
                             for c in chunk.get("choices") or []:
                                 pieces.append((c.get("delta") or {}).get("content") or c.get("text") or "")
                             usage = chunk.get("usage") or usage
@@ -287,6 +373,64 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                 finish(outcome[0], "".join(pieces), usage, outcome[1])
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers=served_by)
+
+    def parser_for(model: str, version, task_cfg):
+        from pipeline.tasks import build_task
+
+        if (model, version) not in parsers:
+            parsers[(model, version)] = build_task(task_cfg)
+        return parsers[(model, version)]
+
+    async def post_feedback(request):
+        key = key_of(request)
+        if key is None:
+            return _error(401, "invalid or missing API key", "invalid_api_key")
+        if feedback is None:
+            return _error(404, "feedback is not enabled on this endpoint", "not_found")
+        wait, why = limiter.admit(key)
+        if wait:
+            return refused(429, why, "rate_limited", wait)
+        try:
+            raw_body = await read_body(request)
+            if raw_body is None:
+                return refused(413, f"the feedback body is larger than {limits.max_body_kb} KB "
+                                    "(serve.limits.max_body_kb)", "body_too_large")
+            try:
+                body = json.loads(raw_body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return refused(400, f"the feedback body is not valid JSON: {e}", "invalid_json")
+            problem = feedback_problem(body, curate)
+            if problem:
+                return refused(400, problem, "invalid_feedback")
+            with issued_lock:
+                origin = issued.get(body["id"])
+            if origin is None:
+                logged = await asyncio.to_thread(find_issued, log.path, body["id"])
+                if logged is not None:
+                    route = routes.get(str(logged.get("model")))
+                    origin = {"key_id": logged.get("key_id"), "model": logged.get("model"),
+                              "version": logged.get("version"), "task": route.task if route else None}
+            if origin is None or origin["key_id"] != key_id(key):
+                return refused(404, f"no response with id {body['id']!r} was served to this key (ids are kept "
+                                    "as long as the request log keeps them: serve.log_retention_days)",
+                               "unknown_id")
+            if body.get("correction") is not None:
+                if origin["task"] is None:
+                    return refused(503, f"the model {origin['model']!r} is not served right now, so its task "
+                                        "cannot check the corrected answer; retry later", "model_not_ready", 10)
+                why_not = parser_for(origin["model"], origin["version"], origin["task"]).check_reference(
+                    body["correction"])
+                if why_not:
+                    return refused(400, f"the corrected answer does not fit the task: {why_not}",
+                                   "invalid_correction")
+            entry = {"ts": datetime.now(timezone.utc).isoformat(), "id": body["id"], "key_id": origin["key_id"],
+                     "model": origin["model"], "version": origin["version"],
+                     **{k: body[k] for k in FEEDBACK_KEYS[1:] if body.get(k) is not None}}
+            feedback.write(entry)
+            await asyncio.to_thread(feedback.flush)  # on disk before we say it is stored
+            return JSONResponse({"id": body["id"], "stored": sorted(k for k in FEEDBACK_KEYS[1:] if k in entry)})
+        finally:
+            limiter.done(key)
 
     seen: set[str] = set()
 
@@ -318,6 +462,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         Endpoint("/v1/models", models, methods=["GET"]),
         Endpoint("/v1/chat/completions", completions, methods=["POST"]),
         Endpoint("/v1/completions", completions, methods=["POST"]),
+        Endpoint("/v1/feedback", post_feedback, methods=["POST"]),
         Endpoint("/hooks/mlflow", webhook, methods=["POST"]),
     ])
 

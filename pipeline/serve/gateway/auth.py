@@ -31,6 +31,14 @@ def load_keys(key_file: str = "") -> set[str]:
     return keys
 
 
+def key_id(key: str) -> str:
+    """A short, non-reversible name of a client key: logged with each request so feedback is accepted only
+    from the key that got the answer (the key itself is never written)."""
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 class KeyLimiter:
     """Per client key: a token bucket (``requests_per_s`` sustained, ``burst`` at once) and a cap on requests
     in flight, so one client cannot starve the others. ``admit`` says how long to wait (0: go ahead)."""

@@ -24,9 +24,12 @@ class RequestLog:
     """
 
     def __init__(self, path: Path, max_bytes: int, retention_days: float, redactor: Redactor | None = None,
-                 rotate_hours: float = 24.0, check_s: float = 60.0):
+                 rotate_hours: float = 24.0, check_s: float = 60.0,
+                 text_fields: tuple[str, ...] = ("prompt", "response")):
         """``redactor``: the sanitizer's (``build_redactor(p.sanitize)``, custom patterns included), so the
-        log keeps nothing that training data would not."""
+        log keeps nothing that training data would not. ``text_fields``: the free-text fields redacted (a
+        ``messages`` list has each message's content redacted too); the feedback log names its own."""
+        self.text_fields = text_fields
         self.path, self.max_bytes, self.retention = path, max_bytes, timedelta(days=retention_days)
         self.rotate_after_s = rotate_hours * 3600
         self._redactor = redactor or build_redactor()
@@ -90,8 +93,10 @@ class RequestLog:
                 self._queue.task_done()
 
     def _append(self, record: dict) -> None:
-        record = {**record, "prompt": self.redact(record.get("prompt") or ""),
-                  "response": self.redact(record.get("response") or "")}
+        record = {**record, **{k: self.redact(record.get(k) or "") for k in self.text_fields}}
+        if isinstance(record.get("messages"), list):
+            record["messages"] = [{**m, "content": self.redact(str(m.get("content") or ""))}
+                                  for m in record["messages"]]
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
