@@ -11,9 +11,13 @@ VLLM_CONSTRAINTS ?= $(VLLM_REQUIREMENTS:.txt=.lock)
 # The pip index mirror on the reference machines prints one warning per missing package; hide only those.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test env vllm-env test-env clean-runs up down
+.PHONY: demo demo-drift test env vllm-env test-env clean-runs up down
 demo: env vllm-env
 	$(VENV)/bin/loraflow demo
+
+# The feedback loop after the demo: drifted traffic, corrections, drift-triggered retrain, new champion.
+demo-drift: env vllm-env
+	$(VENV)/bin/loraflow demo --drift
 
 test: test-env vllm-env
 	$(VENV)/bin/python -m pytest -v --durations=15

@@ -77,8 +77,15 @@ def _say(msg: str) -> None:
 
 @app.command()
 def demo(params: str = ParamsOpt, requests: int = typer.Option(40, help="sample requests to send"),
-         keep_serving: bool = typer.Option(False, help="keep the endpoint answering afterwards (Ctrl-C stops it)")) -> None:
-    """Retrain, serve the champion through the gateway, send sample traffic, check drift, print a summary."""
+         keep_serving: bool = typer.Option(False, help="keep the endpoint answering afterwards (Ctrl-C stops it)"),
+         drift: bool = typer.Option(False, "--drift", help="then play the feedback loop: drifted traffic, user "
+                                    "corrections, drift-check, retrain on the curated data, the new champion served"),
+         drift_file: str = typer.Option("data/drift/feature_requests.jsonl", help="--drift: the drifted requests "
+                                        "with their right answers (chat JSONL)"),
+         feedback_share: float = typer.Option(0.6, min=0.0, max=1.0, help="--drift: share of wrong answers the "
+                                              "simulated user corrects")) -> None:
+    """Retrain, serve the champion through the gateway, send sample traffic, check drift, print a summary
+    (with --drift: the whole feedback loop after it)."""
     p = _params(params, platform=False, training=True)
     from flows.platform import platform_env
 
@@ -87,6 +94,12 @@ def demo(params: str = ParamsOpt, requests: int = typer.Option(40, help="sample 
                     "vLLM and gateway. Use the platform (README, \"The platform\") or `loraflow down` first.",
                     fg="red", err=True)
         raise typer.Exit(1)
+    if drift:
+        from flows.drift_demo import format_drift_summary, run_drift_demo
+
+        typer.echo(format_drift_summary(run_drift_demo(params, drift_file=drift_file, requests=requests,
+                                                       feedback_share=feedback_share, progress=_say)))
+        return
     from flows.demo import format_summary, run_demo
 
     report, endpoint = run_demo(params, requests=requests, keep_serving=keep_serving, progress=_say)

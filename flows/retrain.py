@@ -156,9 +156,13 @@ def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "m
     with retrain_lock(p.project.name, say=logger.info), _prefect_limit(f"loraflow-retrain-{p.project.name}"):
         stages: dict[str, dict] = {}
         if trigger == "drift" and p.curate.enabled:
+            # Asked before curate runs: inputs a person changed (data, params, code) train anyway.
+            changed = dvc_runner.changed_inputs(ignore_paths=(p.curate.out_dir,))
             stages["curate"] = run_stage("curate")
             progress = feedback_progress(p)
-            if progress["new"] < progress["needed"]:
+            if changed:
+                logger.info("inputs changed besides feedback (%s): retraining", ", ".join(sorted(changed)))
+            elif progress["new"] < progress["needed"]:
                 msg = progress["message"] + (f"; drift: {drift_summary}" if drift_summary else "")
                 logger.info(msg)
                 emit_event("loraflow.retrain.waiting-for-feedback", resource=resource,

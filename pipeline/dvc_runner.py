@@ -61,6 +61,37 @@ def repro(stage: str, root: Path = Path(".")) -> StageRun:
     return StageRun(stage, ran, round(time.perf_counter() - started, 2))
 
 
+def changed_inputs(root: Path = Path("."), ignore_paths: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Stages whose own inputs (deps, params, command, outputs) differ from dvc.lock, without running
+    anything; always-changed stages and deps under ``ignore_paths`` do not count. What a drift-triggered
+    retrain asks to tell "a person changed data or code" from "only feedback arrived"."""
+    from dvc.repo import Repo
+
+    spec = (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
+    always = {name for name, st in spec.items() if st.get("always_changed")}
+    prefixes = tuple(p.rstrip("/") + "/" for p in ignore_paths)
+    with Repo(str(root)) as repo:
+        status = repo.status()
+    out: dict[str, list[str]] = {}
+    for stage, changes in status.items():
+        name = stage.split(":")[-1]
+        if name in always:
+            continue
+        items: list[str] = []
+        for change in changes:
+            if isinstance(change, str):
+                items.append(change)
+                continue
+            for kind, what in change.items():
+                if isinstance(what, dict):
+                    items += [f"{kind}: {path}" for path in what if not str(path).startswith(prefixes)]
+                else:
+                    items.append(kind)
+        if items:
+            out[name] = items
+    return out
+
+
 def push(root: Path = Path(".")) -> int:
     """Push cached outputs to the default remote; returns the number of files transferred."""
     from dvc.repo import Repo

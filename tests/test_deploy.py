@@ -156,9 +156,18 @@ def _volume_of(service: str, container_path: str) -> tuple[str, str] | None:
 def test_compose_paths_one_service_writes_are_the_paths_another_reads(monkeypatch):
     plat, _ = _compose_platform(monkeypatch)
     p, wd = plat.p, "/opt/loraflow/"
-    # The gateway writes the request log; the worker's drift-check reads it.
-    log = p.serve.traffic_log
-    assert _volume_of("serve-follower", log) == _volume_of("prefect-worker", log) is not None
+    # The gateway writes the request and feedback logs; the worker's drift-check and curate stage read them.
+    # curate is a DVC stage: it reads params.yaml itself, so the overlay must not move the log elsewhere.
+    from pipeline.config import load_params
+    from pipeline.layout import feedback_log
+
+    stage_params = load_params(ROOT / "params.yaml")
+    assert p.serve.traffic_log == stage_params.serve.traffic_log
+    for log in (wd + p.serve.traffic_log, wd + str(feedback_log(p))):
+        assert _volume_of("serve-follower", log) == _volume_of("prefect-worker", log) is not None
+        assert _volume_of("prefect-worker", log)[0] in COMPOSE["volumes"]
+    # The curated data version outlives the worker container.
+    assert _volume_of("prefect-worker", wd + p.curate.out_dir)[0] in COMPOSE["volumes"]
     # The drift window state survives a worker restart.
     assert _volume_of("prefect-worker", p.monitor.out_dir) is not None
     # vLLM loads the base the worker builds and the adapters the gateway's follower downloads.

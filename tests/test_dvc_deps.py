@@ -20,7 +20,8 @@ import yaml
 from tests.conftest import copy_project
 
 pytestmark = pytest.mark.timeout(900)
-ALL = {"task", "sanitize", "base_inputs", "base", "augment", "train", "evaluate"}
+ALL = {"task", "curate", "sanitize", "base_inputs", "base", "augment", "train", "evaluate"}
+ALWAYS = {"task", "curate"}  # always_changed: DVC lists them; they re-hash the task's files / read the live logs
 
 
 def _dvc(root: Path, *args: str) -> str:
@@ -50,7 +51,7 @@ def reproduced(tmp_path_factory, tiny_base) -> Path:
     params["dvc"]["push"] = False
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _dvc(root, "repro")
-    assert _stale(root) == {"task"}  # always_changed: DVC lists it, and it re-hashes the task's files
+    assert _stale(root) == ALWAYS
     return root
 
 
@@ -59,7 +60,8 @@ def reproduced(tmp_path_factory, tiny_base) -> Path:
     ("pipeline/stages.py", ALL),
     ("pipeline/layout.py", ALL),
     ("pipeline/io.py", ALL),
-    ("pipeline/tasks/json_answers.py", {"task", "sanitize", "evaluate"}),
+    ("pipeline/tasks/json_answers.py", {"task", "curate", "sanitize", "evaluate"}),
+    ("pipeline/curate/__init__.py", {"curate"}),
     ("pipeline/pii/context.py", {"sanitize", "augment", "evaluate"}),
     ("pipeline/dedup.py", {"sanitize", "augment"}),
     ("pipeline/base/builtin.py", {"base"}),
@@ -73,10 +75,10 @@ def test_editing_code_makes_its_stages_stale(reproduced, path, stages):
     original = f.read_bytes()
     try:
         f.write_bytes(original + b"\n# edited\n")
-        assert _stale(reproduced) - {"task"} == stages - {"task"}
+        assert _stale(reproduced) - ALWAYS == stages - ALWAYS
     finally:
         f.write_bytes(original)
-    assert _stale(reproduced) == {"task"}
+    assert _stale(reproduced) == ALWAYS
 
 
 def test_editing_the_schema_file_rescores(reproduced):
@@ -90,7 +92,7 @@ def test_editing_the_schema_file_rescores(reproduced):
     finally:
         schema.write_text(original)
         _dvc(reproduced, "repro", "--single-item", "task")
-    assert _stale(reproduced) == {"task"}
+    assert _stale(reproduced) == ALWAYS
 
 
 def test_new_training_data_leaves_a_pretrained_base_alone(reproduced):
@@ -111,6 +113,26 @@ def test_new_training_data_leaves_a_pretrained_base_alone(reproduced):
         assert ref["path"] and ref["weights_sha256"] and not list((reproduced / "artifacts/base").glob("*.safetensors"))
     finally:
         raw.write_bytes(original)
+
+
+def test_curated_records_retrain_the_adapter_not_the_base(reproduced):
+    """A new cut of curated records re-runs sanitize and what follows, but never the embedded base's inputs:
+    learning from feedback swaps an adapter, it does not rebuild (and restart serving on) a base."""
+    curated = reproduced / "data/curated/train.jsonl"
+    original = curated.read_bytes()
+    try:
+        rec = {"messages": [{"role": "user", "content": "Please add a dark mode to the dashboard."},
+                            {"role": "assistant", "content": '{"category": "technical", "priority": "low"}'}],
+               "provenance": {"request_id": "chatcmpl-1", "feedback": "correction"}}
+        curated.write_bytes(original + json.dumps(rec).encode() + b"\n")
+        assert {"sanitize"} <= _stale(reproduced)
+        _dvc(reproduced, "repro", "--single-item", "sanitize")
+        assert json.loads((reproduced / "data/clean/curated/report.json").read_text())["kept"] == 1
+        _dvc(reproduced, "repro", "--single-item", "base_inputs")
+        stale = _stale(reproduced)
+        assert "base" not in stale and "augment" in stale, stale
+    finally:
+        curated.write_bytes(original)
 
 
 def test_scorer_module_database_and_schema_are_the_tasks_resources(tmp_path, monkeypatch):

@@ -136,5 +136,35 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
             "role": "user", "content": "The package arrived damaged. This is urgent, please help immediately."}])
         # The answer comes from v2 and is one the task accepts (its quality is the gate's business).
         assert build_task(p.task).check_reference(answer.choices[0].message.content) is None, answer
+
+        # 5. The feedback loop: drifted requests (a category the training data lacks) are answered; a
+        # drift-triggered retrain with no feedback waits; users post corrections (by the answer's id);
+        # the next one curates them, retrains the adapter only (same base) and gates on both slices.
+        import httpx
+
+        drifted = [json.loads(x) for x in Path("data/drift/feature_requests.jsonl").read_text().splitlines()[:30]]
+        answers = [client.chat.completions.create(model=p.project.name, messages=r["messages"][:1]) for r in drifted]
+        endpoint.log.flush()
+        waiting = retrain(params_file="params.yaml", trigger="drift", drift_summary="test drift")
+        assert waiting["outcome"] == "waiting_for_feedback", waiting
+        assert waiting["message"].startswith("waiting for feedback: 0 of 20"), waiting
+        with httpx.Client(base_url=endpoint.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+            for a, r in zip(answers[:25], drifted):
+                fixed = http.post("/feedback", json={"id": a.id, "thumbs": "down",
+                                                     "correction": r["messages"][1]["content"]})
+                assert fixed.status_code == 200, fixed.text
+        fifth = retrain(params_file="params.yaml", trigger="drift", drift_summary="test drift")
+        ran = {k for k, s in fifth["stages"].items() if s["ran"]}
+        assert {"curate", "sanitize", "augment", "train", "evaluate"} <= ran and "base" not in ran, fifth["stages"]
+        curated = json.loads(Path("reports/curate.json").read_text())
+        assert curated["curated"]["by_kind"] == {"correction": 25} and curated["reconciles"], curated
+        slices = fifth["decision"]["slices"]
+        assert set(slices) == {"original", "curated"} and slices["curated"]["n"] >= 1, fifth["decision"]
+        assert any(r.startswith("note: slice curated") for r in fifth["decision"]["reasons"])
+        version = registry.client(p.registry).get_model_version(p.project.name, str(fifth["registered_version"]))
+        assert version.tags["curated_records"] == "25" and "curated" in json.loads(version.tags["gate_slices"])
+        from flows.retrain import feedback_progress
+
+        assert feedback_progress(p)["new"] == 0
     finally:
         endpoint.stop()

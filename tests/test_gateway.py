@@ -215,10 +215,67 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
         assert routes.get("alpha").version == 4
         assert set(server.models()) == loaded and registry.get_alias(reg, "alpha").version == 4
         gw.stop()
+
+        _teacher_labels_through_curate_with_a_cache(server, tmp_path, monkeypatch, said)
     finally:
         server.stop()
     assert not any("Traceback" in s for s in said)
     assert os.path.exists(cfg.log_file)
+
+
+def _teacher_labels_through_curate_with_a_cache(server, tmp_path, monkeypatch, said) -> None:
+    """This vLLM (its base model, served as "base") is the teacher of unlabelled requests: labels go through
+    the task's parser into curated records with the teacher in their provenance; a re-run over the same
+    prompts is all cache hits; the per-run cap leaves the rest for the next run."""
+    from datetime import datetime, timedelta, timezone
+
+    from pipeline.config import CurateConfig, TeacherConfig
+    from pipeline.curate import curate
+    from pipeline.curate.teacher import Teacher
+    from pipeline.tasks import build_task
+
+    monkeypatch.setenv("TEST_TEACHER_KEY", "vllm-secret")
+    text = TaskConfig(kind="text", max_new_tokens=8)
+    cfg = TeacherConfig(url=f"{server.url}/v1", model="base", api_key_env="TEST_TEACHER_KEY", batch_size=3,
+                        concurrency=2, requests_per_s=20, cache_dir=str(tmp_path / "teacher-cache"))
+    t0 = datetime.now(timezone.utc)
+
+    def logged(folder: str, n: int, offset: int = 0) -> Path:
+        path = tmp_path / folder / "requests.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({
+            "ts": (t0 + timedelta(seconds=i)).isoformat(), "id": f"chatcmpl-{folder}-{i}", "model": "m",
+            "version": 1, "status": 200, "response": "", "prompt": f"ticket {i + offset}",
+            "messages": [{"role": "user", "content": f"Where is my parcel number {i + offset}?"}]}) + "\n"
+            for i in range(n)))
+        return path
+
+    def run(folder: str, n: int, offset: int = 0, **kw) -> dict:
+        teacher = Teacher(cfg.model_copy(update=kw), text, say=said.append)
+        try:
+            return curate(CurateConfig(eval_share=0.5), text, build_task(text), logged(folder, n, offset),
+                          tmp_path / folder / "feedback.jsonl", tmp_path / folder / "curated", teacher=teacher,
+                          say=said.append)
+        finally:
+            teacher.close()
+
+    first = run("one", 6)
+    assert first["reconciles"] and first["requests_seen"] == 6
+    labelled = first["curated"]["by_kind"].get("teacher", 0)
+    assert labelled + first["skipped"]["by_reason"].get("teacher_answer_invalid", 0) == 6 and labelled >= 1, first
+    assert first["teacher"]["calls"] == 6 + 1 and first["teacher"]["cache_hits"] == 0  # + GET /v1/models
+    assert first["teacher"]["version"]  # the weights vLLM reports for "base"
+    records = [json.loads(x) for x in (tmp_path / "one/curated/train.jsonl").read_text().splitlines()]
+    assert len(records) == labelled and (tmp_path / "one/curated/eval.jsonl").read_text() == ""  # never judges
+    assert all(r["provenance"]["teacher"]["model"] == "base" and r["provenance"]["feedback"] == "teacher"
+               for r in records)
+    again = run("two", 6)  # other requests, the same prompts: nothing is asked twice
+    assert again["teacher"]["cache_hits"] == 6 and again["teacher"]["calls"] == 1
+    assert again["curated"]["by_kind"] == first["curated"]["by_kind"]
+    capped = run("three", 5, offset=100, max_per_run=2, batch_size=2)  # new prompts: 2 asked, 3 left
+    assert capped["deferred"] == 3 and capped["reconciles"] and capped["teacher"]["calls"] == 3, capped
+    nxt = run("three", 5, offset=100, max_per_run=10)
+    assert nxt["requests_seen"] == 3 and nxt["teacher"]["cache_hits"] == 0 and nxt["reconciles"], nxt
 
 
 def _sign(secret: str, delivery: str, stamp: str, body: bytes) -> str:

@@ -124,11 +124,19 @@ class Platform:
                           headers={"Authorization": f"Bearer {self.key}"},
                           json={"model": self.model, "messages": [{"role": "user", "content": content}]})
 
-    def drifted_traffic(self, n: int, salt: str) -> None:
+    def drifted_traffic(self, n: int, salt: str) -> list[str]:
+        """``n`` requests unlike the training data; the ids of their answers."""
+        ids = []
         for i in range(n):
             r = self.chat(f"Request {salt}-{i}: please draft a detailed multi-paragraph migration plan for moving our "
                           "entire analytics warehouse, dashboards, scheduled exports and access policies " * 2)
             assert r.status_code == 200, r.text
+            ids.append(r.json()["id"])
+        return ids
+
+    def feedback(self, body: dict) -> httpx.Response:
+        return httpx.post(f"{self.gateway}/v1/feedback", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {self.key}"})
 
 
 def make_project(tmp: Path, database_url: str = "") -> Path:
@@ -253,15 +261,18 @@ def first_version_served_and_ui_promotion(plat: Platform) -> None:
 
 
 def drift_without_new_data(plat: Platform) -> dict:
-    """Drifted traffic -> drift-check deployment -> event -> retrain deployment run that says 'no new data'."""
+    """Drifted traffic -> drift-check deployment -> event -> retrain deployment run that curates the traffic,
+    finds no feedback to learn from and waits for it (visible in Prefect and `loraflow status`)."""
     known = {r["id"] for r in plat.retrain_runs()}
     plat.drifted_traffic(25, "a")
     time.sleep(1)  # the gateway's log writer
     check = plat.wait_run(plat.deployment_run("drift-check/production"), 300)
     assert check["state"]["type"] == "COMPLETED", check["state"]
     retrain = plat.wait_run(plat.wait_new_retrain(known)["id"], 600)
-    assert retrain["state"]["name"] == "NoNewData", retrain["state"]
-    assert "no new data since v" in retrain["state"]["message"] and "drift share" in retrain["state"]["message"]
+    assert retrain["state"]["name"] == "WaitingForFeedback", retrain["state"]
+    assert "waiting for feedback: 0 of 20" in retrain["state"]["message"] and "drift share" in retrain["state"]["message"]
+    status = plat.loraflow("status").stdout
+    assert "feedback loop: waiting for feedback: 0 of 20 new curated records" in status, status
     # The same window never fires twice: a second check without new traffic gives no verdict and no event.
     known = {r["id"] for r in plat.retrain_runs()}
     again = plat.wait_run(plat.deployment_run("drift-check/production"), 300)
@@ -286,7 +297,10 @@ def test_platform_on_sqlite_all_four_entry_points(tmp_path):
         add_training_data(plat)
         champion_before = plat.champion()
         known = {r["id"] for r in plat.retrain_runs()}
-        plat.drifted_traffic(25, "b")
+        # Users correct the drifted answers through the endpoint: the retrain curates them too.
+        for rid in plat.drifted_traffic(25, "b"):
+            assert plat.feedback({"id": rid, "thumbs": "down", "correction":
+                                  '{"category": "technical", "priority": "low"}'}).status_code == 200
         time.sleep(1)
         t0 = time.time()
         assert plat.wait_run(plat.deployment_run("drift-check/production"), 300)["state"]["type"] == "COMPLETED"
@@ -294,6 +308,10 @@ def test_platform_on_sqlite_all_four_entry_points(tmp_path):
         assert retrain["state"]["name"] == "Completed", retrain["state"]
         new = plat.champion()
         assert new is not None and new > champion_before
+        tags = httpx.get(f"{plat.mlflow}/api/2.0/mlflow/model-versions/get", timeout=10,
+                         params={"name": plat.model, "version": str(new)}).json()["model_version"]["tags"]
+        tags = {t["key"]: t["value"] for t in tags}
+        assert tags["curated_records"] == "25", tags  # the 25 corrections, in the data version it trained on
         plat.wait_served(new, timeout_s=600)
         print(f"loop latency, drift-check start to new champion answering: {time.time() - t0:.0f}s")
         assert plat.chat("The app crashes when I log in").status_code == 200

@@ -1,0 +1,267 @@
+"""Feedback through the endpoint (POST /v1/feedback) and the curate stage that turns traffic and feedback into
+records: ids, keys, the task's parser, PII never on disk, provenance, the held-out share, DPO pairs,
+reconciliation, and curated records through sanitize (contamination against eval).
+
+The upstream is a real HTTP server answering like vLLM (tests/test_gateway.py covers vLLM itself)."""
+
+import json
+import socket
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from pipeline.config import CurateConfig, SanitizeConfig, TaskConfig
+from pipeline.curate import curate, held_out
+from pipeline.pii import build_redactor
+from pipeline.serve.gateway import GatewayServer, RequestLog, Route, Routes, build_app
+from pipeline.tasks import build_task
+
+KEY, OTHER = "client-key", "other-key"
+SCHEMA = {"type": "object", "properties": {"category": {"enum": ["billing", "shipping", "feature_request"]}},
+          "required": ["category"], "additionalProperties": False}
+TASK = TaskConfig(kind="json", json_schema=SCHEMA, fields=["category"], max_new_tokens=16)
+CUSTOM = {"employee_id": r"\bEMP-\d{5}\b"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _upstream():
+    """Answers every chat request with {"category": "billing"}, as vLLM would (its own id included)."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route as Endpoint
+
+    async def chat(request):
+        body = await request.json()
+        answer = json.dumps({"category": "billing"})
+        if body.get("stream"):
+            async def chunks():
+                for part in (answer[:5], answer[5:]):
+                    yield "data: " + json.dumps({"id": "vllm-1", "model": body["model"], "choices": [
+                        {"index": 0, "delta": {"content": part}}]}) + "\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(chunks(), media_type="text/event-stream")
+        return JSONResponse({"id": "vllm-internal-id", "object": "chat.completion", "created": 0,
+                             "model": body["model"], "usage": {"prompt_tokens": 3, "completion_tokens": 5},
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": answer}}]})
+
+    return Starlette(routes=[Endpoint("/v1/chat/completions", chat, methods=["POST"])])
+
+
+@pytest.fixture
+def endpoint(tmp_path):
+    upstream = GatewayServer(_upstream(), "127.0.0.1", _free_port()).start()
+    routes = Routes()
+    routes.set(Route("triage", "triage-v3-abc", 3, TASK))
+    redactor = build_redactor(SanitizeConfig(custom_pii=CUSTOM))
+    log = RequestLog(tmp_path / "serving" / "requests.jsonl", 2**20, 30, redactor)
+    feedback = RequestLog(tmp_path / "serving" / "feedback.jsonl", 2**20, 30, redactor,
+                          text_fields=("correction", "comment"))
+    gw = GatewayServer(build_app(routes, f"http://127.0.0.1:{upstream.port}", "k", {KEY, OTHER}, log,
+                                 feedback=feedback, curate=CurateConfig()), "127.0.0.1", _free_port()).start()
+    yield gw, log, feedback
+    gw.stop()
+    upstream.stop()
+
+
+def _feedback(gw, body, key=KEY):
+    return httpx.post(f"{gw.url}/feedback", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_feedback_api(endpoint):
+    gw, log, feedback = endpoint
+    client = openai.OpenAI(base_url=gw.url, api_key=KEY, max_retries=0)
+    msgs = [{"role": "user", "content": "Please add an export to Excel. I'm EMP-12345, call +1 415 555 0134"}]
+    answer = client.chat.completions.create(model="triage", messages=msgs)
+    rid = answer.id
+    assert rid.startswith("chatcmpl-") and rid != "vllm-internal-id"
+    streamed_ids = {c.id for c in client.chat.completions.create(model="triage", messages=msgs, stream=True)}
+    assert len(streamed_ids) == 1 and streamed_ids != {rid, "vllm-1"} and "vllm-1" not in streamed_ids
+
+    good = _feedback(gw, {"id": rid, "thumbs": "down", "score": 1,
+                          "correction": json.dumps({"category": "feature_request"}),
+                          "comment": "wrong: I am Jane Miller, EMP-54321, jane@example.com"})
+    assert good.status_code == 200, good.text
+    assert good.json()["stored"] == ["comment", "correction", "score", "thumbs"]
+
+    refusals = [
+        (_feedback(gw, {"id": rid, "thumbs": "up"}, key="wrong"), 401, None),
+        (_feedback(gw, {"id": "chatcmpl-000000000000000000000000", "thumbs": "up"}), 404, "unknown_id"),
+        (_feedback(gw, {"id": rid, "thumbs": "up"}, key=OTHER), 404, "unknown_id"),  # another key's answer
+        (_feedback(gw, {"id": rid}), 400, "invalid_feedback"),
+        (_feedback(gw, {"id": rid, "thumbs": "sideways"}), 400, "invalid_feedback"),
+        (_feedback(gw, {"id": rid, "score": 9}), 400, "invalid_feedback"),
+        (_feedback(gw, {"id": rid, "score": True}), 400, "invalid_feedback"),
+        (_feedback(gw, {"id": rid, "rating": 5}), 400, "invalid_feedback"),
+        (_feedback(gw, {"id": rid, "correction": '{"category": "refund"}'}), 400, "invalid_correction"),
+        (_feedback(gw, {"id": rid, "correction": "billing, I think"}), 400, "invalid_correction"),
+        (httpx.post(f"{gw.url}/feedback", content=b"{not json", timeout=5,
+                    headers={"Authorization": f"Bearer {KEY}"}), 400, "invalid_json"),
+    ]
+    for resp, status, code in refusals:
+        assert resp.status_code == status, (resp.status_code, resp.text)
+        if code:
+            assert resp.json()["error"]["code"] == code
+    assert "schema" in refusals[8][0].json()["error"]["message"] or "refund" in refusals[8][0].json()["error"]["message"]
+
+    log.flush()
+    stored = _lines(feedback.path)
+    assert len(stored) == 1  # refused feedback is not stored
+    entry = stored[0]
+    assert entry["id"] == rid and entry["version"] == 3 and entry["model"] == "triage"
+    assert json.loads(entry["correction"]) == {"category": "feature_request"}
+    raw = feedback.path.read_text()
+    for secret in ("Jane Miller", "EMP-54321", "jane@example.com"):
+        assert secret not in raw  # the sanitizer's redactor, custom patterns included
+    assert "<EMPLOYEE_ID>" in entry["comment"] and "<EMAIL>" in entry["comment"] and "<NAME>" in entry["comment"]
+    requests = _lines(log.path)
+    assert {r["id"] for r in requests} == {rid, *streamed_ids}
+    assert all("EMP-12345" not in json.dumps(r) and r["messages"][0]["role"] == "user" for r in requests)
+    assert KEY not in log.path.read_text()  # only the key's digest is logged
+
+
+def test_feedback_after_restart_finds_the_id_in_the_log(endpoint, tmp_path):
+    """Ids are remembered in memory and, beyond that (a restarted gateway), looked up in the request log."""
+    gw, log, _ = endpoint
+    client = openai.OpenAI(base_url=gw.url, api_key=KEY, max_retries=0)
+    rid = client.chat.completions.create(model="triage", messages=[{"role": "user", "content": "hi"}]).id
+    log.flush()
+    routes = Routes()
+    routes.set(Route("triage", "triage-v3-abc", 3, TASK))
+    fresh = RequestLog(tmp_path / "fb2.jsonl", 2**20, 30, text_fields=("correction", "comment"))
+    gw2 = GatewayServer(build_app(routes, "http://127.0.0.1:9", "k", {KEY, OTHER}, log, feedback=fresh),
+                        "127.0.0.1", _free_port()).start()
+    try:
+        assert _feedback(gw2, {"id": rid, "thumbs": "up"}).status_code == 200
+        assert _feedback(gw2, {"id": rid, "thumbs": "up"}, key=OTHER).status_code == 404
+    finally:
+        gw2.stop()
+
+
+# ---- curate ----------------------------------------------------------------------------------------------
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+
+
+def _request(i: int, text: str, answer: str = '{"category": "billing"}', status: int = 200, model: str = "triage"):
+    return {"ts": (T0 + timedelta(seconds=i)).isoformat(), "id": f"chatcmpl-{i:04d}", "key_id": "k", "model": model,
+            "version": 3, "status": status, "prompt": text, "response": answer if status == 200 else "",
+            "messages": [{"role": "user", "content": text}]}
+
+
+def _fb(i: int, rid: int, **kw):
+    return {"ts": (T0 + timedelta(seconds=1000 + i)).isoformat(), "id": f"chatcmpl-{rid:04d}", "key_id": "k",
+            "model": "triage", "version": 3, **kw}
+
+
+def test_curate_provenance_split_pairs_and_reconciliation(tmp_path):
+    logs, out = tmp_path / "serving", tmp_path / "curated"
+    fix = json.dumps({"category": "feature_request"})
+    reqs = [_request(i, f"Please add feature number {i} to the app") for i in range(60)]
+    reqs += [_request(60, "broken", status=502), _request(61, "other model", model="else")]
+    _write(logs / "requests.jsonl", reqs)
+    fbs = [_fb(i, i, correction=fix, thumbs="down") for i in range(40)]           # 40 corrections
+    fbs += [_fb(40, 40, thumbs="up"), _fb(41, 41, score=5)]                         # positives (not used)
+    fbs += [_fb(42, 42, thumbs="down"), _fb(43, 43, score=1)]                       # negatives, no fix
+    fbs += [_fb(44, 44, score=3), _fb(45, 45, comment="meh")]                       # neutral, comment
+    fbs += [_fb(46, 0, correction=json.dumps({"category": "billing"}))]             # latest correction wins
+    fbs += [_fb(47, 9999, thumbs="up")]                                             # request not in log
+    fbs += [_fb(48, 60, correction=fix)]                                            # on a failed request
+    _write(logs / "feedback.jsonl", fbs)
+    task = build_task(TASK)
+    cfg = CurateConfig(eval_share=0.25)
+    report = curate(cfg, TASK, task, logs / "requests.jsonl", logs / "feedback.jsonl", out, model="triage",
+                    say=lambda m: None)
+
+    assert report["reconciles"] and report["requests_seen"] == 61  # the other model's request is not ours
+    assert report["curated"]["by_kind"] == {"correction": 40}
+    assert report["skipped"]["by_reason"] == {
+        "negative_without_correction": 2, "neutral_score": 1, "comment_only": 1, "positive_not_used": 2,
+        "no_feedback": 14, "not_answered": 1}
+    assert report["feedback"]["orphaned"] == {"request_not_in_log": 1}
+    train, evals, pairs = (_lines(out / f"{k}.jsonl") for k in ("train", "eval", "preference"))
+    assert len(train) + len(evals) == 40 and 4 <= len(evals) <= 18
+    expected_eval = {f"chatcmpl-{i:04d}" for i in range(40) if held_out(f"chatcmpl-{i:04d}", 0.25, 0)}
+    assert {r["provenance"]["request_id"] for r in evals} == expected_eval  # deterministic by request id
+    for r in train + evals:
+        prov = r["provenance"]
+        assert prov["feedback"] == "correction" and prov["served_version"] == 3 and prov["model"] == "triage"
+        assert prov["request_ts"] and prov["feedback_ts"] and prov["cut"] == 1
+        assert r["messages"][-1]["role"] == "assistant"
+    first = next(r for r in train + evals if r["provenance"]["request_id"] == "chatcmpl-0000")
+    assert json.loads(first["messages"][-1]["content"]) == {"category": "billing"}  # the latest correction
+    # A correction that differs from the model's answer is a DPO pair; held-out ones are not trained on.
+    assert len(pairs) == len(train) - (0 if "chatcmpl-0000" in expected_eval else 1)
+    assert all(p["rejected"] == '{"category": "billing"}' and p["chosen"] == fix for p in pairs)
+
+    # A second run over the same logs adds nothing; new feedback on an old request is picked up.
+    again = curate(cfg, TASK, task, logs / "requests.jsonl", logs / "feedback.jsonl", out, model="triage",
+                   say=lambda m: None)
+    assert again["requests_seen"] == 0 and again["curated"]["total"] == 0 and again["reconciles"]
+    _write(logs / "feedback.jsonl", [_fb(60, 50, correction=fix)])
+    third = curate(cfg.model_copy(update={"positive_answers": True}), TASK, task, logs / "requests.jsonl",
+                   logs / "feedback.jsonl", out, model="triage", say=lambda m: None)
+    assert third["requests_seen"] == 1 and third["curated"]["by_kind"] == {"correction": 1}
+    assert third["totals"]["train"] + third["totals"]["eval"] == 41 and third["cuts"] == 2
+
+
+def test_curate_refuses_a_corrupt_log_line_naming_it(tmp_path):
+    logs = tmp_path / "serving"
+    _write(logs / "requests.jsonl", [_request(0, "hello")])
+    with open(logs / "requests.jsonl", "a") as fh:
+        fh.write("{torn\n")
+        fh.write(json.dumps(_request(1, "x")) + "\n")
+    from pipeline.curate import LogError
+
+    with pytest.raises(LogError, match=r"requests.jsonl:2"):
+        curate(CurateConfig(), TASK, build_task(TASK), logs / "requests.jsonl", logs / "feedback.jsonl",
+               tmp_path / "curated", say=lambda m: None)
+
+
+def test_curated_records_through_sanitize_catch_eval_contamination(project):
+    """The stage pair as DVC runs it: curated corrections -> sanitize; a correction whose prompt is an eval
+    item is caught as contamination, a PII-bearing one is redacted, provenance survives."""
+    from pipeline.config import load_params
+    from pipeline.stages import curate as curate_stage, sanitize as sanitize_stage
+
+    p = load_params("params.yaml")
+    eval_item = json.loads(Path(p.data.eval[0]).read_text().splitlines()[0])
+    planted = eval_item["messages"][0]["content"]
+    reqs = [_request(i, f"Could you add a dark mode option number {i} to the dashboard? Thanks, Anna Schmidt")
+            for i in range(12)]
+    reqs.append(_request(12, planted))
+    _write(Path(p.serve.traffic_log), reqs)
+    fb = [_fb(i, i, correction=json.dumps({"category": "technical", "priority": "low"})) for i in range(12)]
+    fb.append(_fb(12, 12, correction=eval_item["messages"][1]["content"]))
+    _write(Path(p.serve.traffic_log).with_name("feedback.jsonl"), fb)
+    p = p.model_copy(update={"project": p.project.model_copy(update={"name": "triage"}),
+                             "curate": p.curate.model_copy(update={"eval_share": 0.0})})
+    report = curate_stage(p)
+    assert report["curated"]["total"] == 13 and report["reconciles"]
+    summary = sanitize_stage(p)
+    cur = summary["curated"]
+    assert cur["read"] == 13 and cur["duplicates"]["contamination"] == 1 and cur["reconciles"]
+    assert cur["redactions"]["by_type"].get("NAME", 0) >= 12
+    clean = _lines(Path(p.sanitize.out_dir) / "curated" / "clean.jsonl")
+    assert len(clean) == 12 and all(r["provenance"]["feedback"] == "correction" for r in clean)
+    assert all("Anna Schmidt" not in json.dumps(r) for r in clean)
+    assert planted not in json.dumps(clean)
