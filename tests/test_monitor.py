@@ -41,7 +41,19 @@ def test_shifted_traffic_drifts(clean, tmp_path):
     r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")), TASK)
     assert r["drift"] and r["drifted_columns"] >= 3
     assert set(r["columns"]) == {"prompt_length", "prompt_words", "response_length", "response_words",
-                                 "answer_valid", "field.category", "field.priority"}
+                                 "prompt_novel_words", "answer_valid", "field.category", "field.priority"}
+
+
+def test_a_new_topic_of_the_same_length_drifts_on_novel_words(clean, tmp_path):
+    """Feature requests written like the training tickets (same greetings, details, length): only the
+    words are new. The answers are in-distribution labels, so what fires is the prompts' novel-word share."""
+    from pipeline.monitor.drift import check_drift
+
+    rows = [json.loads(x)["messages"] for x in (ROOT / "data/drift/feature_requests.jsonl").read_text().splitlines()]
+    _log(tmp_path / "t.jsonl", [(m[0]["content"], '{"category": "technical", "priority": "low"}') for m in rows[:80]])
+    r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")), TASK)
+    assert "prompt_novel_words" in r["drifted"], r["columns"]
+    assert not {"prompt_length", "prompt_words"} & set(r["drifted"]), r["drifted"]
 
 
 def test_columns_are_generic_for_a_text_task(clean, tmp_path):
@@ -51,7 +63,8 @@ def test_columns_are_generic_for_a_text_task(clean, tmp_path):
     _log(tmp_path / "t.jsonl", [(m[0]["content"], m[1]["content"]) for m in rows[:40]])
     r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")),
                     TaskConfig(kind="text"))
-    assert set(r["columns"]) == {"prompt_length", "prompt_words", "response_length", "response_words", "answer_valid"}
+    assert set(r["columns"]) == {"prompt_length", "prompt_words", "response_length", "response_words",
+                                 "prompt_novel_words", "answer_valid"}
     assert r["valid_answer_rate"] == 1.0 and not r["drift"]
 
 

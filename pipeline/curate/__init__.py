@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -53,25 +53,32 @@ def _when(ts: object, where: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
-def read_log(path: Path) -> list[tuple[datetime, dict]]:
-    """Every record of a rotated JSONL log, oldest file first, with its time. A torn last line (a writer
-    killed mid-line) is skipped; any other bad line is an error naming its file and line."""
-    out: list[tuple[datetime, dict]] = []
+def read_log(path: Path) -> Iterator[tuple[datetime, dict]]:
+    """Every record of a rotated JSONL log, oldest file first, with its time, streamed (logs are large). A
+    torn last line of the live file (a writer killed mid-line) is skipped; any other bad line is an error
+    naming its file and line."""
     for f in log_files(path):
-        lines = f.read_text(encoding="utf-8").splitlines()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if n == len(lines) and f == path:
+        try:
+            fh = open(f, encoding="utf-8")
+        except FileNotFoundError:  # rotated away or expired between listing and reading
+            continue
+        with fh:
+            pending: tuple[int, str, json.JSONDecodeError] | None = None
+            for n, line in enumerate(fh, 1):
+                if pending is not None:  # a bad line with more after it: not a torn last line
+                    raise LogError(f"{f}:{pending[0]}: not a JSON record ({pending[2]})")
+                if not line.strip():
                     continue
-                raise LogError(f"{f}:{n}: not a JSON record ({e})") from None
-            if not isinstance(rec, dict):
-                raise LogError(f"{f}:{n}: not a JSON object")
-            out.append((_when(rec.get("ts"), f"{f}:{n}"), rec))
-    return out
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if f == path:
+                        pending = (n, line, e)
+                        continue
+                    raise LogError(f"{f}:{n}: not a JSON record ({e})") from None
+                if not isinstance(rec, dict):
+                    raise LogError(f"{f}:{n}: not a JSON object")
+                yield _when(rec.get("ts"), f"{f}:{n}"), rec
 
 
 def held_out(request_id: str, share: float, seed: int) -> bool:
@@ -171,22 +178,28 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
     state = _state(out_dir)
     report = CurateReport()
 
+    feedback_items: list[tuple[datetime, str, dict]] = []
+    for t, fb in read_log(feedback_log):
+        if model and fb.get("model") != model:
+            continue
+        feedback_items.append((t, f"{fb.get('id')}@{fb.get('ts')}", fb))
+    new_feedback = _new(feedback_items, state["feedback_until"], state["feedback_recent"])
+    report.feedback_read = len(new_feedback)
+    # The request log is streamed; kept in memory are only the requests this cut can use: new ones, and
+    # older ones that new feedback names or the last run left for the teacher.
+    wanted = {str(fb.get("id")) for _, _, fb in new_feedback} | set(state.get("deferred", {}))
+    earliest = datetime.fromisoformat(state["requests_until"]) - SETTLE if state["requests_until"] else None
     requests: dict[str, tuple[datetime, dict]] = {}
     timeline: list[tuple[datetime, str, dict]] = []
     for t, rec in read_log(request_log):
         rid = rec.get("id")
         if not isinstance(rid, str) or (model and rec.get("model") != model):
             continue  # refused before routing (no id), or another model's traffic
-        requests[rid] = (t, rec)
-        timeline.append((t, rid, rec))
-    feedback_items: list[tuple[datetime, str, dict]] = []
-    for t, fb in read_log(feedback_log):
-        if model and fb.get("model") != model:
-            continue
-        feedback_items.append((t, f"{fb.get('id')}@{fb.get('ts')}", fb))
+        if rid in wanted:
+            requests[rid] = (t, rec)
+        if earliest is None or t > earliest:
+            timeline.append((t, rid, rec))
     new_requests = _new(timeline, state["requests_until"], state["requests_recent"])
-    new_feedback = _new(feedback_items, state["feedback_until"], state["feedback_recent"])
-    report.feedback_read = len(new_feedback)
 
     by_request: dict[str, list[dict]] = {}
     for _, _, fb in new_feedback:

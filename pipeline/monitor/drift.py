@@ -2,7 +2,8 @@
 
 Compares the requests in the serving traffic log, and the answers the model gave, with the training data.
 Monitored columns are generic: prompt and response length and word count (Evidently text descriptors),
-the share of answers the task's parser accepts (``answer_valid``), and categorical answer distributions
+``prompt_novel_words`` (the share of a prompt's words the training prompts never use: a new topic of the
+same length shows here and nowhere else), the share of answers the task's parser accepts (``answer_valid``), and categorical answer distributions
 only where the task names them: the label for ``label`` tasks, the ``task.fields`` of ``json`` answers.
 Drift is declared when the share of drifted columns reaches ``monitor.drift_share``. Writes
 ``drift.html`` and ``drift.json``.
@@ -16,6 +17,7 @@ A window with fewer than ``monitor.min_requests`` requests gets no verdict and s
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -25,6 +27,31 @@ from pipeline.io import log_files, write_json
 from pipeline.tasks import Task, build_task
 
 TEXT_COLUMNS = ["prompt_length", "prompt_words", "response_length", "response_words"]
+NOVELTY = "prompt_novel_words"
+_WORD = re.compile(r"[^\W\d_]{3,}")  # letters only: numbers and ids are new in every request
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(str(text).lower())
+
+
+def add_novelty(reference, current):
+    """``prompt_novel_words`` for both frames, measured against the vocabulary of half the training prompts
+    (every other row); the reference keeps the other half, so its values are out-of-sample like the
+    traffic's, not 0 by construction. Returns the two frames."""
+    vocab: set[str] = set()
+    for text in reference["prompt"].iloc[::2]:
+        vocab.update(_words(text))
+    held = reference.iloc[1::2].copy() if len(reference) > 1 else reference.copy()
+
+    def share(text: str) -> float:
+        words = _words(text)
+        return sum(w not in vocab for w in words) / len(words) if words else 0.0
+
+    held[NOVELTY] = held["prompt"].map(share)
+    current = current.copy()
+    current[NOVELTY] = current["prompt"].map(share)
+    return held, current
 
 
 def answer_columns(task: Task, answer: str) -> dict[str, str]:
@@ -128,8 +155,10 @@ def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cf
         return result
     reference = reference_frame(train_file, task)
     categorical = [c for c in reference.columns if c not in ("prompt", "response")]
-    columns = TEXT_COLUMNS + categorical
-    definition = DataDefinition(text_columns=["prompt", "response"], categorical_columns=categorical)
+    reference, current = add_novelty(reference, current)
+    columns = TEXT_COLUMNS + [NOVELTY] + categorical
+    definition = DataDefinition(text_columns=["prompt", "response"], categorical_columns=categorical,
+                                numerical_columns=[NOVELTY])
     descriptors = [TextLength("prompt", alias="prompt_length"), WordCount("prompt", alias="prompt_words"),
                    TextLength("response", alias="response_length"), WordCount("response", alias="response_words")]
     ref_ds = Dataset.from_pandas(reference, data_definition=definition, descriptors=descriptors)
