@@ -122,7 +122,7 @@ def run_drift_demo(params_file: str = "params.yaml", drift_file: str = "data/dri
     summary = {"demo": {"champion": report["model"]["champion"], "gate": report["gate"]["promote"]},
                "drift_file": drift_file, "test": test, "traffic": traffic,
                "feedback": {"wrong": len(wrong), "corrected": len(corrected),
-                            "thumbs_up": sum(a["correct"] for a in answered)},
+                            "thumbs_up": int(sum(a["correct"] for a in answered))},
                "drift": {k: drift.get(k) for k in ("status", "drift", "drift_share", "threshold", "requests", "drifted")},
                "retrain": {k: result.get(k) for k in ("outcome", "message", "registered_version", "promoted", "note")}
                if result else None,

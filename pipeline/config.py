@@ -466,7 +466,7 @@ class ServeConfig(_Strict):
 
 class MonitorConfig(_Strict):
     out_dir: str = "reports/drift"
-    drift_share: float = Field(0.5, gt=0.0, le=1.0)  # share of drifted columns that counts as drift
+    drift_share: float = Field(0.35, gt=0.0, le=1.0)  # share of drifted columns that counts as drift
     # Each check reads only the requests logged after the window the previous check judged (so one window
     # never fires twice), at most the newest ``window_requests`` of them (0 = no cap) and only those of the
     # last ``window_hours`` (0 = no age limit). Fewer than ``min_requests``: no verdict, the window stays open.

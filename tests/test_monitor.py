@@ -29,7 +29,7 @@ def test_in_distribution_traffic_does_not_drift(clean, tmp_path):
     rows = [json.loads(x)["messages"] for x in (clean / "eval/clean.jsonl").read_text().splitlines()]
     _log(tmp_path / "t.jsonl", [(m[0]["content"], m[1]["content"]) for m in rows[:60]])
     r = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")), TASK)
-    assert r["status"] == "ok" and not r["drift"] and r["drift_share"] < 0.5
+    assert r["status"] == "ok" and not r["drift"] and r["drift_share"] < 0.35, r["drifted"]
     assert (tmp_path / "r/drift.html").stat().st_size > 10_000
 
 

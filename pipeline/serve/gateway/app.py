@@ -211,6 +211,17 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def json_body(request, what: str) -> tuple[object, tuple[int, str, str] | None]:
+        """The parsed body, or why it is refused: larger than the limit (413, read no further) or not JSON."""
+        raw = await read_body(request)
+        if raw is None:
+            return None, (413, f"the {what} body is larger than {limits.max_body_kb} KB (serve.limits.max_body_kb)",
+                          "body_too_large")
+        try:
+            return json.loads(raw), None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return None, (400, f"the {what} body is not valid JSON: {e}", "invalid_json")
+
     def refused(status: int, message: str, code: str, retry_after: float | None = None):
         resp = _error(status, message, code)
         if retry_after is not None:
@@ -245,14 +256,9 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
             return refused(status, message, code, retry_after)
 
         try:
-            raw_body = await read_body(request)
-            if raw_body is None:
-                return refuse(413, f"the request body is larger than {limits.max_body_kb} KB "
-                                   "(serve.limits.max_body_kb)", "body_too_large")
-            try:
-                body = json.loads(raw_body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                return refuse(400, f"the request body is not valid JSON: {e}", "invalid_json")
+            body, bad = await json_body(request, "request")
+            if bad:
+                return refuse(*bad)
             if wait:
                 return refuse(429, why, "rate_limited", body, wait)
             problem = _validate(body, chat, limits)
@@ -391,14 +397,9 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         if wait:
             return refused(429, why, "rate_limited", wait)
         try:
-            raw_body = await read_body(request)
-            if raw_body is None:
-                return refused(413, f"the feedback body is larger than {limits.max_body_kb} KB "
-                                    "(serve.limits.max_body_kb)", "body_too_large")
-            try:
-                body = json.loads(raw_body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                return refused(400, f"the feedback body is not valid JSON: {e}", "invalid_json")
+            body, bad = await json_body(request, "feedback")
+            if bad:
+                return refused(*bad)
             problem = feedback_problem(body, curate)
             if problem:
                 return refused(400, problem, "invalid_feedback")
