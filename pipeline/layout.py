@@ -15,7 +15,8 @@ PII_DIGESTS = "pii_digests.txt"  # keyed digests of the values sanitize redacted
 SPLITS_WITH_DIGESTS = ("train", "eval", "generic", "preference", "curated", "curated_eval")
 # The curate stage's data version: records built from served traffic and feedback (pipeline/curate/).
 CURATED_FILES = ("train.jsonl", "eval.jsonl", "preference.jsonl")
-CURATE_STATE = "cuts.json"  # where the last cut ended (request and feedback times) and what each cut added
+CURATE_STATE = "cuts.json"  # what each cut added (in the data version)
+CURSOR_FILE = "curate_cursor.json"  # beside the request log: how far curate consumed the logs
 CURATED_TAG = "curated_records"  # version tag: curated records (train + eval slice) in the data it was trained on
 CURATE_REPORT = Path("reports/curate.json")  # the last run's reconciliation and what waits for training
 

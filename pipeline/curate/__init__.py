@@ -12,7 +12,10 @@ to ``curate.out_dir`` (a DVC output kept between runs, so every cut is a new dat
   (chosen = correction, rejected = the model's answer).
 - ``eval.jsonl``: ``curate.eval_share`` of the curated records, chosen by a hash of the request id (so a
   re-run holds out the same ones), never also trained on; the gate scores this slice separately.
-- ``cuts.json``: where the last cut ended and what each cut added.
+- ``cuts.json``: what each cut added (when, how many records of each kind).
+
+How far the logs were consumed is kept next to them (``curate_cursor.json`` beside the request log), so
+the data version changes only when records are added.
 
 Each record carries ``provenance``: request id and time, model and served version, feedback kind and time,
 the teacher when one labelled it. An answer rated negatively without a correction is reported, never
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from pipeline.config import CurateConfig, TaskConfig
 from pipeline.io import count_lines, log_files, write_json
-from pipeline.layout import CURATE_STATE, CURATED_FILES
+from pipeline.layout import CURATE_STATE, CURATED_FILES, CURSOR_FILE
 from pipeline.tasks import Task
 
 # A request is logged when it ends, stamped with when it started: a slow one can appear after a faster,
@@ -133,16 +136,22 @@ class CurateReport:
                 "reconciles": self.requests_seen == curated + skipped + self.deferred}
 
 
-def _state(out_dir: Path) -> dict:
-    path = out_dir / CURATE_STATE
+def _read_json(path: Path, empty: object, advice: str):
     if not path.is_file():
-        return {"requests_until": None, "requests_recent": {}, "feedback_until": None, "feedback_recent": {},
-                "deferred": {}, "cuts": []}
+        return empty
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:  # never "no cut yet": that would curate every logged request again
-        raise LogError(f"{path}: unreadable ({e}); restore it from DVC (`dvc checkout {out_dir}`) "
-                       "rather than deleting it") from None
+        raise LogError(f"{path}: unreadable ({e}); {advice}") from None
+
+
+def _cursor_state(request_log: Path) -> dict:
+    """How far this machine's logs were consumed. It lives with the logs, not in the data version: the
+    logs are local, and a cursor in the DVC output would change it on every request."""
+    return _read_json(request_log.with_name(CURSOR_FILE),
+                      {"requests_until": None, "requests_recent": {}, "feedback_until": None,
+                       "feedback_recent": {}, "deferred": {}},
+                      "fix or restore it rather than deleting it (deleting curates every logged request again)")
 
 
 def _new(items: list[tuple[datetime, str, dict]], until: str | None,
@@ -175,7 +184,9 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
     """
     now = now or datetime.now(timezone.utc)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = _state(out_dir)
+    state = _cursor_state(request_log)
+    cuts: list[dict] = _read_json(out_dir / CURATE_STATE, [],
+                                  f"restore it from DVC (`dvc checkout {out_dir}`) rather than deleting it")
     report = CurateReport()
 
     feedback_items: list[tuple[datetime, str, dict]] = []
@@ -219,7 +230,7 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
 
     records: dict[str, list[dict]] = {name: [] for name in ("train", "eval", "preference")}
     unlabelled: list[str] = []
-    cut_no = len(state["cuts"]) + 1
+    cut_no = len(cuts) + 1
 
     def provenance(rid: str, kind: str, fb_ts: str | None, teacher_name: dict | None = None) -> dict:
         t, rec = considered[rid]
@@ -303,13 +314,15 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
     state["feedback_until"], state["feedback_recent"] = _cursor(new_feedback, state["feedback_until"],
                                                                 state["feedback_recent"])
     added = {k: len(v) for k, v in records.items()}
-    if any(added.values()):
-        state["cuts"].append({"cut": cut_no, "at": now.isoformat(), **added})
-    write_json(out_dir / CURATE_STATE, state)
+    if any(added.values()) or not (out_dir / CURATE_STATE).is_file():
+        if any(added.values()):
+            cuts.append({"cut": cut_no, "at": now.isoformat(), **added})
+        write_json(out_dir / CURATE_STATE, cuts)  # changes only with the records: a new data version
+    write_json(request_log.with_name(CURSOR_FILE), state)
     result = report.to_dict()
     result["teacher"] = ({**teacher.name, **teacher.stats.to_dict()} if teacher is not None else None)
     result["totals"] = {k.removesuffix(".jsonl"): count_lines(out_dir / k) for k in CURATED_FILES}
-    result["cuts"] = len(state["cuts"])
+    result["cuts"] = len(cuts)
     say(f"curate: {result['requests_seen']} request(s) seen: {result['curated']['total']} curated "
         f"({', '.join(f'{k} {v}' for k, v in sorted(report.curated.items())) or 'none'}), "
         f"{result['skipped']['total']} skipped ({', '.join(f'{k} {v}' for k, v in sorted(report.skipped.items())) or 'none'})"
