@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
@@ -48,10 +47,9 @@ def run_stage(stage: str) -> dict:
 def feedback_progress(p: Params) -> dict:
     """Curated records in the data version vs the latest registered version's (its ``curated_records``
     tag): how many are new, and how many a drift-triggered retrain waits for."""
-    from pipeline.curate import curated_total
-    from pipeline.layout import CURATED_TAG
+    from pipeline.layout import CURATED_TAG, curated_count
 
-    total = curated_total(Path(p.curate.out_dir))
+    total = curated_count(p)
     latest = registry.latest_version(p.registry, p.project.name)
     trained = int(latest.tags.get(CURATED_TAG, 0) or 0) if latest else 0
     new = max(total - trained, 0)

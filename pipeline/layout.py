@@ -53,3 +53,11 @@ def feedback_log(p: Params) -> Path:
 def curated_file(p: Params, name: str) -> Path:
     """``train``, ``eval`` or ``preference``: the curate stage's records of that kind (before sanitize)."""
     return Path(p.curate.out_dir) / f"{name}.jsonl"
+
+
+def curated_count(p: Params) -> int:
+    """Curated records in the data version (training side + eval slice): what a drift-triggered retrain
+    counts as new against the latest version's ``curated_records`` tag."""
+    from pipeline.io import count_lines
+
+    return count_lines(curated_file(p, "train")) + count_lines(curated_file(p, "eval"))

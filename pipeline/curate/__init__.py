@@ -84,6 +84,11 @@ def read_log(path: Path) -> Iterator[tuple[datetime, dict]]:
                 yield _when(rec.get("ts"), f"{f}:{n}"), rec
 
 
+def request_messages(rec: dict) -> list[dict]:
+    """A logged request's messages (a record without them, from before they were logged: its prompt)."""
+    return [dict(m) for m in rec.get("messages") or [{"role": "user", "content": rec.get("prompt", "")}]]
+
+
 def held_out(request_id: str, share: float, seed: int) -> bool:
     """Deterministic by request id: the same request always lands on the same side."""
     h = int.from_bytes(hashlib.sha256(f"{seed}:{request_id}".encode()).digest()[:8], "big")
@@ -240,18 +245,16 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
 
     def add(rid: str, answer: str, kind: str, fb_ts: str | None, rejected: str | None = None,
             teacher_name: dict | None = None) -> None:
-        rec = considered[rid][1]
-        msgs = [dict(m) for m in rec.get("messages") or [{"role": "user", "content": rec.get("prompt", "")}]]
+        msgs = request_messages(considered[rid][1])
         prov = provenance(rid, kind, fb_ts, teacher_name)
-        eval_ok = kind != "teacher" or cfg.teacher_in_eval
-        if eval_ok and held_out(rid, cfg.eval_share, cfg.seed):
-            records["eval"].append({"messages": msgs + [{"role": "assistant", "content": answer}], "provenance": prov})
-            report.curated[kind] += 1
+        report.curated[kind] += 1
+        record = {"messages": msgs + [{"role": "assistant", "content": answer}], "provenance": prov}
+        if (kind != "teacher" or cfg.teacher_in_eval) and held_out(rid, cfg.eval_share, cfg.seed):
+            records["eval"].append(record)  # held out: judged on, never trained on (no preference pair)
             return
-        records["train"].append({"messages": msgs + [{"role": "assistant", "content": answer}], "provenance": prov})
+        records["train"].append(record)
         if rejected is not None:
             records["preference"].append({"prompt": msgs, "chosen": answer, "rejected": rejected, "provenance": prov})
-        report.curated[kind] += 1
 
     for rid in order:
         _, rec = considered[rid]
@@ -283,8 +286,7 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
 
     deferred: set[str] = set()
     if unlabelled:
-        convs = [[dict(m) for m in considered[r][1].get("messages") or
-                  [{"role": "user", "content": considered[r][1].get("prompt", "")}]] for r in unlabelled]
+        convs = [request_messages(considered[r][1]) for r in unlabelled]
         say(f"curate: {len(unlabelled)} unlabelled request(s) go to teacher {teacher.cfg.model}")
         for rid, lab in zip(unlabelled, teacher.label(convs)):
             if lab is None:
@@ -328,8 +330,3 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
         f"{result['skipped']['total']} skipped ({', '.join(f'{k} {v}' for k, v in sorted(report.skipped.items())) or 'none'})"
         + (f", {report.deferred} left for the next run (teacher cap)" if report.deferred else ""))
     return result
-
-
-def curated_total(out_dir: Path) -> int:
-    """Curated records in the data version (training side + eval slice): what "enough new records" counts."""
-    return count_lines(out_dir / "train.jsonl") + count_lines(out_dir / "eval.jsonl")

@@ -22,8 +22,8 @@ from pathlib import Path
 from pipeline import registry
 from pipeline.config import Params
 from pipeline.hashing import dir_sha256, file_sha256
-from pipeline.io import count_lines, first_prompts, read_json, write_json
-from pipeline.layout import CURATED_TAG, augmented_file, clean_split, curated_file
+from pipeline.io import first_prompts, read_json, write_json
+from pipeline.layout import CURATED_TAG, augmented_file, clean_split, curated_count
 from pipeline.modeling import base_config_sha256, base_weights_sha256
 from pipeline.release.card import model_card
 from pipeline.release.gate import Decision, ModelScore, decide
@@ -86,7 +86,7 @@ def lineage_tags(p: Params) -> dict[str, str]:
         "train_data_sha256": file_sha256(augmented_file(p)),
         "eval_data_sha256": file_sha256(clean_split(p, "eval")),
         # The curated data version this was trained on: a drift-triggered retrain waits for new records.
-        CURATED_TAG: str(count_lines(curated_file(p, "train")) + count_lines(curated_file(p, "eval"))),
+        CURATED_TAG: str(curated_count(p)),
         "task": p.task.name,
         "task_kind": p.task.kind,
         # Serving reads these: the task's generation settings and parser, and held-out prompts (sanitized,

@@ -165,6 +165,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
     limiter = KeyLimiter(limits)
     curate = curate or CurateConfig()
     key_bytes = [k.encode() for k in keys]
+    key_ids = {k: key_id(k) for k in keys}  # what the logs name a key by, hashed once
     state: dict = {}
     issued: OrderedDict[str, dict] = OrderedDict()  # response id -> who got it, from which model and version
     issued_lock = threading.Lock()
@@ -281,7 +282,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         body["model"] = route.internal
         started = time.perf_counter()
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        record = {"ts": datetime.now(timezone.utc).isoformat(), "id": rid, "key_id": key_id(key),
+        record = {"ts": datetime.now(timezone.utc).isoformat(), "id": rid, "key_id": key_ids[key],
                   "model": route.name, "version": route.version,
                   "adapter": route.internal, "endpoint": "chat" if chat else "completions",
                   "stream": bool(body.get("stream")), "prompt": _prompt_text(body), "messages": _messages(body)}
@@ -411,7 +412,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                     route = routes.get(str(logged.get("model")))
                     origin = {"key_id": logged.get("key_id"), "model": logged.get("model"),
                               "version": logged.get("version"), "task": route.task if route else None}
-            if origin is None or origin["key_id"] != key_id(key):
+            if origin is None or origin["key_id"] != key_ids[key]:
                 return refused(404, f"no response with id {body['id']!r} was served to this key (ids are kept "
                                     "as long as the request log keeps them: serve.log_retention_days)",
                                "unknown_id")
