@@ -316,7 +316,7 @@ def status(params: str = ParamsOpt) -> None:
             frm = f"v{move['from']}" if move.get("from") is not None else "none"
             typer.echo(f"  {move['at']}  {frm} -> v{move['to']}  by {move['by']}")
     if p.curate.enabled:
-        from flows.retrain import feedback_progress
+        from flows.feedback import feedback_progress
 
         typer.echo(f"feedback loop: {feedback_progress(p)['message']} (a drift-triggered retrain trains "
                    "only with enough; `loraflow run` trains anyway)")

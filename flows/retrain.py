@@ -32,6 +32,7 @@ from pipeline.stages import rescorer
 from pipeline.train.trl_args import check_trl_keys
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.release.lock import retrain_lock
+from flows.feedback import feedback_progress
 
 QUIET_STATES = ("NoNewData", "Cooldown", "WaitingForFeedback")  # drift-triggered runs that trained nothing (the cooldown ignores them)
 
@@ -42,22 +43,6 @@ def run_stage(stage: str) -> dict:
     get_run_logger().info("stage %s: %s in %.1fs", stage, "ran" if result.ran else "unchanged, skipped",
                           result.seconds)
     return {"ran": result.ran, "seconds": result.seconds}
-
-
-def feedback_progress(p: Params) -> dict:
-    """Curated records in the data version vs the latest registered version's (its ``curated_records``
-    tag): how many are new, and how many a drift-triggered retrain waits for."""
-    from pipeline.layout import CURATED_TAG, curated_count
-
-    total = curated_count(p)
-    latest = registry.latest_version(p.registry, p.project.name)
-    trained = int(latest.tags.get(CURATED_TAG, 0) or 0) if latest else 0
-    new = max(total - trained, 0)
-    return {"new": new, "needed": p.curate.min_new_records, "total": total,
-            "latest_version": latest.version if latest else None,
-            "message": (f"waiting for feedback: {new} of {p.curate.min_new_records} new curated records"
-                        if new < p.curate.min_new_records else
-                        f"{new} new curated records (>= {p.curate.min_new_records})")}
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)

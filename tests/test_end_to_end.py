@@ -163,7 +163,7 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
         assert any(r.startswith("note: slice curated") for r in fifth["decision"]["reasons"])
         version = registry.client(p.registry).get_model_version(p.project.name, str(fifth["registered_version"]))
         assert version.tags["curated_records"] == "25" and "curated" in json.loads(version.tags["gate_slices"])
-        from flows.retrain import feedback_progress
+        from flows.feedback import feedback_progress
 
         assert feedback_progress(p)["new"] == 0
     finally:
