@@ -265,3 +265,80 @@ def test_curated_records_through_sanitize_catch_eval_contamination(project):
     assert len(clean) == 12 and all(r["provenance"]["feedback"] == "correction" for r in clean)
     assert all("Anna Schmidt" not in json.dumps(r) for r in clean)
     assert planted not in json.dumps(clean)
+
+
+# ---- the teacher when it misbehaves ----------------------------------------------------------------------
+
+def _teacher_app(calls: dict):
+    """An OpenAI-compatible teacher over real HTTP: refuses prompts with "refuse" (400), fails the first
+    call of prompts with "flaky" (503), answers the rest."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route as Endpoint
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": "teach", "root": "/weights/teach-v7"}]})
+
+    async def chat(request):
+        body = await request.json()
+        text = body["messages"][-1]["content"]
+        calls[text] = calls.get(text, 0) + 1
+        if "refuse" in text:
+            return JSONResponse({"error": {"message": "content policy"}}, status_code=400)
+        if "flaky" in text and calls[text] == 1:
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+        return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                  "content": '{"category": "billing"}'}}]})
+
+    return Starlette(routes=[Endpoint("/v1/models", models), Endpoint("/v1/chat/completions", chat, methods=["POST"])])
+
+
+def test_teacher_retries_transient_skips_refusals_and_a_dead_teacher_consumes_nothing(tmp_path):
+    from pipeline.config import TeacherConfig
+    from pipeline.curate.teacher import Teacher, TeacherUnavailable
+
+    calls: dict = {}
+    server = GatewayServer(_teacher_app(calls), "127.0.0.1", _free_port()).start()
+    cfg = TeacherConfig(url=f"http://127.0.0.1:{server.port}/v1", model="teach", retries=2, retry_backoff_s=0.05,
+                        requests_per_s=100, timeout_s=5, cache_dir=str(tmp_path / "cache"))
+    logs, out = tmp_path / "serving", tmp_path / "curated"
+    _write(logs / "requests.jsonl", [_request(0, "plain ticket"), _request(1, "please refuse this"),
+                                     _request(2, "a flaky one")])
+    task = build_task(TASK)
+
+    def run(teacher):
+        try:
+            return curate(CurateConfig(), TASK, task, logs / "requests.jsonl", logs / "feedback.jsonl", out,
+                          teacher=teacher, say=lambda m: None)
+        finally:
+            teacher.close()
+
+    try:
+        teacher = Teacher(cfg, TASK, say=lambda m: None)
+        assert teacher.version == "/weights/teach-v7"  # what the endpoint serves, part of the cache key
+        report = run(teacher)
+    finally:
+        server.stop()
+    assert report["curated"]["by_kind"] == {"teacher": 2} and report["skipped"]["by_reason"] == {"teacher_refused": 1}
+    assert report["teacher"]["retries"] == 1 and calls["a flaky one"] == 2 and report["reconciles"]
+    records = _lines(out / "train.jsonl")
+    assert all(r["provenance"]["teacher"] == {"model": "teach", "version": "/weights/teach-v7", "url": cfg.url}
+               for r in records)
+
+    # The teacher goes away: new requests are not consumed, nothing is written, and the next run (teacher
+    # back) takes exactly them.
+    _write(logs / "requests.jsonl", [_request(10, "ticket after the outage"), _request(11, "another one")])
+    cursor = (logs / "curate_cursor.json").read_text()
+    before = (out / "train.jsonl").read_text()
+    server = GatewayServer(_teacher_app(calls), "127.0.0.1", server.port).start()
+    teacher = Teacher(cfg, TASK, say=lambda m: None)
+    server.stop()
+    with pytest.raises(TeacherUnavailable, match="no answer after 3 attempts"):
+        run(teacher)
+    assert (logs / "curate_cursor.json").read_text() == cursor and (out / "train.jsonl").read_text() == before
+    server = GatewayServer(_teacher_app(calls), "127.0.0.1", server.port).start()
+    try:
+        again = run(Teacher(cfg, TASK, say=lambda m: None))
+    finally:
+        server.stop()
+    assert again["requests_seen"] == 2 and again["curated"]["by_kind"] == {"teacher": 2} and again["reconciles"]
