@@ -162,8 +162,7 @@ def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "m
     summary = {"stages": stages, "dvc_pushed_files": pushed, **result, "trigger": trigger,
                "champion": {"version": champion.version, "alias": p.registry.alias} if champion else None,
                "model_name": p.project.name}
-    # curate runs whenever traffic was logged; new records show as a sanitize that ran.
-    if not any(s["ran"] for k, s in stages.items() if k != "curate") and not result["newly_registered"]:
+    if not any(s["ran"] for s in stages.values()) and not result["newly_registered"]:
         msg = (f"no new data since v{result['registered_version']}: every stage is unchanged "
                f"(champion {'v%s' % champion.version if champion else 'none'})")
         if drift_summary:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, Params
 from pipeline.io import write_json
-from pipeline.layout import (CURATE_REPORT, PII_DIGESTS, TASK_FILE, augmented_file, base_inputs_file, clean_split,
+from pipeline.layout import (CURATE_REPORT, CURATED_FILES, PII_DIGESTS, TASK_FILE, augmented_file, base_inputs_file, clean_split,
                              curated_file, feedback_log, pii_digest_files, validation_file)
 
 
@@ -41,8 +41,8 @@ def curate(p: Params) -> dict:
     out = Path(p.curate.out_dir)
     if not p.curate.enabled:
         out.mkdir(parents=True, exist_ok=True)
-        for kind in ("train", "eval", "preference"):
-            curated_file(p, kind).touch()
+        for name in CURATED_FILES:
+            (out / name).touch()
         result = {"enabled": False}
         write_json(CURATE_REPORT, result)
         return result
