@@ -304,6 +304,42 @@ _TRAIN_MOVED = {
 }
 
 
+class PrivacyConfig(_Strict):
+    """``train.privacy``: differentially private LoRA (DP-SGD through Opacus, pipeline/train/privacy.py).
+
+    Every training row is Poisson-sampled with rate ``per_device_train_batch_size / rows`` each step, its
+    gradient on the LoRA parameters clipped to ``max_grad_norm`` and Gaussian noise of
+    ``noise_multiplier x max_grad_norm`` added to the sum; the accountant turns (noise, rate, steps) into
+    the epsilon actually spent. Give ``noise_multiplier`` or ``target_epsilon`` (then the noise is
+    calibrated for the planned steps), not both."""
+
+    enabled: bool = False
+    target_epsilon: float | None = Field(None, gt=0.0)
+    noise_multiplier: float | None = Field(None, ge=0.0)
+    delta: float | None = Field(None, gt=0.0, lt=1.0)  # None: 1 / (10 x training rows), below 1/rows
+    max_grad_norm: float = Field(1.0, gt=0.0)  # per-example clipping bound C
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> "PrivacyConfig":
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("train.privacy: give exactly one of target_epsilon (the noise is calibrated for it) "
+                             "and noise_multiplier")
+        return self
+
+
+class ContinualConfig(_Strict):
+    """``train.continual``: start from the champion's adapter instead of from scratch, with an elastic
+    weight consolidation penalty ``ewc_lambda / 2 * sum(F_i / mean(F) * (theta_i - theta*_i)^2)`` that
+    keeps the LoRA parameters near the champion's where its Fisher information says they matter
+    (pipeline/train/continual.py). Every adapter trained with this on stores its Fisher information
+    (``fisher.safetensors``, estimated on its own training rows) for the version after it."""
+
+    from_champion: bool = False
+    ewc_lambda: float = Field(0.0, ge=0.0)  # 0: start from the champion, no penalty
+    fisher_samples: int = Field(256, ge=1)  # training rows the diagonal Fisher is estimated on
+
+
 class TrainConfig(_Strict):
     """loraflow's own training settings; everything TRL configures goes through ``trl:`` unchanged."""
 
@@ -335,6 +371,8 @@ class TrainConfig(_Strict):
     # TRL's SFTConfig / DPOConfig fields, passed through over TRL_DEFAULTS; checked against the installed
     # TRL when training starts (pipeline/train/trl_args.py).
     trl: dict[str, Any] = {}
+    privacy: PrivacyConfig = PrivacyConfig()
+    continual: ContinualConfig = ContinualConfig()
 
     _moved_keys = _moved("train", {k: f"train.trl.{v}" for k, v in _TRAIN_MOVED.items()})
 
@@ -350,7 +388,34 @@ class TrainConfig(_Strict):
     def _consistent(self) -> "TrainConfig":
         if self.method == "dpo" and self.packing:
             raise ValueError("packing is not supported with method: dpo")
+        if self.method == "dpo" and self.continual.ewc_lambda > 0:
+            raise ValueError("train.continual.ewc_lambda: the EWC penalty needs a per-record loss (method: sft); "
+                             "with dpo, from_champion starts from the champion without it")
+        if self.privacy.enabled:
+            # What DP-SGD through Opacus can give its guarantee for; the rest is refused, never trained
+            # without the guarantee (docs/privacy.md).
+            refused = {
+                "method": (self.method != "sft", "only method: sft trains under train.privacy (DPO's paired "
+                           "loss is not a per-record loss Opacus can clip)"),
+                "adapter": (self.adapter != "lora", "only adapter: lora trains under train.privacy (DoRA's "
+                            "magnitude vector and QLoRA's 4-bit layers have no per-sample gradients in Opacus)"),
+                "packing": (self.packing, "packing puts several records in one row, so a per-row gradient "
+                            "bound is not a per-record bound"),
+                "fused_lora": (self.fused_lora and "fused_lora" in self.model_fields_set,
+                               "the fused LoRA path computes A and B in one autograd node, where Opacus "
+                               "cannot see per-sample gradients"),
+                "continual.ewc_lambda": (self.continual.ewc_lambda > 0, "the Fisher information is computed "
+                                         "from the training records without noise and stored with the adapter"),
+            }
+            bad = [f"train.{k}: {why}" for k, (on, why) in refused.items() if on]
+            if bad:
+                raise ValueError("not supported with train.privacy.enabled: " + "; ".join(bad))
         return self
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused LoRA path runs: off under privacy unless asked for (which is refused above)."""
+        return self.fused_lora and not self.privacy.enabled
 
     def trl_value(self, key: str) -> Any:
         """A TRL setting as this run uses it (the user's, else loraflow's default, else None)."""
@@ -402,6 +467,9 @@ class GateConfig(_Strict):
     # gate too (0 = report only: a fine-tune that learns its task usually ranks singleton canaries first,
     # docs/benchmarks.md).
     max_exposure: float = Field(0.0, ge=0.0)
+    # Privacy: a version whose training spent more than this epsilon (train.privacy), or trained without
+    # the guarantee, is never promoted. None: not required.
+    max_epsilon: float | None = Field(None, gt=0.0)
 
 
 class RegistryConfig(_Strict):

@@ -50,6 +50,12 @@ def feedback_log(p: Params) -> Path:
     return Path(p.serve.traffic_log).with_name("feedback.jsonl")
 
 
+def serving_log(p: Params) -> Path:
+    """What the endpoint served when: one line per version served, rejected or stopped (the dossier's
+    serving periods), next to the request log."""
+    return Path(p.serve.traffic_log).with_name("serving.jsonl")
+
+
 def curated_file(p: Params, name: str) -> Path:
     """``train``, ``eval`` or ``preference``: the curate stage's records of that kind (before sanitize)."""
     return Path(p.curate.out_dir) / f"{name}.jsonl"

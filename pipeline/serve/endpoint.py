@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.io import first_prompts
-from pipeline.layout import clean_split, feedback_log
+from pipeline.layout import clean_split, feedback_log, serving_log
 from pipeline.modeling import base_present, base_weights_sha256
 from pipeline.pii import build_redactor
 from pipeline.serve.follow import Follower
@@ -70,6 +70,7 @@ class Endpoint:
     keys: set[str]
     say: Callable[[str], None] = print
     on_reject: Callable[[dict], None] | None = None
+    on_change: Callable[[dict], None] | None = None  # a version served, rejected or stopped (Follower.record)
     webhook_secret: str = ""
     routes: Routes = field(default_factory=Routes)
     wake: threading.Event = field(default_factory=threading.Event)  # set by a webhook: reconcile now
@@ -122,7 +123,7 @@ class Endpoint:
         started_here = self.server.process is not None
         self.follower = Follower(self.server, self.routes, p.registry, Path(p.serve.adapters_dir), self.models,
                                  p.task, first_prompts(clean_split(p, "eval")), say=self.say,
-                                 on_reject=self.on_reject,
+                                 on_reject=self.on_reject, events_log=serving_log(p), on_change=self.on_change,
                                  base_sha=base_weights_sha256(Path(p.base.out_dir)) if started_here else None,
                                  rebase=self._rebase if started_here else None)
         try:
@@ -241,6 +242,9 @@ class Endpoint:
     def stop(self) -> None:
         """Stop answering, flush the request log, stop the vLLM this endpoint started."""
         self._stopping.set()
+        if self.follower is not None:  # the serving periods end here
+            for route in self.routes.all():
+                self.follower.record({"event": "stopped", "model": route.name, "version": route.version})
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None

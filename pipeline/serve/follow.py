@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.config import RegistryConfig, TaskConfig
@@ -66,6 +67,10 @@ class Follower:
     default_prompts: list[list[dict]]
     say: Callable[[str], None] = print
     on_reject: Callable[[dict], None] | None = None  # e.g. a Prefect event, wired in flows/
+    # The serving log (``layout.serving_log``): one line per version served, rejected or stopped; the
+    # dossier's serving periods. ``on_change`` hears the same (the dossier is regenerated on it).
+    events_log: Path | None = None
+    on_change: Callable[[dict], None] | None = None
     rejected: dict[str, set[int]] = field(default_factory=dict)
     # name -> (version, attempts, monotonic time of the next try): swaps that failed for a transient reason.
     deferred: dict[str, tuple[int, int, float]] = field(default_factory=dict)
@@ -161,12 +166,30 @@ class Follower:
             registry.set_version_tag(self.registry_cfg, name, champion.version, "serving_status", "served")
         except registry.RegistryUnavailable as e:  # serving is right; the tag is information only
             self.say(f"warning: {e}")
+        self.record({"event": "served", "model": name, "version": champion.version,
+                     "previous": previous.version if previous else None})
         self.say(f"{name}: serving v{champion.version} (adapter {internal}, ready in {seconds:.1f}s)"
                  + (f", v{previous.version} retires after its in-flight requests" if previous else ""))
         if previous:
             threading.Thread(target=self._retire, args=(previous,), daemon=True).start()
         return {"model": name, "version": champion.version, "adapter": internal, "seconds": round(seconds, 2),
                 "previous": previous.version if previous else None}
+
+    def record(self, event: dict) -> None:
+        """Append to the serving log, then tell ``on_change``. Neither may stop serving: both only warn."""
+        event = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **event}
+        if self.events_log is not None:
+            try:
+                self.events_log.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.events_log, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(event) + "\n")
+            except OSError as e:
+                self.say(f"warning: serving log {self.events_log} not written: {e}")
+        if self.on_change is not None:
+            try:
+                self.on_change(event)
+            except Exception as e:  # noqa: BLE001 - bookkeeping; the swap is done
+                self.say(f"warning: after {event['event']} v{event['version']}: {type(e).__name__}: {e}")
 
     def _retire(self, route: Route) -> None:
         if not self.routes.wait_drained(route.internal):
@@ -189,6 +212,7 @@ class Follower:
             return self._defer(name, champion, f"rejection not recorded yet ({e})")
         self.rejected.setdefault(name, set()).add(champion.version)
         self.deferred.pop(name, None)
+        self.record({"event": "rejected", "model": name, "version": champion.version, "reason": reason[:500]})
         result = {**(self._restore(name, champion, current) or {"model": name, "version": champion.version,
                                                                  "alias_restored_to": None}), "rejected": reason}
         if self.on_reject is not None:

@@ -26,6 +26,7 @@ from pipeline.hashing import file_sha256
 from pipeline.io import write_json
 from pipeline.modeling import base_config_sha256, base_weights_sha256, load_base
 from pipeline.pii import mask_secrets
+from pipeline.train import continual, privacy
 from pipeline.train.trl_args import check_trl_keys, training_args
 
 
@@ -168,15 +169,32 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def private_trainer(trainer_cls, cfg: TrainConfig, *, rows: int, train_file: Path, world_size: int):
+    """The DP-SGD trainer class and the accounting inputs (``train.privacy``; pipeline/train/privacy.py)."""
+    privacy.check_supported(cfg, world_size)
+    delta = cfg.privacy.delta or privacy.default_delta(rows)
+    q = privacy.sample_rate(cfg, rows)
+    planned = privacy.planned_steps(cfg, rows)
+    noise = privacy.noise_for(cfg.privacy, q, planned, delta)
+    dp = {"noise": noise, "q": q, "delta": delta, "rows": rows, "planned": planned,
+          "k": privacy.rows_per_record(train_file)}
+    cls = privacy.make_dp_trainer(trainer_cls, cfg.privacy, rows=rows, seed=cfg.seed)
+    cls.dp = {"noise_multiplier": noise, "sample_rate": q}
+    print(f"train: DP-SGD over {rows} rows, sampling rate {q:.4f}, {planned} steps, noise multiplier "
+          f"{noise:.3f}, clipping {cfg.privacy.max_grad_norm} ({cfg.privacy.accountant} accountant, delta {delta:.2e})")
+    return cls, dp
+
+
 def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | None = None,
           preference_file: Path | None = None, extra_callbacks: list | None = None,
-          generic_file: Path | None = None, canaries: list[Canary] = ()) -> dict:
+          generic_file: Path | None = None, canaries: list[Canary] = (), init_adapter: Path | None = None) -> dict:
     """Fine-tune an adapter; returns the metrics written to ``train_metrics.json``.
 
     ``eval_file`` is the validation split carved from the training data (early stopping, checkpoint
     selection); the held-out split the gate scores never reaches training. ``generic_file``: sanitized
     generic chat mixed in at ``cfg.generic_fraction``. ``canaries``: the leak probe's secrets, added to
-    the in-memory training rows only (outputs record their hashes, never their values).
+    the in-memory training rows only (outputs record their hashes, never their values). ``init_adapter``:
+    the champion's adapter to continue from (``train.continual``), else a fresh adapter.
     """
     import torch
     from datasets import Dataset
@@ -194,12 +212,18 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     if cfg.generic_fraction and generic_file:
         inputs.append(generic_file)
     planted = [c.chat_row() for c in canaries]
-    ckpt_dir = Path(cfg.checkpoint_dir) / run_key(cfg, inputs, base_dir, planted)
+    # Starting from another champion is another run (its weights are an input).
+    init = sorted(Path(init_adapter).glob("*.safetensors")) if init_adapter else []
+    ckpt_dir = Path(cfg.checkpoint_dir) / run_key(cfg, inputs + init, base_dir, planted)
     resume = last_checkpoint(ckpt_dir)
     if resume:
         print(f"train: resuming from {resume}")
     model, tokenizer = load_base(base_dir, quantize_4bit=cfg.adapter == "qlora",
                                  attn_implementation=attention_implementation(cfg))
+    peft_config = lora_config(cfg)
+    if init_adapter is not None:
+        model, peft_config = continual.load_champion(model, Path(init_adapter), cfg), None
+        print(f"train: continuing from the champion's adapter {init_adapter}")
     eval_rows = load_turn_rows(eval_file) if eval_file else None
     recorder = _LossRecorder()
     callbacks = [recorder.callback, *(extra_callbacks or [])]
@@ -207,6 +231,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     n_generic = 0
     fit = {"rows": 0, "truncated": 0, "dropped": 0}
+    dp = None
     if cfg.method == "sft":
         from trl import SFTTrainer
 
@@ -217,9 +242,13 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         check_fit(fit, cfg)
         rows = plant(rows, planted, cfg.seed)
         args = training_args(cfg, ckpt_dir, bool(eval_rows), dev)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+        trainer_cls = continual.make_ewc_trainer(SFTTrainer) if init_adapter and cfg.continual.ewc_lambda else SFTTrainer
+        if cfg.privacy.enabled:
+            trainer_cls, dp = private_trainer(SFTTrainer, cfg, rows=len(rows), train_file=train_file,
+                                              world_size=args.world_size)
+        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-                             processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     else:
         from trl import DPOTrainer
 
@@ -229,8 +258,18 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         args = training_args(cfg, ckpt_dir, bool(dpo_eval), dev)
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                              eval_dataset=Dataset.from_list(dpo_eval) if dpo_eval else None,
-                             processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
-    if cfg.fused_lora:
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    fisher_source = None
+    if getattr(trainer, "ewc", False) is None:  # the EWC trainer: anchor on the champion's weights
+        fisher = continual.load_fisher(Path(init_adapter))
+        fisher_source = "champion"
+        if fisher is None:
+            print("train: the champion has no Fisher information stored (trained without train.continual); "
+                  f"estimating it on {min(cfg.continual.fisher_samples, len(rows))} of today's training rows")
+            fisher, fisher_source = continual.estimate_fisher(trainer, cfg.continual.fisher_samples, cfg.seed), "estimated at start"
+        anchor = {k: p.detach().float().clone() for k, p in continual.trainable(trainer.model).items()}
+        trainer.ewc = continual.ewc_state(anchor, fisher, cfg.continual.ewc_lambda)
+    if cfg.fused:
         from pipeline.train.fused_lora import fuse_lora_layers
 
         print(f"train: fused LoRA path on {fuse_lora_layers(trainer.model)} layers")
@@ -248,6 +287,11 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         return {}
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if cfg.continual.from_champion and cfg.method == "sft":  # for the version after this one
+        n_fisher = min(cfg.continual.fisher_samples, len(rows))
+        print(f"train: estimating the Fisher information on {n_fisher} training rows")
+        continual.save_fisher(continual.estimate_fisher(trainer, cfg.continual.fisher_samples, cfg.seed), out,
+                              {"samples": n_fisher, "seed": cfg.seed})
     if cfg.merge_export:
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(out / "merged", safe_serialization=True)
@@ -287,6 +331,9 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         "device": dev.type,
         "device_name": dev.name,
         "threads": torch.get_num_threads(),
+        "continual": {"from": str(init_adapter) if init_adapter else None, "ewc_lambda": cfg.continual.ewc_lambda,
+                      "fisher_source": fisher_source} if cfg.continual.from_champion else None,
+        "privacy": privacy.privacy_report(cfg.privacy, steps=int(result.global_step), **dp) if dp else None,
         "loss_curve": [{"step": r["step"], "loss": r["loss"]} for r in train_losses],
         "eval_loss_curve": [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in eval_losses],
     }

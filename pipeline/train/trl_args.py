@@ -69,6 +69,8 @@ def training_args(cfg: TrainConfig, ckpt_dir: Path, has_eval: bool, dev, source:
     }
     if cfg.method == "sft":
         owned["packing"] = cfg.packing
+    if cfg.privacy.enabled:
+        owned["max_grad_norm"] = 0.0  # Opacus clips each example's gradient; a second clip of the noised sum would bias it
     defaults = {**TRL_DEFAULTS, **(DPO_DEFAULTS if cfg.method == "dpo" else {})}
     if "gradient_checkpointing" in cfg.trl:  # transformers' older name for it: the user's value must win
         defaults.pop("activation_checkpointing")
