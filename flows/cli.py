@@ -6,6 +6,7 @@
     loraflow sanitize IN... --out DIR
     loraflow serve                  # the authenticated endpoint over vLLM, following the alias
     loraflow promote VERSION | rollback | drift | status
+    loraflow dossier [MODEL] [VERSION]  # the compliance dossier of a version (HTML + Markdown)
 """
 
 from __future__ import annotations
@@ -203,6 +204,7 @@ def _run_gateway(p) -> None:
     stop = threading.Event()
     key = vllm_key(p)
     endpoint = Endpoint(p, None, keys, say=_say, on_reject=_rejected_event, upstream_key=key,
+                        on_change=lambda event: _refresh_dossier(p, event),
                         webhook_secret=os.environ.get("LORAFLOW_WEBHOOK_SECRET", ""))
 
     def on_term(*_) -> None:  # SIGTERM (docker stop, systemd, kill) ends like Ctrl-C: our vLLM goes with us
@@ -264,6 +266,46 @@ def rollback(params: str = ParamsOpt) -> None:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{info.name}@{p.registry.alias} -> v{info.version}")
+
+
+@app.command()
+def dossier(model: str = typer.Argument("", help="registered model (default: project.name)"),
+            version: int = typer.Argument(0, help="version (default: the alias's)"),
+            out: Path = typer.Option(Path("reports/dossier"), help="folder for <model>-v<version>.{html,md}"),
+            publish: bool = typer.Option(True, help="also log both files to the version's MLflow run (dossier/)"),
+            params: str = ParamsOpt) -> None:
+    """Write the compliance dossier of a registered version (EU AI Act Annex IV headings), from the
+    registry's records and the serving log."""
+    p = _params(params)
+    from pipeline.layout import serving_log
+    from pipeline.release import dossier as doc
+
+    name = model or p.project.name
+    try:
+        write = doc.publish if publish else doc.write
+        md, page, *_ = write(p.registry, name, version or None, out, serving_log(p))
+    except LookupError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{page}\n{md}")
+
+
+def _refresh_dossier(p, event: dict) -> None:
+    """Serving state changed: regenerate the dossiers of the versions it touched (in the background; a
+    failure is a warning, `loraflow dossier` writes it again)."""
+    import threading
+
+    from pipeline.layout import serving_log
+    from pipeline.release import dossier as doc
+
+    def run() -> None:
+        for v in {event.get("version"), event.get("previous")} - {None}:
+            try:
+                doc.publish(p.registry, event["model"], int(v), Path("reports/dossier"), serving_log(p))
+            except Exception as e:  # noqa: BLE001 - documentation must not stop serving
+                _say(f"warning: dossier of {event['model']} v{v} not regenerated: {type(e).__name__}: {e}")
+
+    threading.Thread(target=run, daemon=True, name="loraflow-dossier").start()
 
 
 @app.command()

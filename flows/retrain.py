@@ -19,6 +19,7 @@ Logic lives in ``pipeline/``; this module only wires it, adds retries and emits 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 from prefect import flow, get_run_logger, task
@@ -27,12 +28,13 @@ from prefect.states import Completed
 
 from pipeline import dvc_runner
 from pipeline import registry
-from pipeline.release import promotion
+from pipeline.release import dossier, promotion
 from pipeline.stages import rescorer
 from pipeline.train.trl_args import check_trl_keys
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.release.lock import retrain_lock
 from flows.feedback import feedback_progress
+from pipeline.layout import serving_log
 
 QUIET_STATES = ("NoNewData", "Cooldown", "WaitingForFeedback")  # drift-triggered runs that trained nothing (the cooldown ignores them)
 
@@ -65,6 +67,14 @@ def release(p: Params) -> dict:
         emit_event("loraflow.model.promoted", resource=resource,
                    payload={"version": result["registered_version"], "alias": p.registry.alias})
     return {**result, "candidate": candidate.metrics, "base": base.metrics}
+
+
+@task(name="dossier", retries=2, retry_delay_seconds=5)
+def write_dossier(p: Params, version: int) -> str:
+    """The new version's compliance dossier, logged to its run (pipeline/release/dossier.py)."""
+    md, page = dossier.publish(p.registry, p.project.name, version, Path("reports/dossier"), serving_log(p))
+    get_run_logger().info("dossier of v%s: %s", version, page)
+    return str(page)
 
 
 @contextlib.contextmanager
@@ -158,6 +168,8 @@ def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "m
                 stages[name] = run_stage(name)
         pushed = push_outputs() if p.dvc.push else None
         result = release(p)
+        # Every run, not only the registering one: a run that resumes an interrupted release writes it too.
+        result["dossier"] = write_dossier(p, result["registered_version"])
     champion = registry.get_alias(p.registry, p.project.name)
     summary = {"stages": stages, "dvc_pushed_files": pushed, **result, "trigger": trigger,
                "champion": {"version": champion.version, "alias": p.registry.alias} if champion else None,

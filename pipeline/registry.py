@@ -141,6 +141,10 @@ def log_candidate(
                     "gpu_hours", "estimated_cost", "best_eval_loss", "resumed_from_step"):
             if isinstance(train_metrics.get(key), (int, float)):
                 mlflow.log_metric(f"train_{key}" if not key.startswith("train") else key, train_metrics[key])
+        privacy = train_metrics.get("privacy") or {}
+        for key in ("epsilon", "delta", "noise_multiplier", "sample_rate", "record_epsilon"):
+            if isinstance(privacy.get(key), (int, float)):
+                mlflow.log_metric(f"privacy_{key}", privacy[key])
         for model, metrics in eval_metrics.items():
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -157,12 +157,31 @@ def train(p: Params) -> dict:
     canaries = [c for c in make_canaries(p.probes) for _ in range(p.probes.repetitions)]
     metrics = run(p.train, Path(p.base.out_dir), augmented_file(p), _nonempty(validation_file(p)),
                   preference_file=_nonempty(clean_split(p, "preference")),
-                  generic_file=_nonempty(clean_split(p, "generic")), canaries=canaries)
+                  generic_file=_nonempty(clean_split(p, "generic")), canaries=canaries,
+                  init_adapter=champion_adapter(p) if p.train.continual.from_champion else None)
     if not metrics:  # a rank other than 0 under torchrun/accelerate: rank 0 writes every output
         return {}
     summary = {k: v for k, v in metrics.items() if not k.endswith("_curve")}
     write_json(Path("reports/train.json"), summary)
     return summary
+
+
+def champion_adapter(p: Params) -> Path | None:
+    """The champion's adapter to continue from (``train.continual.from_champion``): None when there is no
+    champion yet or it was trained on another base (its weights mean nothing on this one); both said.
+    A registry or artifact store that does not answer raises (the flow retries): a run never falls back
+    to training from scratch because a read failed."""
+    from pipeline import registry
+    from pipeline.modeling import base_weights_sha256
+
+    champion = registry.get_alias(p.registry, p.project.name)
+    if champion is None:
+        print(f"train: {p.project.name} has no @{p.registry.alias} yet: training from scratch")
+        return None
+    if champion.tags.get("base_weights_sha256") != base_weights_sha256(Path(p.base.out_dir)):
+        print(f"train: champion v{champion.version} was trained on another base: training from scratch")
+        return None
+    return registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
 
 
 def evaluate(p: Params) -> dict:

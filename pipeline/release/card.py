@@ -40,6 +40,21 @@ def front_matter(p: Params, eval_metrics: dict[str, dict], decision: dict) -> di
     }
 
 
+def privacy_line(priv: dict | None) -> str:
+    """The guarantee in one line (model card, dossier), or "none"."""
+    if not priv:
+        return "none (trained without a privacy guarantee)"
+    eps = "infinite (no noise)" if priv.get("epsilon") is None else f"{priv['epsilon']:.3f}"
+    line = (f"DP-SGD ({priv['library']}, {priv['accountant'].upper()} accountant): epsilon {eps}, delta "
+            f"{priv['delta']:.2e} per {priv['unit']}; noise multiplier {priv['noise_multiplier']}, clipping "
+            f"{priv['max_grad_norm']}, sampling rate {priv['sample_rate']}, {priv['steps']} steps over {priv['rows']} rows")
+    if priv.get("rows_per_record_max", 1) > 1:
+        rec = "infinite" if priv.get("record_epsilon") is None else f"{priv['record_epsilon']:.3f}"
+        line += (f"; a record is up to {priv['rows_per_record_max']} rows, so per record epsilon {rec}, "
+                 f"delta {priv['record_delta']:.2e} (group privacy)")
+    return line
+
+
 def _table(eval_metrics: dict[str, dict]) -> str:
     names = [m for m in next(iter(eval_metrics.values()), {}) if m != "n"]
     head = "| model | " + " | ".join(names) + " | n |\n|---|" + "---|" * (len(names) + 1)
@@ -100,6 +115,8 @@ Leak probe: {leak}.
   {t.trl_value("max_length")}, packing {t.packing}, seed {t.seed}; TRL settings given: {t.trl or "none"}
 - steps {train_metrics.get("steps")}, duration {train_metrics.get("duration_s")} s, final loss
   {train_metrics.get("final_loss")}, device {train_metrics.get("device")}
+- differential privacy: {privacy_line(train_metrics.get("privacy"))}
+- continued from: {(train_metrics.get("continual") or {}).get("from") or "no (trained from scratch)"}
 
 ## Lineage
 

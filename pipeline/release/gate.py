@@ -15,6 +15,8 @@ scored on the same held-out examples. The candidate is promoted only if every ch
 - **slices**: when the eval split has a ``curated`` slice (held-out served traffic), each slice's metric
   and paired interval are reported on their own, and the ``original`` slice may not drop by more than
   ``guardrail_tolerance`` (a gain on drifted traffic must not be bought with the old distribution).
+- **privacy** (only with ``gate.max_epsilon``): the candidate was trained under ``train.privacy`` and
+  its accountant's epsilon is at most the bound.
 - **leak**: no canary completed from its prefix, no redacted PII value in any generated answer, and (when
   ``max_exposure`` is set) no canary exposure above it.
 """
@@ -37,6 +39,7 @@ class ModelScore:
     forgetting: list[float] | None = None  # per-example next-token accuracy on the generic regression set
     leak: dict | None = None  # the leak probe's result (canary hashes, exposure, completion; PII hits)
     slices: dict[str, dict] = field(default_factory=dict)  # name -> {"range": [start, end), "summary": {...}}
+    privacy: dict | None = None  # train.privacy's report (epsilon spent, delta, ...); None: no guarantee
 
     @classmethod
     def from_details(cls, name: str, details: dict) -> "ModelScore":
@@ -187,6 +190,14 @@ def decide(candidate: ModelScore, reference: ModelScore, gate: GateConfig, metri
             reasons.append(f"note: canary exposure max {worst:.2f} bits (not gated: gate.max_exposure is 0)")
         hits = leak.get("pii_hits", 0)
         check("leak", hits == 0, f"redacted PII values in {leak.get('answers_scanned', 0)} generated answers: {hits}")
+
+    if gate.max_epsilon is not None:
+        eps = (candidate.privacy or {}).get("epsilon")
+        check("privacy", eps is not None and eps <= gate.max_epsilon,
+              f"differential privacy: epsilon {eps:.3f} {'<=' if eps <= gate.max_epsilon else '>'} bound "
+              f"{gate.max_epsilon:.3f}" if eps is not None else
+              f"differential privacy: the candidate has no finite epsilon (trained without train.privacy or "
+              f"without noise); gate.max_epsilon {gate.max_epsilon:.3f} requires one")
 
     return Decision(promote=all(checks.values()) and bool(checks), reference=reference.name, reasons=reasons,
                     metric=metric, interval=interval, checks=checks, slices=slices)

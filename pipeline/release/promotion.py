@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline import registry
@@ -39,7 +40,9 @@ Rescore = Callable[[Path], dict]
 def candidate_score(p: Params) -> tuple[ModelScore, ModelScore]:
     """The candidate's and the base model's scores, as the evaluate stage recorded them."""
     details = read_json(Path(p.evaluate.out_dir) / "details.json")
-    return ModelScore.from_details("candidate", details["candidate"]), ModelScore.from_details("base", details["base"])
+    privacy = read_json(Path(p.train.out_dir) / "train_metrics.json").get("privacy")
+    return (replace(ModelScore.from_details("candidate", details["candidate"]), privacy=privacy),
+            ModelScore.from_details("base", details["base"]))
 
 
 def champion_score(p: Params, champion: registry.VersionInfo, rescore: Rescore) -> ModelScore | None:
@@ -124,7 +127,9 @@ def register_candidate(p: Params, decision: Decision, candidate: ModelScore, bas
     n = len(next(iter(candidate.per_example.values()), []))
     eval_metrics = {s.name: {**s.metrics, "tokens_per_s": s.speed.get("tokens_per_s"), "n": n}
                     for s in (base, candidate)}
-    tags = {**lineage_tags(p), "adapter_sha256": adapter_sha, **decision_tags(decision, champion)}
+    privacy = train_metrics.get("privacy") or {}
+    tags = {**lineage_tags(p), "adapter_sha256": adapter_sha, **decision_tags(decision, champion),
+            "privacy_epsilon": "none" if not privacy else "inf" if privacy.get("epsilon") is None else str(privacy["epsilon"])}
     data_card = Path(p.sanitize.out_dir, "train", "data_card.md").read_text(encoding="utf-8")
     card = model_card(p, eval_metrics=eval_metrics, decision=decision.to_dict(), data_card=data_card,
                       lineage={k: v for k, v in tags.items() if k not in SERVING_TAGS and not k.startswith("gate_")
@@ -145,7 +150,8 @@ def register_candidate(p: Params, decision: Decision, candidate: ModelScore, bas
                        "data": Path(p.sanitize.out_dir, "train", "report.json"),
                        "data_eval": Path(p.sanitize.out_dir, "eval", "report.json"),
                        "augment": Path(p.augment.out_dir, "report.json"),
-                       "eval": Path(p.evaluate.out_dir, "details.json")},
+                       "eval": Path(p.evaluate.out_dir, "details.json"),
+                       "curate": Path("reports/curate.json")},
             tags={k: v for k, v in tags.items() if not k.startswith("dvc.") and k not in SERVING_TAGS},
             adapter_texts={"README.md": card},
         )
