@@ -204,7 +204,7 @@ def _run_gateway(p) -> None:
     stop = threading.Event()
     key = vllm_key(p)
     endpoint = Endpoint(p, None, keys, say=_say, on_reject=_rejected_event, upstream_key=key,
-                        on_change=lambda event: _refresh_dossier(p, event),
+                        on_change=_dossier_refresher(p),
                         webhook_secret=os.environ.get("LORAFLOW_WEBHOOK_SECRET", ""))
 
     def on_term(*_) -> None:  # SIGTERM (docker stop, systemd, kill) ends like Ctrl-C: our vLLM goes with us
@@ -228,6 +228,13 @@ def _run_gateway(p) -> None:
     finally:
         endpoint.stop()
         _say("stopped")
+
+
+def _dossier_refresher(p):
+    from pipeline.layout import serving_log
+    from pipeline.release.dossier import refresher
+
+    return refresher(p.registry, Path("reports/dossier"), serving_log(p), _say)
 
 
 def _register_webhook(p, secret: str) -> None:
@@ -288,24 +295,6 @@ def dossier(model: str = typer.Argument("", help="registered model (default: pro
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{page}\n{md}")
-
-
-def _refresh_dossier(p, event: dict) -> None:
-    """Serving state changed: regenerate the dossiers of the versions it touched (in the background; a
-    failure is a warning, `loraflow dossier` writes it again)."""
-    import threading
-
-    from pipeline.layout import serving_log
-    from pipeline.release import dossier as doc
-
-    def run() -> None:
-        for v in {event.get("version"), event.get("previous")} - {None}:
-            try:
-                doc.publish(p.registry, event["model"], int(v), Path("reports/dossier"), serving_log(p))
-            except Exception as e:  # noqa: BLE001 - documentation must not stop serving
-                _say(f"warning: dossier of {event['model']} v{v} not regenerated: {type(e).__name__}: {e}")
-
-    threading.Thread(target=run, daemon=True, name="loraflow-dossier").start()
 
 
 @app.command()

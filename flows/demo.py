@@ -22,7 +22,8 @@ from pipeline.config import Params
 from pipeline.io import load_chat_file, read_json, write_json
 from pipeline.serve.endpoint import Endpoint, start_vllm
 from pipeline.serve.gateway import env_keys
-from pipeline.layout import clean_split
+from pipeline.layout import clean_split, serving_log
+from pipeline.release.dossier import refresher
 from pipeline.tasks import build_task
 
 SUMMARY_FILE = Path("reports/last-run.json")
@@ -60,7 +61,8 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         r = dvc_runner.repro(stage)
         prep[stage] = {"ran": r.ran, "seconds": r.seconds}
     key = next(iter(env_keys()), "") or secrets.token_urlsafe(24)
-    endpoint = Endpoint(p, start_vllm(p, progress), {key, *env_keys()}, say=progress)
+    endpoint = Endpoint(p, start_vllm(p, progress), {key, *env_keys()}, say=progress,
+                        on_change=refresher(p.registry, Path("reports/dossier"), serving_log(p), progress))
     try:
         t = time.perf_counter()
         progress("[demo] running the Prefect flow `retrain` (vLLM starts meanwhile)")
@@ -105,6 +107,7 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         "drift": {k: drift.get(k) for k in ("status", "drift", "drift_share", "threshold", "requests", "html")},
         "where": {"mlflow_ui": f"loraflow up, then http://127.0.0.1:{p.platform.mlflow_port}",
                   "model_card": "reports/README.md", "drift_report": drift.get("html"),
+                  "dossier": summary.get("dossier"),
                   "sanitize_report": "reports/sanitize.json", "traffic_log": p.serve.traffic_log},
         "timings": timings,
     }
@@ -167,5 +170,7 @@ def format_summary(r: dict) -> str:
         lines.append(f"  drift: {d.get('status')}")
     lines.append(f"  MLflow UI: {r['where']['mlflow_ui']}")
     lines.append(f"  model card: {r['where']['model_card']}; summary: {SUMMARY_FILE}")
+    if r["where"].get("dossier"):
+        lines.append(f"  compliance dossier: {r['where']['dossier']} (Markdown beside it; `loraflow dossier` rewrites it)")
     lines.append(f"  time: {r['timings']}")
     return "\n".join(lines)

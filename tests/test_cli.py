@@ -60,6 +60,17 @@ def test_promote_and_rollback_through_the_cli(tmp_path, monkeypatch):
     moves = [line.split() for line in lines if "  by " in line]  # the alias history, newest last
     assert [m[1:4] for m in moves] == [["none", "->", "v1"], ["v1", "->", "v2"], ["v2", "->", "v1"]]
     assert moves[-1][-3:] == ["rollback", "from", "v2"]
+    # The dossier of a version registered with no reports (an older loraflow): every section is there,
+    # what was never recorded says so, and the approvals name their path.
+    res = runner.invoke(app, ["dossier", "--no-publish"])
+    assert res.exit_code == 0, res.output
+    md = Path(f"reports/dossier/{p.project.name}-v1.md").read_text()
+    assert all(f"## {n}. " in md for n in range(1, 10)) and "No sanitize report recorded." in md
+    assert "| v2 -> v1 | loraflow rollback from v2 | CLI (loraflow rollback) |" in md
+    assert "| none -> v1 | loraflow promote | CLI (loraflow promote) |" in md
+    assert "differential privacy**: none" in md
+    res = runner.invoke(app, ["dossier", p.project.name, "99"])
+    assert res.exit_code == 1 and "v99 is not registered" in res.output
 
 
 def test_sanitize_works_from_any_directory_without_params(tmp_path, monkeypatch):

@@ -33,6 +33,24 @@ def _set_params(**sections):
     Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def _check_dossier(p, version, page: Path) -> None:
+    from pipeline import registry
+
+    assert page.is_file() and page.suffix == ".html" and page.with_suffix(".md").is_file()
+    md, html = page.with_suffix(".md").read_text(), page.read_text()
+    for n in range(1, 10):  # the nine Annex IV sections
+        assert f"## {n}. " in md and f"<h2>{n}. " in html
+    c = registry.client(p.registry)
+    run = c.get_run(version.run_id)
+    assert f"| exact_match | {run.data.metrics['candidate_exact_match']:.4f} | {run.data.metrics['base_exact_match']:.4f} |" in md
+    sanitize = json.loads(Path(p.sanitize.out_dir, "train", "report.json").read_text())
+    assert f"| train | {sanitize['read']} | {sanitize['kept']} | {sanitize['quarantined']['total']} |" in md
+    assert version.tags["gate_interval"].split(" ")[0] in md  # the gate's paired difference
+    assert "gate (automatic, after the gate passed)" in md and "differential privacy**: none" in md
+    assert {f.path for f in c.list_artifacts(version.run_id, "dossier")} == {
+        f"dossier/{page.name}", f"dossier/{page.with_suffix('.md').name}"}
+
+
 @pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="vLLM environment missing: run `make vllm-env`")
 def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefect_server):
     from flows.demo import run_demo
@@ -111,6 +129,8 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
         assert "## Lineage" in mv.description and "exact_match" in mv.description
         assert v1.tags["task"] == "ticket-triage" and v1.tags["task_kind"] == "json"
         assert any(Path(".dvc-storage").rglob("*")), "dvc push sent nothing to the local remote"
+        # The compliance dossier the flow wrote and logged: its numbers are the registry's.
+        _check_dossier(p, v1, Path(report["where"]["dossier"]))
 
         # 2. Unchanged inputs: DVC skips every stage and the same adapter is not registered again.
         again = retrain(params_file="params.yaml")
@@ -136,6 +156,17 @@ def test_full_loop_then_rerun_then_retrain_then_promotion_follows(project, prefe
             "role": "user", "content": "The package arrived damaged. This is urgent, please help immediately."}])
         # The answer comes from v2 and is one the task accepts (its quality is the gate's business).
         assert build_task(p.task).check_reference(answer.choices[0].message.content) is None, answer
+        # The swap regenerated both dossiers: v1's serving period ended when v2 was served; v2's is open and
+        # its approval came through the CLI path.
+        from pipeline.layout import serving_log
+        from pipeline.release import dossier
+
+        _, _, f2 = dossier.write(p.registry, p.project.name, 2, Path("reports/dossier"), serving_log(p))
+        assert f2.serving and f2.serving[-1]["until"] is None
+        md2 = Path(f"reports/dossier/{p.project.name}-v2.md").read_text()
+        assert "| still serving |" in md2 and "CLI (loraflow promote)" in md2
+        _, _, f1 = dossier.write(p.registry, p.project.name, 1, Path("reports/dossier"), serving_log(p))
+        assert f1.serving[-1]["ended_by"] == "v2 served"
 
         # 5. The feedback loop: drifted requests (a category the training data lacks) are answered; a
         # drift-triggered retrain with no feedback waits; users post corrections (by the answer's id);

@@ -137,8 +137,9 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
         assert httpx.get(f"{server.url}/v1/models").status_code == 401  # vLLM itself wants its key
         routes = Routes()
         prompts = [[{"role": "user", "content": "The package arrived damaged."}]]
+        changes: list[dict] = []
         follower = Follower(server, routes, reg, tmp_path / "served", ["alpha", "beta"], task, prompts,
-                            say=said.append)
+                            say=said.append, events_log=tmp_path / "serving.jsonl", on_change=changes.append)
         follower.reconcile()
         log = RequestLog(tmp_path / "req.jsonl", 2**20, 30)
         gw = GatewayServer(build_app(routes, server.url, "vllm-secret", {KEY}, log), "127.0.0.1", _free_port()).start()
@@ -215,6 +216,14 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
         assert routes.get("alpha").version == 4
         assert set(server.models()) == loaded and registry.get_alias(reg, "alpha").version == 4
         gw.stop()
+        # The serving log (the dossier's serving periods) holds every swap and rejection, in order, as
+        # on_change heard them.
+        logged = [json.loads(x) for x in (tmp_path / "serving.jsonl").read_text().splitlines()]
+        assert logged == changes
+        assert [(e["event"], e["model"], e["version"]) for e in logged] == [
+            ("served", "alpha", 1), ("served", "beta", 1), ("served", "alpha", 2), ("rejected", "alpha", 3),
+            ("served", "alpha", 4), ("rejected", "alpha", 5)]
+        assert logged[2]["previous"] == 1 and logged[3]["reason"].startswith("load failed")
 
         _teacher_labels_through_curate_with_a_cache(server, tmp_path, monkeypatch, said)
     finally:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import html
 import json
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,7 +114,12 @@ def gather(cfg: RegistryConfig, name: str, version: int | None = None, serving_l
             raise LookupError(f"{name} has no @{cfg.alias}: name the version (loraflow dossier {name} <version>)")
         version = champion.version
     c = registry.client(cfg)
-    mv = registry.call(cfg, f"read {name} v{version}", lambda: c.get_model_version(name, str(version)))
+    try:
+        mv = registry.call(cfg, f"read {name} v{version}", lambda: c.get_model_version(name, str(version)))
+    except Exception as err:  # noqa: BLE001 - only the registry's "no such version" is a LookupError
+        if registry.absent(err):
+            raise LookupError(f"{name} v{version} is not registered") from None
+        raise
     run = registry.call(cfg, f"read run {mv.run_id}", lambda: c.get_run(mv.run_id))
     return Facts(
         name=name, version=int(version),
@@ -169,7 +176,7 @@ def sections(f: Facts) -> list[tuple[str, list[dict]]]:
 
     general = [
         _kv([("model", f.name), ("version", f.version), ("registered", f.created), ("MLflow run", f.run_id),
-             ("task", f"{t.get('task')} (answers of kind {t.get('task_kind')})"), ("base model", t.get("base_model")),
+             ("task", f"{t['task']} (answers of kind {t.get('task_kind')})" if t.get("task") else None), ("base model", t.get("base_model")),
              ("adapter sha256", t.get("adapter_sha256")), ("git commit", t.get("git_commit")),
              (f"holds @{f.alias}", "yes" if holds else f"no (@{f.alias} is v{f.champion})" if f.champion else "no"),
              ("serving status", t.get("serving_status", "never served")),
@@ -393,3 +400,25 @@ def publish(cfg: RegistryConfig, name: str, version: int | None, out_dir: Path,
     for path in (md, page):
         registry.call(cfg, f"log {path.name} to run {f.run_id}", lambda p=path: c.log_artifact(f.run_id, str(p), "dossier"))
     return md, page
+
+
+def refresher(cfg: RegistryConfig, out_dir: Path, serving_log: Path | None, say: Callable[[str], None] = print,
+              background: bool = True) -> Callable[[dict], None]:
+    """The endpoint's ``on_change``: serving state changed, so regenerate and re-log the dossiers of the
+    versions it touched (in a thread: documentation never holds up serving; a failure is a warning and
+    ``loraflow dossier`` writes it again)."""
+
+    def refresh(event: dict) -> None:
+        for v in sorted({event.get("version"), event.get("previous")} - {None}):
+            try:
+                publish(cfg, event["model"], int(v), out_dir, serving_log)
+            except Exception as e:  # noqa: BLE001 - see above
+                say(f"warning: dossier of {event['model']} v{v} not regenerated: {type(e).__name__}: {e}")
+
+    def on_change(event: dict) -> None:
+        if background:
+            threading.Thread(target=refresh, args=(event,), daemon=True, name="loraflow-dossier").start()
+        else:
+            refresh(event)
+
+    return on_change
