@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _isolated import run_isolated, save, spread  # noqa: E402
 
 
 def one(spec: dict) -> dict:
@@ -56,12 +57,7 @@ def one(spec: dict) -> dict:
 
 
 def run(project: Path, spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--project", str(project), "--one", json.dumps(spec)],
-                         capture_output=True, text=True, cwd=project)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"run {spec} failed:\n{out.stderr[-3000:]}")
-    return json.loads(line[7:])
+    return run_isolated(__file__, project, spec)
 
 
 def main() -> None:
@@ -69,6 +65,8 @@ def main() -> None:
     ap.add_argument("--project", required=True)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ewc-lambda", default="1,10", help="comma-separated EWC strengths to compare")
+    ap.add_argument("--skip-baselines", action="store_true", help="only the EWC conditions (scratch and "
+                    "lambda 0 measured in another invocation)")
     ap.add_argument("--out", default="")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -82,7 +80,7 @@ def main() -> None:
         new_train, new_eval = Path(tmp, "new_train.jsonl"), Path(tmp, "new_eval.jsonl")
         new_eval.write_text("".join(lines[:60]), encoding="utf-8")
         new_train.write_text("".join(lines[60:]), encoding="utf-8")
-        conditions = [("scratch", None, 0.0), ("champion", "init", 0.0)] + \
+        conditions = ([] if a.skip_baselines else [("scratch", None, 0.0), ("champion", "init", 0.0)]) + \
             [(f"champion+ewc{lam:g}", "init", lam) for lam in (float(x) for x in a.ewc_lambda.split(","))]
         for seed in [int(s) for s in a.seeds.split(",")]:
             champ = f"{tmp}/champion-{seed}"
@@ -98,13 +96,9 @@ def main() -> None:
     summary = {}
     for name, _, _ in conditions:
         rs = [r for r in runs if r["condition"] == name]
-        summary[name] = {k: {"median": statistics.median(r[k] for r in rs), "min": min(r[k] for r in rs),
-                             "max": max(r[k] for r in rs)} for k in ("new_exact", "old_exact", "forgetting_accuracy", "train_s")}
-    result = {"machine": "x86_64, 2 cores, CPU", "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-              "summary": summary, "runs": runs}
-    print(json.dumps(summary, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+        summary[name] = {k: spread(r[k] for r in rs) for k in ("new_exact", "old_exact", "forgetting_accuracy", "train_s")}
+    save(a.out, {"machine": "x86_64, 2 cores, CPU", "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                 "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":

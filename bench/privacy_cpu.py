@@ -19,7 +19,6 @@ import json
 import random
 import statistics
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _isolated import run_isolated, save, spread  # noqa: E402
 
 COPY_TASK = {"name": "copy-reference", "kind": "text", "description": "Repeat the reference code given.",
              "max_new_tokens": 24}
@@ -108,8 +110,7 @@ def summarise(runs: list[dict]) -> dict:
         rs = [r for r in runs if r["epsilon"] == eps]
 
         def med(key, rows=rs):
-            vals = [r[key] for r in rows]
-            return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+            return spread(r[key] for r in rows)
 
         summary[{0: "no DP, same settings", -1: "inf (no DP, project settings)"}.get(eps, str(eps))] = {
             "exact_match": med("exact_match"), "exposure_max": med("exposure_max"),
@@ -154,23 +155,14 @@ def main() -> None:
         for eps in [float(e) for e in a.eps.split(",")]:  # each seed's epsilons back to back: paired
             spec = {"project": str(project), "task": a.task, "epsilon": eps, "seed": seed, "batch": a.batch,
                     "epochs": a.epochs, "lr": a.lr, "train": str(train_file), "eval": str(eval_file)}
-            out = subprocess.run([sys.executable, __file__, "--project", str(project), "--one", json.dumps(spec)],
-                                 capture_output=True, text=True, cwd=project)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"run {spec} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(line[7:])
+            r = run_isolated(__file__, project, spec)
             runs.append(r)
             print(f"{a.task} eps={eps} seed={seed}: exact {r['exact_match']:.3f}, exposure max "
                   f"{r['exposure_max']:.2f} bits, completed {r['canaries_completed']}/{r['canaries']}, "
                   f"spent {r['epsilon_spent']}, train {r['train_s']} s ({r['steps']} steps), rss {r['peak_rss_mb']} MB", flush=True)
-    summary = summarise(runs)
-    result = {"task": a.task, "machine": "x86_64, 2 cores, CPU", "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(sys.argv), "settings": {"batch": a.batch, "epochs": a.epochs, "lr": a.lr},
-              "summary": summary, "runs": runs}
-    print(json.dumps(summary, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    save(a.out, {"task": a.task, "machine": "x86_64, 2 cores, CPU", "date": time.strftime("%Y-%m-%d"),
+                 "command": " ".join(sys.argv), "settings": {"batch": a.batch, "epochs": a.epochs, "lr": a.lr},
+                 "summary": summarise(runs), "runs": runs})
 
 
 if __name__ == "__main__":

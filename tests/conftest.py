@@ -123,3 +123,22 @@ def mlflow_server(tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
+
+
+def release_params(tmp_path: Path, tiny_base: Path, clean_demo: Path, mlflow_server, **sections):
+    """Params of model `m` for the release path, run from ``tmp_path``: the tiny base, the sanitized demo
+    data as the augmented training file, a real MLflow server; ``sections`` update train/serve/...."""
+    from pipeline.config import Params
+
+    uri, art = mlflow_server
+    aug = tmp_path / "augmented"
+    aug.mkdir(exist_ok=True)
+    (aug / "train.jsonl").write_bytes((clean_demo / "train" / "clean.jsonl").read_bytes())
+    raw = {"project": {"name": "m"}, "base": {"out_dir": str(tiny_base)}, "sanitize": {"out_dir": str(clean_demo)},
+           "augment": {"out_dir": str(aug)}, "train": {"out_dir": str(tmp_path / "adapter")},
+           "evaluate": {"out_dir": str(tmp_path / "eval"), "max_examples": 40},
+           "registry": {"tracking_uri": uri, "artifact_root": str(art)},
+           "serve": {"adapters_dir": str(tmp_path / "served")}}
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    return Params(**raw)

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import registry
 from pipeline.canaries import make_canaries
-from pipeline.config import Params
+from tests.conftest import release_params
 from pipeline.layout import serving_log
 from pipeline.release import dossier, promotion
 from pipeline.release.gate import ModelScore
@@ -23,18 +23,13 @@ N = 40
 def released(tmp_path, monkeypatch, tiny_base, clean_demo, mlflow_server):
     """v1 of model `m`: a DP adapter trained on the demo data with canaries planted, gated and promoted."""
     monkeypatch.chdir(tmp_path)
-    uri, art = mlflow_server
-    aug = tmp_path / "augmented"
-    aug.mkdir()
-    (aug / "train.jsonl").write_bytes((clean_demo / "train" / "clean.jsonl").read_bytes())
-    p = Params(project={"name": "m"}, base={"out_dir": str(tiny_base)}, sanitize={"out_dir": str(clean_demo)},
-               augment={"out_dir": str(aug)},
-               train={"out_dir": str(tmp_path / "adapter"), "checkpoint_dir": str(tmp_path / "ckpt"), "lora_r": 4,
-                      "lora_alpha": 8, "fused_lora": False, "privacy": {"enabled": True, "target_epsilon": 3.0},
-                      "trl": {"max_steps": 12, "per_device_train_batch_size": 8, "save_steps": 6}},
-               evaluate={"out_dir": str(tmp_path / "eval"), "max_examples": N},
-               registry={"tracking_uri": uri, "artifact_root": str(art)},
-               serve={"adapters_dir": str(tmp_path / "served"), "traffic_log": str(tmp_path / "serving/requests.jsonl")})
+    p = release_params(
+        tmp_path, tiny_base, clean_demo, mlflow_server,
+        train={"checkpoint_dir": str(tmp_path / "ckpt"), "lora_r": 4, "lora_alpha": 8, "fused_lora": False,
+               "privacy": {"enabled": True, "target_epsilon": 3.0},
+               "trl": {"max_steps": 12, "per_device_train_batch_size": 8, "save_steps": 6}},
+        evaluate={"max_examples": N}, serve={"traffic_log": str(tmp_path / "serving/requests.jsonl")})
+    aug = Path(p.augment.out_dir)
     canaries = make_canaries(p.probes)
     train(p.train, tiny_base, aug / "train.jsonl", canaries=canaries)
     cand, base = _scores(p)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Params
+from tests.conftest import release_params
 from pipeline import registry
 from pipeline.release import promotion
 from pipeline.release.gate import Decision, ModelScore
@@ -41,15 +41,7 @@ def _adapter(base_dir: Path, out: Path, seed: int) -> Path:
 def setup(tmp_path, monkeypatch, tiny_base, clean_demo, mlflow_server):
     """Params for model `m` on a real MLflow server; ``adapter(seed)`` makes the trained adapter."""
     monkeypatch.chdir(tmp_path)
-    uri, art = mlflow_server
-    aug = tmp_path / "augmented"
-    aug.mkdir()
-    (aug / "train.jsonl").write_bytes((clean_demo / "train" / "clean.jsonl").read_bytes())
-    p = Params(project={"name": "m"}, base={"out_dir": str(tiny_base)}, sanitize={"out_dir": str(clean_demo)},
-               augment={"out_dir": str(aug)}, train={"out_dir": str(tmp_path / "adapter")},
-               evaluate={"out_dir": str(tmp_path / "eval"), "max_examples": N},
-               registry={"tracking_uri": uri, "artifact_root": str(art)},
-               serve={"adapters_dir": str(tmp_path / "served")})
+    p = release_params(tmp_path, tiny_base, clean_demo, mlflow_server, evaluate={"max_examples": N})
 
     def adapter(seed: int) -> Path:
         import shutil
