@@ -209,6 +209,9 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
         # The smoke test itself errors (vLLM refuses its prompt): what was loaded for it is unloaded again.
         assert register("alpha", a2) == 5
         registry.set_version_tag(reg, "alpha", 5, "smoke_prompts", json.dumps([[{"role": "user", "content": 123}]]))
+        deadline = time.time() + 30  # v2 retires in the background after the swap to v4: let it finish first
+        while any(m.startswith("alpha-v2-") for m in server.models()) and time.time() < deadline:
+            time.sleep(0.5)
         loaded = set(server.models())
         registry.promote(reg, "alpha", 5)
         [result] = follower.reconcile()
