@@ -36,6 +36,17 @@ def _misbehaving_upstream():
         body = await request.json()
         if "slow" in body["messages"][0]["content"]:
             await asyncio.sleep(3)
+        content = body["messages"][0]["content"]
+        if body.get("stream") and content in ("complete", "endless"):
+            async def trickle():
+                for word in ("Hel", "lo") if content == "complete" else iter(lambda: "more", None):
+                    chunk = {"choices": [{"index": 0, "delta": {"content": word}}], "model": body["model"]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    await asyncio.sleep(0.05)
+                yield "data: [DONE]\n\n"
+                await asyncio.sleep(1)  # vLLM's stream ends a moment after [DONE]: the client may be gone
+                yield "\n"
+            return StreamingResponse(trickle(), media_type="text/event-stream")
         if body.get("stream"):
             async def broken():
                 for word in ("Hel", "lo"):
@@ -103,6 +114,25 @@ def test_a_stream_that_breaks_half_way_ends_with_an_error_event_and_is_not_logge
     assert _wait_free(gw, routes) == (0, 0)
     [rec] = _records(log)
     assert rec["status"] == 502 and rec["response"] == "Hello" and rec["error"] == "RemoteProtocolError"
+
+
+@pytest.mark.parametrize("content, status, response", [("complete", 200, "Hello"), ("endless", 499, "more")])
+def test_a_client_that_hangs_up_is_a_499_unless_it_had_the_whole_answer(faulty, content, status, response):
+    """The openai client closes the connection as soon as it reads [DONE]: that request was served in
+    full (200). One that leaves mid-answer is a 499 with what it was sent."""
+    gw, routes, log = faulty
+    body = {**CHAT, "stream": True, "messages": [{"role": "user", "content": content}]}
+    with httpx.stream("POST", f"{gw.url}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=10) as r:
+        for line in r.iter_lines():
+            if line == "data: [DONE]" or (content == "endless" and line.startswith("data: ")):
+                break  # and hang up, with the upstream still streaming
+    assert _wait_free(gw, routes) == (0, 0)
+    deadline = time.time() + 5
+    while not _records(log) and time.time() < deadline:
+        time.sleep(0.05)
+    [rec] = _records(log)
+    assert rec["status"] == status and rec["response"].startswith(response), rec
 
 
 def test_an_unreachable_upstream_is_a_503_with_retry_after(tmp_path):

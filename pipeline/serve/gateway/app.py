@@ -354,8 +354,10 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
             pieces: list[str] = []
             usage = None
             outcome: tuple[int, str] = (200, "")
+            done = False  # vLLM's [DONE] went out: the client has the whole answer
             try:
                 async for line in upstream.aiter_lines():
+                    done = done or line == "data: [DONE]"
                     if line.startswith("data: ") and line != "data: [DONE]":
                         try:
                             chunk = json.loads(line[6:])
@@ -373,7 +375,9 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                 outcome = (status, type(e).__name__)
                 yield "data: " + json.dumps({"error": {"message": message, "type": "api_error", "code": code}}) + "\n\n"
             except BaseException as e:  # the client hung up (or the server is stopping)
-                outcome = (499, type(e).__name__)
+                # A client that closes the connection once it read [DONE] (the openai client does) was
+                # served in full; only one that left before it is a 499.
+                outcome = (200, "") if done else (499, type(e).__name__)
                 raise
             finally:
                 await upstream.aclose()
