@@ -130,16 +130,14 @@ def per_row_loss(model, inputs: dict):
     return per_row.mean() if per_row.numel() else torch.zeros((), requires_grad=True)
 
 
-def make_dp_trainer(base_cls, priv: PrivacyConfig, *, rows: int, seed: int):
-    """``base_cls`` (TRL's SFTTrainer) with DP-SGD: Poisson batches, per-row loss, Opacus' per-sample
-    gradients on the trainable (LoRA) parameters and its clip-and-noise optimizer. ``trainer.dp`` holds
-    what the accountant needs (noise multiplier, sampling rate, delta)."""
+def make_dp_trainer(base_cls, priv: PrivacyConfig, *, rows: int, seed: int, noise_multiplier: float,
+                    sample_rate: float):
+    """``base_cls`` (TRL's SFTTrainer) with DP-SGD: Poisson batches at ``sample_rate``, per-row loss, Opacus'
+    per-sample gradients on the trainable (LoRA) parameters and its clip-and-noise optimizer."""
     import torch
     from torch.utils.data import DataLoader
 
     class DPTrainer(base_cls):
-        dp: dict = {}
-
         def get_train_dataloader(self):
             from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
@@ -154,7 +152,7 @@ def make_dp_trainer(base_cls, priv: PrivacyConfig, *, rows: int, seed: int):
                 return {"dp_empty": torch.zeros(0), "input_ids": none, "attention_mask": none, "labels": none}
 
             gen = torch.Generator().manual_seed(seed)
-            sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=self.dp["sample_rate"],
+            sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,
                                                     generator=gen)
             return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_or_empty, num_workers=0)
 
@@ -167,9 +165,9 @@ def make_dp_trainer(base_cls, priv: PrivacyConfig, *, rows: int, seed: int):
                 # The hooks live on the LoRA linears themselves, so the trainer keeps the peft model (saving,
                 # evaluation) while Opacus records per-sample gradients of every trainable parameter.
                 self._grad_sample_module = GradSampleModule(self.model, batch_first=True, loss_reduction="mean")
-                self.optimizer = DPOptimizer(opt, noise_multiplier=self.dp["noise_multiplier"],
+                self.optimizer = DPOptimizer(opt, noise_multiplier=noise_multiplier,
                                              max_grad_norm=priv.max_grad_norm,
-                                             expected_batch_size=max(1, round(self.dp["sample_rate"] * rows)),
+                                             expected_batch_size=max(1, round(sample_rate * rows)),
                                              loss_reduction="mean")
             return self.optimizer
 
@@ -188,7 +186,6 @@ def make_dp_trainer(base_cls, priv: PrivacyConfig, *, rows: int, seed: int):
                 return torch.zeros((), device=self.args.device)
             return super().training_step(model, inputs, num_items_in_batch)
 
-    DPTrainer.dp = {}
     return DPTrainer
 
 

@@ -178,8 +178,8 @@ def private_trainer(trainer_cls, cfg: TrainConfig, *, rows: int, train_file: Pat
     noise = privacy.noise_for(cfg.privacy, q, planned, delta)
     dp = {"noise": noise, "q": q, "delta": delta, "rows": rows, "planned": planned,
           "k": privacy.rows_per_record(train_file)}
-    cls = privacy.make_dp_trainer(trainer_cls, cfg.privacy, rows=rows, seed=cfg.seed)
-    cls.dp = {"noise_multiplier": noise, "sample_rate": q}
+    cls = privacy.make_dp_trainer(trainer_cls, cfg.privacy, rows=rows, seed=cfg.seed, noise_multiplier=noise,
+                                  sample_rate=q)
     print(f"train: DP-SGD over {rows} rows, sampling rate {q:.4f}, {planned} steps, noise multiplier "
           f"{noise:.3f}, clipping {cfg.privacy.max_grad_norm} ({cfg.privacy.accountant} accountant, delta {delta:.2e})")
     return cls, dp
@@ -232,6 +232,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     n_generic = 0
     fit = {"rows": 0, "truncated": 0, "dropped": 0}
     dp = None
+    use_ewc = bool(init_adapter and cfg.continual.ewc_lambda)  # the config refuses it with dpo and with privacy
     if cfg.method == "sft":
         from trl import SFTTrainer
 
@@ -242,7 +243,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
         check_fit(fit, cfg)
         rows = plant(rows, planted, cfg.seed)
         args = training_args(cfg, ckpt_dir, bool(eval_rows), dev)
-        trainer_cls = continual.make_ewc_trainer(SFTTrainer) if init_adapter and cfg.continual.ewc_lambda else SFTTrainer
+        trainer_cls = continual.make_ewc_trainer(SFTTrainer) if use_ewc else SFTTrainer
         if cfg.privacy.enabled:
             trainer_cls, dp = private_trainer(SFTTrainer, cfg, rows=len(rows), train_file=train_file,
                                               world_size=args.world_size)
@@ -260,7 +261,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
                              eval_dataset=Dataset.from_list(dpo_eval) if dpo_eval else None,
                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     fisher_source = None
-    if getattr(trainer, "ewc", False) is None:  # the EWC trainer: anchor on the champion's weights
+    if use_ewc:  # anchor on the champion's weights
         fisher = continual.load_fisher(Path(init_adapter))
         fisher_source = "champion"
         if fisher is None:
