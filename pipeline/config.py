@@ -233,8 +233,23 @@ class PiiConfig(_Strict):
         return v
 
 
+class ClusterConfig(_Strict):
+    """Where ``sanitize.engine: dask`` runs (pipeline/data/engine.py)."""
+
+    address: str | None = None  # a Dask scheduler (tcp://host:8786, tls://...); none: a local cluster here
+    workers: int = Field(2, ge=1)  # local cluster: worker processes, one thread each
+    memory_limit: str = "4GiB"  # local cluster: per worker; Dask restarts a worker above it
+    shard_mb: float = Field(64.0, gt=0)  # JSONL inputs are cut at line starts every this many MiB
+    retries: int = Field(2, ge=0)  # a shard whose worker died is re-run this many times
+    connect_timeout_s: float = Field(30.0, gt=0)
+    shard_timeout_s: float = Field(3600.0, gt=0)
+
+
 class SanitizeConfig(_Strict):
     out_dir: str = "data/clean"
+    # local: one process. dask: per-record work on a Dask cluster (sanitize.cluster); the same outputs.
+    engine: Literal["local", "dask"] = "local"
+    cluster: ClusterConfig = ClusterConfig()
     max_chars: int = Field(4000, gt=0)  # longer records go to quarantine, not truncation
     max_depth: int = Field(12, ge=3)  # deeper JSON nesting is quarantined (pathological input)
     near_duplicates: bool = True
@@ -245,6 +260,14 @@ class SanitizeConfig(_Strict):
     custom_pii: dict[str, str] = {}  # key -> regex; matches become <KEY> (upper-cased)
     pii: PiiConfig = PiiConfig()
     columns: ColumnMap = ColumnMap()
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_known(cls, v):
+        if v == "ray":
+            raise ValueError("ray is not an engine here: loraflow runs sanitize on Dask (docs/architecture.md "
+                             "says why); use engine: dask, with sanitize.cluster.address for a Dask scheduler")
+        return v
 
     @model_validator(mode="after")
     def _patterns_compile(self) -> "SanitizeConfig":

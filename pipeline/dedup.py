@@ -27,6 +27,7 @@ import tempfile
 import unicodedata
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -274,6 +275,33 @@ class MinHasher:
         return self.signature_of(shingles(text, self.shingle))
 
 
+class LshKeys:
+    """A prompt's LSH band keys: MinHash over word shingles, banded. Candidates are verified, so the
+    S-curve sits below the threshold: recall without false positives."""
+
+    def __init__(self, num_perm: int = 64, shingle: int = 3, threshold: float = 0.85) -> None:
+        self.hasher = MinHasher(num_perm, shingle)
+        self.bands, self.rows = choose_bands(num_perm, max(0.3, threshold - 0.1))
+
+    @property
+    def settings(self) -> tuple:
+        return (len(self.hasher.a), self.hasher.shingle, self.bands, self.rows)
+
+    def keys(self, prompt: str) -> tuple[int, ...]:
+        sig = self.hasher.signature(prompt)
+        r = self.rows
+        return tuple(digest64(i.to_bytes(2, "little") + sig[i * r:(i + 1) * r].tobytes()) for i in range(self.bands))
+
+
+class Keys(NamedTuple):
+    """Digests of the whole record, its prompt and its canonical answer, and the prompt's band keys."""
+
+    record: int
+    prompt: int
+    answer: int
+    bands: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class Verdict:
     """``kind``: None (new), "exact", "label_conflict" or "near"; ``other``: the earlier record's id."""
@@ -298,9 +326,8 @@ class Deduplicator:
         self.exact = IntSet()
         self.prompts = IntMap()
         self.answers = _Column()
-        self.hasher = MinHasher(num_perm, shingle)
-        # Candidates are verified, so the S-curve sits below the threshold: recall without false positives.
-        self.bands, self.rows = choose_bands(num_perm, max(0.3, threshold - 0.1))
+        self.lsh = LshKeys(num_perm, shingle, threshold)
+        self.hasher, self.bands, self.rows = self.lsh.hasher, self.lsh.bands, self.lsh.rows
         self.band_maps = [IntMap(key_bits=32, max_load=0.75) for _ in range(self.bands)] if near else []
         self.store = PromptStore() if near else None
         self.verified_pairs = 0  # candidates checked against the stored prompt
@@ -309,26 +336,32 @@ class Deduplicator:
     def __len__(self) -> int:
         return self.answers.size
 
-    def _band_keys(self, grams: set[str]) -> list[int]:
-        sig = self.hasher.signature_of(grams)
-        r = self.rows
-        return [digest64(i.to_bytes(2, "little") + sig[i * r:(i + 1) * r].tobytes()) for i in range(self.bands)]
-
-    def _near(self, prompt: str, grams: set[str], bands: list[int], answer: int | None) -> int | None:
+    def _near(self, prompt: str, bands: list[int], answer: int | None) -> int | None:
         """The id of a kept record this one nearly duplicates (verified), or None."""
         candidates = dict.fromkeys(other for key, band in zip(bands, self.band_maps) for other in band.get_all(key))
+        grams = None
         for other in candidates:
             self.verified_pairs += 1
             if answer is not None and int(self.answers.data[other]) != answer:
                 continue
+            grams = shingles(prompt, self.hasher.shingle) if grams is None else grams
             text = self.store.get(other)
             if jaccard(grams, shingles(text, self.hasher.shingle)) >= self.threshold and same_values(prompt, text):
                 return other
         return None
 
+    def keys(self, record: str, prompt: str, answer: str) -> Keys:
+        """What ``check_keys`` decides on; a pure function of the text and the settings, so it can be
+        computed anywhere (sanitize's Dask workers) and decided here."""
+        return Keys(digest64(record), digest64(prompt), digest64(answer), self.lsh.keys(prompt) if self.near else ())
+
     def check(self, record: str, prompt: str, answer: str) -> Verdict:
         """``answer`` is the canonical answer (the task's ``answer_key``), ``record`` includes it."""
-        key, pkey, akey = digest64(record), digest64(prompt), digest64(answer)
+        return self.check_keys(prompt, self.keys(record, prompt, answer))
+
+    def check_keys(self, prompt: str, keys: Keys) -> Verdict:
+        """``check`` on keys computed earlier (``keys``, or ``LshKeys`` with the same settings)."""
+        key, pkey, akey, bands = keys
         if pkey in self.conflicts:  # every record with a contested prompt joins the conflict
             return Verdict("label_conflict", self.prompts.get(pkey))
         if key in self.exact:
@@ -339,11 +372,9 @@ class Deduplicator:
                 return Verdict("exact", other)
             self.conflicts.add(pkey)
             return Verdict("label_conflict", other)
-        grams, bands = set(), []
+        bands = list(bands) if self.near else []
         if self.near:
-            grams = shingles(prompt, self.hasher.shingle)
-            bands = self._band_keys(grams)
-            other = self._near(prompt, grams, bands, akey)
+            other = self._near(prompt, bands, akey)
             if other is not None:
                 return Verdict("near", other)
         return Verdict(None, None, (key, pkey, akey, bands, prompt))
@@ -361,14 +392,15 @@ class Deduplicator:
             self.store.append(prompt)
         return rid
 
-    def contains(self, prompt: str, answer: str) -> bool:
-        """Whether a prompt equals, or (verified) nearly duplicates, a kept record's: contamination."""
+    def contains(self, prompt: str, answer: str, bands: tuple[int, ...] | None = None) -> bool:
+        """Whether a prompt equals, or (verified) nearly duplicates, a kept record's: contamination.
+        ``bands``: the prompt's LSH keys when already computed with the same settings."""
         if self.prompts.get(digest64(prompt)) is not None:
             return True
         if not self.near:
             return False
-        grams = shingles(prompt, self.hasher.shingle)
-        return self._near(prompt, grams, self._band_keys(grams), digest64(answer)) is not None
+        bands = self.lsh.keys(prompt) if not bands else bands
+        return self._near(prompt, list(bands), digest64(answer)) is not None
 
     @property
     def nbytes(self) -> int:

@@ -62,7 +62,7 @@ def curate(p: Params) -> dict:
 
 
 def sanitize(p: Params) -> dict:
-    from pipeline.data.sanitize import new_index, sanitize_files
+    from pipeline.data.engine import open_engine
     from pipeline.tasks import build_task
 
     for key in ("train", "eval"):
@@ -70,13 +70,20 @@ def sanitize(p: Params) -> dict:
             raise ConfigError(f"params.yaml: data.{key}: no input files listed")
     root = Path(p.sanitize.out_dir)
     task = build_task(p.task)
+    with open_engine(p.sanitize) as engine:  # one cluster for every split
+        return _sanitize_splits(p, root, task, engine)
+
+
+def _sanitize_splits(p: Params, root: Path, task, engine) -> dict:
+    from pipeline.data.sanitize import new_index, sanitize_files
+
     train_index = new_index(p.sanitize)
     summary = {"train": sanitize_files([Path(f) for f in p.data.train], root / "train", p.sanitize, task=task,
                                        index=train_index, validation_fraction=p.data.validation_fraction,
-                                       progress=print)}
+                                       progress=print, engine=engine)}
     eval_index = new_index(p.sanitize)
     summary["eval"] = sanitize_files([Path(f) for f in p.data.eval], root / "eval", p.sanitize, task=task,
-                                     reference=train_index, index=eval_index, progress=print)
+                                     reference=train_index, index=eval_index, progress=print, engine=engine)
     # Records curated from served traffic: training ones deduplicated against train (a conflicting answer
     # is quarantined) and checked against eval (contamination); the held-out slice against both.
     for split, kind, index, reference in (("curated", "train", train_index, eval_index),
@@ -86,7 +93,8 @@ def sanitize(p: Params) -> dict:
             _empty(clean_split(p, split))
             continue
         summary[split] = sanitize_files([source], root / split, p.sanitize, task=task, index=index,
-                                        reference=reference, progress=print, require_records=False)
+                                        reference=reference, progress=print, require_records=False,
+                                        engine=engine)
     # Preference pairs and generic chat data reach training too, so they pass the same checks (generic
     # answers are not the task's, so only their form is checked).
     # An input that is not configured still gets its (empty) file: dvc.yaml declares them for train.
@@ -95,7 +103,7 @@ def sanitize(p: Params) -> dict:
         pairs = [Path(p.data.preference)] if p.data.preference else []
         summary["preference"] = sanitize_files(pairs + ([curated_pairs] if curated_pairs else []),
                                                root / "preference", p.sanitize, task=task, shape="preference",
-                                               progress=print)
+                                               progress=print, engine=engine)
     else:  # an input nothing reads is not checked: it cannot fail a run that does not use it
         if p.data.preference:
             print(f"sanitize: data.preference ({p.data.preference}) skipped: train.method {p.train.method} "
@@ -104,13 +112,13 @@ def sanitize(p: Params) -> dict:
     generic_index = new_index(p.sanitize)
     if p.data.generic:
         summary["generic"] = sanitize_files([Path(p.data.generic)], root / "generic", p.sanitize,
-                                            index=generic_index, progress=print)
+                                            index=generic_index, progress=print, engine=engine)
     else:
         _empty(clean_split(p, "generic"))
     # The forgetting set must be held out from the generic training mix, as eval is from train.
     if p.data.forgetting:
         summary["forgetting"] = sanitize_files([Path(p.data.forgetting)], root / "forgetting", p.sanitize,
-                                               reference=generic_index, progress=print)
+                                               reference=generic_index, progress=print, engine=engine)
     else:
         _empty(clean_split(p, "forgetting"))
     write_json(Path("reports/sanitize.json"), summary)

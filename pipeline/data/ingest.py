@@ -50,9 +50,16 @@ def _json_error(err: json.JSONDecodeError, text: str) -> RecordError:
     return RecordError("invalid_json", f"{err.msg} at column {err.colno}")
 
 
-def read_jsonl(path: Path) -> Iterator[RawRecord]:
+def read_jsonl(path: Path, start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[RawRecord]:
+    """Lines of ``path``; ``start``/``end``: a byte range that begins at a line start (a shard), whose
+    first line is number ``first_line``."""
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        fh.seek(start)
+        pos = start
+        for lineno, raw in enumerate(fh, start=first_line):
+            if end is not None and pos >= end:
+                break
+            pos += len(raw)
             rec = RawRecord(str(path), lineno)
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -257,3 +264,54 @@ def read_records(path: Path, cols: ColumnMap) -> Iterator[RawRecord]:
         return read_parquet(path, cols)
     raise UnsupportedInput(f"{path}: unsupported format {suffix!r} (use .jsonl, .csv, .tsv, .parquet "
                            "or a datasets folder)")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A piece of one input that can be read on its own: a byte range of a JSONL file starting at a line
+    start (with that line's number), or a whole file of another format."""
+
+    path: str
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
+
+
+def _is_jsonl(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return path.is_file() and suffix in JSONL and not (suffix == ".json" and _starts_with_array(path))
+
+
+def plan_shards(paths: list[Path], shard_bytes: int, block: int = 1 << 23) -> list[Shard]:
+    """Cut JSONL inputs at line starts every ``shard_bytes`` (one sequential pass that only counts
+    newlines, so each shard knows its first line number); other formats are one shard a file."""
+    shards: list[Shard] = []
+    for path in paths:
+        if not _is_jsonl(Path(path)):
+            read_records(Path(path), ColumnMap())  # the same clear error for a missing or unsupported input
+            shards.append(Shard(str(path)))
+            continue
+        start, first = 0, 1  # the open shard: its first byte and line number
+        pos, line = 0, 1  # the byte and line number at the start of ``chunk``
+        with open(path, "rb") as fh:
+            while chunk := fh.read(block):
+                offset = 0  # bytes of ``chunk`` already counted into ``line``
+                while pos + len(chunk) > start + shard_bytes:
+                    nl = chunk.find(b"\n", max(offset, start + shard_bytes - pos))
+                    if nl < 0:
+                        break
+                    line += chunk.count(b"\n", offset, nl + 1)
+                    offset = nl + 1
+                    shards.append(Shard(str(path), start, pos + offset, first))
+                    start, first = pos + offset, line
+                line += chunk.count(b"\n", offset)
+                pos += len(chunk)
+        if start < pos or start == 0:
+            shards.append(Shard(str(path), start, None, first))
+    return shards
+
+
+def read_shard(shard: Shard, cols: ColumnMap) -> Iterator[RawRecord]:
+    if shard.start or shard.end is not None:
+        return read_jsonl(Path(shard.path), shard.start, shard.end, shard.first_line)
+    return read_records(Path(shard.path), cols)

@@ -24,10 +24,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipeline.config import SanitizeConfig
-from pipeline.dedup import Deduplicator, digest64, record_text, text_key
+from pipeline.dedup import Deduplicator, Keys, LshKeys, digest64, record_text, text_key
 from pipeline.data.ingest import read_records
 from pipeline.pii import Redactor, build_redactor, digest_key, normalise_text, value_digest, write_digests
 from pipeline.data.records import RecordError, prompt_text, to_messages, to_preference
@@ -35,6 +35,8 @@ from pipeline.io import write_json
 from pipeline.layout import PII_DIGESTS
 from pipeline.tasks import Task
 
+if TYPE_CHECKING:
+    from pipeline.data.engine import Engine
 
 Shape = Literal["chat", "preference"]
 
@@ -96,6 +98,82 @@ def _in_validation(prompt_key: int, fraction: float) -> bool:
     return fraction > 0 and (prompt_key & 0xFFFF) < fraction * 0x10000
 
 
+@dataclass(slots=True)
+class Prepared:
+    """One input record after everything that needs only the record itself: parsed, validated, redacted,
+    checked against the task and keyed for dedup. What is left (duplicates, conflicts, contamination,
+    the validation carve) is decided over all records in input order, so any engine gives the same output.
+    It carries no unredacted text except ``raw`` in the local engine (it stays in memory)."""
+
+    source: str
+    line: int
+    nbytes: int
+    repairs: list[str]
+    reject: tuple[str, str] | None = None  # (reason, detail)
+    quarantine_raw: str = ""  # redacted, for a rejected record
+    keys: Keys | None = None
+    prompt: str = ""
+    answer_key: str = ""
+    redactions: dict[str, int] | None = None
+    found: list[str] | None = None  # keyed digests of the values redacted
+    out: str = ""  # the clean line
+    raw: str | None = None  # local engine only: redacted on demand for a label-conflict entry
+    shard: int = -1  # Dask engine: which shard it came from (its worker re-reads a conflict's raw line)
+
+
+class Preparer:
+    """Turns raw records into ``Prepared`` ones; built once per process (the local run or a Dask worker)."""
+
+    def __init__(self, cfg: SanitizeConfig, task: Task | None, shape: Shape, key: bytes, near: bool,
+                 redactor: Redactor | None = None, keep_raw: bool = True) -> None:
+        self.cfg, self.task, self.shape, self.key, self.keep_raw = cfg, task, shape, key, keep_raw
+        self.redactor = redactor or build_redactor(cfg)
+        self.answers = 2 if shape == "preference" else 1
+        self.convert = to_preference if shape == "preference" else to_messages
+        self.lsh = LshKeys(cfg.num_perm, cfg.shingle_words, cfg.near_threshold) if near else None
+
+    def __call__(self, rec) -> Prepared:
+        item = Prepared(rec.source, rec.line, len(rec.raw) + 1, rec.repairs)
+        try:
+            if rec.error is not None:
+                raise rec.error
+            messages = self.convert(rec.value, self.cfg.max_chars, self.cfg.max_depth)
+        except RecordError as err:
+            return self._reject(item, rec, err.reason, err.detail)
+        counts: Counter[str] = Counter()
+        found: list[str] = []
+        for m in messages:
+            m["content"], c = self.redactor.redact(m["content"], found)
+            counts += c
+        answers = self.answers
+        why = self.task.check_reference(messages[-answers]["content"]) if self.task is not None else None
+        if why:
+            return self._reject(item, rec, "invalid_answer", why)
+        record_key, prompt, answer_key = dedup_keys(messages, answers, self.task)
+        item.keys = Keys(digest64(record_key), digest64(prompt), digest64(answer_key),
+                         self.lsh.keys(prompt) if self.lsh is not None else ())
+        item.prompt, item.answer_key = prompt, answer_key
+        item.redactions, item.found = dict(counts), sorted({value_digest(v, self.key) for v in found})
+        if self.shape == "preference":
+            out = {"prompt": messages[:-2], "chosen": messages[-2]["content"], "rejected": messages[-1]["content"]}
+        else:
+            out = {"messages": messages}
+        out["source"] = {"file": rec.source, "line": rec.line}
+        if isinstance(rec.value, dict) and isinstance(rec.value.get("provenance"), dict):
+            out["provenance"] = rec.value["provenance"]  # curated and synthetic records keep theirs
+        item.out = json.dumps(out, ensure_ascii=False) + "\n"
+        item.raw = rec.raw if self.keep_raw else None
+        return item
+
+    def _reject(self, item: Prepared, rec, reason: str, detail: str) -> Prepared:
+        item.reject = (reason, detail)
+        item.quarantine_raw = self.redactor.redact(rec.raw)[0]
+        return item
+
+    def redacted_raw(self, rec) -> str:
+        return self.redactor.redact(rec.raw)[0]
+
+
 def sanitize_files(
     inputs: list[Path],
     out_dir: Path,
@@ -109,6 +187,7 @@ def sanitize_files(
     progress_every: int = 100_000,
     redactor: Redactor | None = None,
     require_records: bool = True,
+    engine: "Engine | None" = None,
 ) -> dict:
     """Sanitize ``inputs`` into ``out_dir`` and return the report (also written as report.json).
 
@@ -120,98 +199,84 @@ def sanitize_files(
     ``redactor``: built from ``cfg`` when not given (pass one to share a loaded recogniser model).
     ``require_records``: an input with no record left is an error (False: curated data, where every record
     may legitimately be a duplicate).
+    ``engine``: where the per-record work runs (pipeline/data/engine.py; None: in this process). Every
+    decision that needs other records is taken here, in input order, so the outputs do not depend on it.
     Stored text is the user's, character for character, except for redacted spans.
     """
+    from pipeline.data.engine import LocalEngine
+
     out_dir.mkdir(parents=True, exist_ok=True)
     report = SanitizeReport(inputs=[str(p) for p in inputs])
-    redactor = redactor or build_redactor(cfg)
     index = index if index is not None else new_index(cfg, shape)
-    answers = 2 if shape == "preference" else 1
-    convert = to_preference if shape == "preference" else to_messages
-    conflicts: dict[int, list[dict]] = {}  # prompt digest -> quarantine entries waiting for the first's line
     key = digest_key()
+    near = index.near or (reference is not None and reference.near)
+    # Band keys computed by the engine serve the reference only when it bands the same way (it was built
+    # from another config: it computes its own).
+    ref_bands = reference is not None and reference.near and reference.lsh.settings == LshKeys(
+        cfg.num_perm, cfg.shingle_words, cfg.near_threshold).settings
+    engine = engine or LocalEngine(redactor)
+    conflicts: dict[int, list[dict]] = {}  # prompt digest -> quarantine entries waiting for the first's line
+    pending: list[tuple[dict, Prepared]] = []  # conflict entries whose redacted text the engine fetches
     redacted: set[str] = set()  # keyed digests of the PII values removed from kept records (leak probe)
     started = time.perf_counter()
     validation_path = out_dir / "validation.jsonl"
     with open(out_dir / "clean.jsonl", "w", encoding="utf-8") as clean, \
          open(validation_path, "w", encoding="utf-8") as validation, \
          open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
-
-        def reject(source: Counter, rec, reason: str, detail: str) -> None:
-            report.quarantined[reason] += 1
-            source["quarantined"] += 1
-            quarantine.write(json.dumps({"source": rec.source, "line": rec.line, "reason": reason, "detail": detail,
-                                         "raw": redactor.redact(rec.raw)[0]}, ensure_ascii=False) + "\n")
-
-        for path in inputs:
-            source = report.per_source.setdefault(str(path), Counter())
-            for rec in read_records(Path(path), cfg.columns):
-                report.read += 1
-                source["read"] += 1
-                report.bytes_read += len(rec.raw) + 1
-                report.repairs.update(rec.repairs)
-                if progress and report.read % progress_every == 0:
-                    mb = report.bytes_read / 1e6
-                    progress(f"sanitize: {report.read:,} records, {mb:,.0f} MB, "
-                             f"{mb / (time.perf_counter() - started):.1f} MB/s, kept {report.kept:,}")
-                try:
-                    if rec.error is not None:
-                        raise rec.error
-                    messages = convert(rec.value, cfg.max_chars, cfg.max_depth)
-                except RecordError as err:
-                    reject(source, rec, err.reason, err.detail)
-                    continue
-                counts: Counter[str] = Counter()
-                found: list[str] = []
-                for m in messages:
-                    m["content"], c = redactor.redact(m["content"], found)
-                    counts += c
-                answer = messages[-answers]["content"]
-                why = task.check_reference(answer) if task is not None else None
-                if why:
-                    reject(source, rec, "invalid_answer", why)
-                    continue
-                record_key, prompt, answer_key = dedup_keys(messages, answers, task)
-                verdict = index.check(record_key, prompt, answer_key)
-                if verdict.kind == "label_conflict":
-                    report.quarantined["label_conflict"] += 1
-                    source["quarantined"] += 1
-                    conflicts.setdefault(digest64(prompt), []).append(
-                        {"source": rec.source, "line": rec.line, "reason": "label_conflict",
-                         "raw": redactor.redact(rec.raw)[0]})
-                    continue
-                kind = verdict.kind
-                if kind is None and reference is not None and reference.contains(prompt, answer_key):
-                    kind = "contamination"
-                if kind is not None:
-                    report.duplicates[kind] += 1
-                    source["duplicates"] += 1
-                    continue
-                token = verdict.token
-                index.add(token)
-                report.redactions += counts
-                redacted.update(value_digest(v, key) for v in found)
-                report.kept += 1
-                source["kept"] += 1
-                if shape == "preference":
-                    out = {"prompt": messages[:-2], "chosen": messages[-2]["content"],
-                           "rejected": messages[-1]["content"]}
-                else:
-                    out = {"messages": messages}
-                out["source"] = {"file": rec.source, "line": rec.line}
-                if isinstance(rec.value, dict) and isinstance(rec.value.get("provenance"), dict):
-                    out["provenance"] = rec.value["provenance"]  # curated and synthetic records keep theirs
-                line = json.dumps(out, ensure_ascii=False) + "\n"
-                if _in_validation(token[1], validation_fraction):
-                    report.validation += 1
-                    validation.write(line)
-                else:
-                    clean.write(line)
+        for item in engine.prepare(inputs, cfg, task, shape, key, near, progress):
+            source = report.per_source.setdefault(item.source, Counter())
+            report.read += 1
+            source["read"] += 1
+            report.bytes_read += item.nbytes
+            report.repairs.update(item.repairs)
+            if progress and report.read % progress_every == 0:
+                mb = report.bytes_read / 1e6
+                progress(f"sanitize: {report.read:,} records, {mb:,.0f} MB, "
+                         f"{mb / (time.perf_counter() - started):.1f} MB/s, kept {report.kept:,}")
+            if item.reject is not None:
+                reason, detail = item.reject
+                report.quarantined[reason] += 1
+                source["quarantined"] += 1
+                quarantine.write(json.dumps({"source": item.source, "line": item.line, "reason": reason,
+                                             "detail": detail, "raw": item.quarantine_raw},
+                                            ensure_ascii=False) + "\n")
+                continue
+            verdict = index.check_keys(item.prompt, item.keys)
+            if verdict.kind == "label_conflict":
+                report.quarantined["label_conflict"] += 1
+                source["quarantined"] += 1
+                entry = {"source": item.source, "line": item.line, "reason": "label_conflict", "raw": None}
+                conflicts.setdefault(item.keys.prompt, []).append(entry)
+                pending.append((entry, item))
+                continue
+            kind = verdict.kind
+            if kind is None and reference is not None and reference.contains(
+                    item.prompt, item.answer_key, item.keys.bands if ref_bands else None):
+                kind = "contamination"
+            if kind is not None:
+                report.duplicates[kind] += 1
+                source["duplicates"] += 1
+                continue
+            token = verdict.token
+            index.add(token)
+            report.redactions.update(item.redactions)
+            redacted.update(item.found)
+            report.kept += 1
+            source["kept"] += 1
+            if _in_validation(token[1], validation_fraction):
+                report.validation += 1
+                validation.write(item.out)
+            else:
+                clean.write(item.out)
+    if pending:
+        for (entry, _), text in zip(pending, engine.redacted_raws([item for _, item in pending], cfg)):
+            entry["raw"] = text
     if conflicts:  # after the clean files are closed: the first records of each conflict are in them
         with open(out_dir / "quarantine.jsonl", "a", encoding="utf-8") as quarantine:
             _resolve_conflicts(out_dir, conflicts, report, quarantine)
     write_digests(out_dir / PII_DIGESTS, redacted, key)
     result = report.to_dict()
+    result["engine"] = engine.describe()
     result["seconds"] = round(time.perf_counter() - started, 3)
     write_json(out_dir / "report.json", result)
     (out_dir / "data_card.md").write_text(data_card(result), encoding="utf-8")

@@ -44,6 +44,11 @@ class Task:
         self.cfg = cfg
         self.metrics = self.metric_names(cfg)
 
+    def __reduce__(self):
+        # Sent to sanitize's Dask workers: rebuilt there from its config (a compiled JSON Schema validator
+        # or a database handle does not pickle, and the worker must check the same resources anyway).
+        return _rebuild, (type(self), self.cfg)
+
     @classmethod
     def check_config(cls, cfg: TaskConfig) -> None:
         """Raise ValueError (naming the ``task.<key>``) when ``cfg`` lacks what this kind needs."""
@@ -96,3 +101,7 @@ def strip_fence(text: str) -> str:
     """An answer wrapped in a Markdown code fence, unwrapped (models often add one)."""
     m = _FENCE.match(text.strip())
     return m.group(1).strip() if m else text.strip()
+
+
+def _rebuild(cls: type[Task], cfg: TaskConfig) -> Task:
+    return cls(cfg)
