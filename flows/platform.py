@@ -184,7 +184,7 @@ def up(plat: Platform, say: Callable[[str], None] = print) -> dict:
     started_at = time.monotonic()
     vllm_python = Path(plat.p.serve.python)
     vllm_python = vllm_python if vllm_python.is_absolute() else plat.root / vllm_python
-    if plat.cfg.serve and not plat.p.serve.url and not vllm_python.exists():
+    if plat.cfg.serve and not plat.p.serve.attached and not vllm_python.exists():
         raise supervisor.PlatformError(f"serve.python: {plat.p.serve.python} not found: create vLLM's environment "
                                        "with `make vllm-env` (or set platform.serve: false, or serve.url)")
     if plat.database_url:

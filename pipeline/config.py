@@ -526,6 +526,12 @@ class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     url: str = ""  # an already running server; empty = http://host:port
+    # Several GPUs: ``tensor_parallel`` GPUs per vLLM, ``replicas`` vLLM processes started here (ports
+    # port, port+1, ...; replica i gets GPUs i*tensor_parallel onwards) or ``upstreams``: running vLLMs (one
+    # key). The gateway spreads requests across them; a swap completes only when every replica has it.
+    tensor_parallel: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1)
+    upstreams: list[str] = []
     max_lora_rank: int = Field(16, gt=0)
     max_loras: int = Field(2, gt=0)
     max_model_len: int = Field(512, gt=0)
@@ -550,9 +556,32 @@ class ServeConfig(_Strict):
     log_rotate_hours: float = Field(24.0, gt=0.0)  # the live log rotates at this age too (so retention runs)
     limits: LimitsConfig = LimitsConfig()
 
+    @model_validator(mode="after")
+    def _one_way_to_reach_vllm(self) -> "ServeConfig":
+        if self.upstreams and self.url:
+            raise ValueError("serve.upstreams and serve.url both set: list every running vLLM in serve.upstreams")
+        if self.replicas > 1 and (self.url or self.upstreams):
+            raise ValueError("serve.replicas starts vLLM processes here; for servers already running, list "
+                             "them in serve.upstreams instead")
+        return self
+
     @property
     def base_url(self) -> str:
         return self.url.rstrip("/") or f"http://{self.host}:{self.port}"
+
+    @property
+    def attached(self) -> bool:
+        """vLLM runs elsewhere (``url`` or ``upstreams``): loraflow neither starts nor restarts it."""
+        return bool(self.url or self.upstreams)
+
+    @property
+    def upstream_urls(self) -> list[str]:
+        """Every vLLM the gateway sends requests to."""
+        if self.upstreams:
+            return [u.rstrip("/") for u in self.upstreams]
+        if self.url:
+            return [self.base_url]
+        return [f"http://{self.host}:{self.port + i}" for i in range(self.replicas)]
 
 
 class MonitorConfig(_Strict):

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Literal
 
 from pipeline.config import SanitizeConfig
 from pipeline.dedup import Deduplicator, Keys, LshKeys, digest64, record_text, text_key
-from pipeline.data.ingest import read_records
 from pipeline.pii import Redactor, build_redactor, digest_key, normalise_text, value_digest, write_digests
 from pipeline.data.records import RecordError, prompt_text, to_messages, to_preference
 from pipeline.io import write_json

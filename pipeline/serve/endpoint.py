@@ -29,7 +29,7 @@ from pipeline.modeling import base_present, base_weights_sha256
 from pipeline.pii import build_redactor
 from pipeline.serve.follow import Follower
 from pipeline.serve.gateway import GatewayServer, RequestLog, Routes, build_app
-from pipeline.serve.vllm import ServingError, VLLMServer
+from pipeline.serve.vllm import ServingError, VLLMPool
 
 VLLM_KEY_ENV = "LORAFLOW_VLLM_API_KEY"  # the key of a vLLM that serve.url points at (attach mode)
 
@@ -38,23 +38,25 @@ def vllm_key(p: Params) -> str:
     """vLLM's own key: the attached server's (``LORAFLOW_VLLM_API_KEY``), else a fresh one only the gateway holds."""
     import os
 
-    return os.environ.get(VLLM_KEY_ENV, "") if p.serve.url else secrets.token_urlsafe(32)
+    return os.environ.get(VLLM_KEY_ENV, "") if p.serve.attached else secrets.token_urlsafe(32)
 
 
-def start_vllm(p: Params, say: Callable[[str], None] = print, api_key: str | None = None) -> VLLMServer:
-    """Attach to ``serve.url`` or start vLLM on 127.0.0.1 with a key only the gateway holds."""
+def start_vllm(p: Params, say: Callable[[str], None] = print, api_key: str | None = None) -> VLLMPool:
+    """Attach to ``serve.url``/``serve.upstreams`` or start ``serve.replicas`` vLLM processes on 127.0.0.1
+    with a key only the gateway holds."""
     key = vllm_key(p) if api_key is None else api_key
-    if p.serve.url:
-        return VLLMServer.attach(p.serve, key)
-    say(f"starting vLLM on {p.serve.base_url}, reachable only from this host (log: {p.serve.log_file})")
-    return VLLMServer.start(p.serve, Path(p.base.out_dir), api_key=key)
+    if p.serve.attached:
+        return VLLMPool.attach(p.serve, key)
+    urls = ", ".join(p.serve.upstream_urls)
+    say(f"starting vLLM on {urls}, reachable only from this host (log: {p.serve.log_file})")
+    return VLLMPool.start(p.serve, Path(p.base.out_dir), api_key=key)
 
 
 def wait_for_base(p: Params, stop: threading.Event, say: Callable[[str], None] = print, every_s: float = 5) -> bool:
     """Until the base model exists (False if ``stop`` was set first): an endpoint started before the first
     retrain answers 503 meanwhile instead of failing."""
     base = Path(p.base.out_dir)
-    if p.serve.url or base_present(base):
+    if p.serve.attached or base_present(base):
         return True
     say(f"waiting for the base model at {base} (the first retrain builds it); clients get 503 until then")
     while not stop.wait(every_s):
@@ -66,7 +68,7 @@ def wait_for_base(p: Params, stop: threading.Event, say: Callable[[str], None] =
 @dataclass
 class Endpoint:
     p: Params
-    server: VLLMServer | None  # None until start_vllm (``loraflow serve`` may wait for the base first)
+    server: VLLMPool | None  # None until start_vllm (``loraflow serve`` may wait for the base first)
     keys: set[str]
     say: Callable[[str], None] = print
     on_reject: Callable[[dict], None] | None = None
@@ -108,7 +110,7 @@ class Endpoint:
                               p.serve.log_retention_days, redactor, p.serve.log_rotate_hours)
         self.feedback = RequestLog(feedback_log(p), int(p.serve.log_max_mb * 2**20), p.serve.log_retention_days,
                                    redactor, p.serve.log_rotate_hours, text_fields=("correction", "comment"))
-        app = build_app(self.routes, p.serve.base_url, key, self.keys, self.log, engine=self.engine,
+        app = build_app(self.routes, p.serve.upstream_urls, key, self.keys, self.log, engine=self.engine,
                         webhook_secret=self.webhook_secret, on_alias=self._on_alias, known=frozenset(self.models),
                         limits=p.serve.limits, feedback=self.feedback, curate=p.curate)
         self.gateway = GatewayServer(app, p.serve.gateway_host, p.serve.gateway_port).start()
@@ -120,7 +122,7 @@ class Endpoint:
         assert self.server is not None, "start_vllm first"
         waited = self.server.wait_ready(progress=self.say)
         self.say(f"vLLM ready after {waited:.0f}s")
-        started_here = self.server.process is not None
+        started_here = self.server.owned
         self.follower = Follower(self.server, self.routes, p.registry, Path(p.serve.adapters_dir), self.models,
                                  p.task, first_prompts(clean_split(p, "eval")), say=self.say,
                                  on_reject=self.on_reject, events_log=serving_log(p), on_change=self.on_change,
@@ -141,8 +143,8 @@ class Endpoint:
                 server = self.server
                 if server is None or self.follower is None:
                     continue
-                if server.process is not None:
-                    code = server.process.poll()
+                if server.owned:
+                    code = server.poll()
                     if code is None:
                         continue
                     self.routes.clear()  # 503 + Retry-After at once instead of connection errors
@@ -155,7 +157,7 @@ class Endpoint:
                         return
                     new = None
                     try:
-                        new = VLLMServer.start(self.p.serve, Path(self.p.base.out_dir), api_key=server.api_key)
+                        new = VLLMPool.start(self.p.serve, Path(self.p.base.out_dir), api_key=server.api_key)
                         waited = new.wait_ready()
                     except Exception as e:  # noqa: BLE001 - try again after a longer wait
                         if new is not None:
@@ -188,7 +190,7 @@ class Endpoint:
                         self.say(f"vLLM at {server.url} answers again: reconciling")
                         self.wake.set()
 
-    def _rebase(self, want_sha: str) -> VLLMServer:
+    def _rebase(self, want_sha: str) -> VLLMPool:
         """Restart the vLLM this endpoint started on the base a new champion was trained on (the one in
         ``base.out_dir``, if it is that base). Every route goes: their adapters die with the old process."""
         base_dir = Path(self.p.base.out_dir)
@@ -203,7 +205,7 @@ class Endpoint:
             self.routes.clear()
             key = self.server.api_key
             self.server.stop()
-            self.server = VLLMServer.start(self.p.serve, base_dir, api_key=key)
+            self.server = VLLMPool.start(self.p.serve, base_dir, api_key=key)
             waited = self.server.wait_ready(progress=self.say)
         self.say(f"vLLM ready on the new base after {waited:.0f}s")
         return self.server

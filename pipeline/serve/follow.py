@@ -31,7 +31,7 @@ from pathlib import Path
 from pipeline.config import RegistryConfig, TaskConfig
 from pipeline import registry
 from pipeline.serve.gateway import Route, Routes
-from pipeline.serve.vllm import ServingError, VLLMServer
+from pipeline.serve.vllm import ServingError, VLLMPool, VLLMServer
 from pipeline.tasks import build_task
 
 def task_of(version: registry.VersionInfo, default: TaskConfig) -> TaskConfig:
@@ -44,21 +44,26 @@ def smoke_prompts_of(version: registry.VersionInfo, default: list[list[dict]]) -
     return json.loads(raw) if raw else default
 
 
-def smoke_test(server: VLLMServer, internal: str, task: TaskConfig, prompts: list[list[dict]]) -> list[str]:
-    """Problems with the adapter's answers to ``prompts`` (empty = it answers like the task expects)."""
+def smoke_test(server: VLLMServer | VLLMPool, internal: str, task: TaskConfig,
+               prompts: list[list[dict]]) -> list[str]:
+    """Problems with the adapter's answers to ``prompts`` on every replica (empty = it answers like the
+    task expects everywhere)."""
     checker = build_task(task)
     problems = []
-    for i, messages in enumerate(prompts):
-        answer = server.chat(internal, messages, task=task, temperature=0.0)
-        why = checker.check_reference(answer)
-        if why:
-            problems.append(f"prompt {i + 1}: {why} (answer: {answer[:80]!r})")
+    replicas = server.replicas if isinstance(server, VLLMPool) else [server]
+    for replica in replicas:
+        where = f"replica {replica.url}, " if len(replicas) > 1 else ""
+        for i, messages in enumerate(prompts):
+            answer = replica.chat(internal, messages, task=task, temperature=0.0)
+            why = checker.check_reference(answer)
+            if why:
+                problems.append(f"{where}prompt {i + 1}: {why} (answer: {answer[:80]!r})")
     return problems
 
 
 @dataclass
 class Follower:
-    server: VLLMServer
+    server: VLLMServer | VLLMPool  # a pool: swapped on every replica before the route switches
     routes: Routes
     registry_cfg: RegistryConfig
     adapters_dir: Path
@@ -82,7 +87,7 @@ class Follower:
     retry_max_s: float = 300.0
     # The weights vLLM runs (None: unknown, an attached server), and how to restart it on another base.
     base_sha: str | None = None
-    rebase: Callable[[str], VLLMServer] | None = None
+    rebase: Callable[[str], VLLMServer | VLLMPool] | None = None
 
     def reconcile(self) -> list[dict]:
         """One pass over every served model; returns what changed."""

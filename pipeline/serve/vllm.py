@@ -62,8 +62,23 @@ def launch_command(cfg: ServeConfig, base_dir: Path) -> list[str]:
         "--dtype", cfg.dtype,
         "--host", cfg.host,
         "--port", str(cfg.port),
+        *(["--tensor-parallel-size", str(cfg.tensor_parallel)] if cfg.tensor_parallel > 1 else []),
         *cfg.extra_args,
     ]
+
+
+def replica_config(cfg: ServeConfig, i: int) -> ServeConfig:
+    """Replica ``i`` of ``serve.replicas``: the next port, its own log and, unless ``serve.env`` pins the
+    devices, its own ``tensor_parallel`` GPUs (vLLM's CPU build ignores the variable)."""
+    if cfg.replicas == 1:
+        return cfg
+    log = Path(cfg.log_file)
+    env = dict(cfg.env)
+    if "CUDA_VISIBLE_DEVICES" not in env:
+        tp = cfg.tensor_parallel
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(i * tp, (i + 1) * tp))
+    return cfg.model_copy(update={"port": cfg.port + i, "env": env, "replicas": 1,
+                                  "log_file": str(log.with_name(f"{log.stem}-{i}{log.suffix}"))})
 
 
 @dataclass
@@ -110,6 +125,14 @@ class VLLMServer:
     @classmethod
     def attach(cls, cfg: ServeConfig, api_key: str = "") -> "VLLMServer":
         return cls(cfg, None, None, api_key)
+
+    @property
+    def owned(self) -> bool:
+        return self.process is not None
+
+    def poll(self) -> int | None:
+        """The exit code of the process this object started, None while it runs (or when attached)."""
+        return self.process.poll() if self.process is not None else None
 
     def healthy(self) -> bool:
         try:
@@ -172,6 +195,104 @@ class VLLMServer:
         r = _post(f"{self.url}/v1/chat/completions", f"chat completion on {model}", 120, json=body,
                   headers=self._auth)
         return r.json()["choices"][0]["message"]["content"]
+
+
+def _not_found(err: ServingError) -> bool:
+    text = str(err).lower()
+    return "not found" in text or "does not exist" in text
+
+
+@dataclass
+class VLLMPool:
+    """One or more vLLM servers holding the same adapters, used as one: an adapter is loaded only when every
+    replica loaded it (a failure on one unloads it from the others), unloaded from all, and the smoke test
+    runs on each. ``serve.replicas`` started here, ``serve.upstreams`` (or ``serve.url``) attached."""
+
+    replicas: list[VLLMServer]
+
+    @classmethod
+    def start(cls, cfg: ServeConfig, base_dir: Path, api_key: str = "") -> "VLLMPool":
+        started: list[VLLMServer] = []
+        try:
+            for i in range(cfg.replicas):
+                started.append(VLLMServer.start(replica_config(cfg, i), base_dir, api_key=api_key))
+        except BaseException:
+            for server in started:
+                server.stop()
+            raise
+        return cls(started)
+
+    @classmethod
+    def attach(cls, cfg: ServeConfig, api_key: str = "") -> "VLLMPool":
+        return cls([VLLMServer.attach(cfg.model_copy(update={"url": u, "upstreams": []}), api_key)
+                    for u in cfg.upstream_urls])
+
+    @property
+    def api_key(self) -> str:
+        return self.replicas[0].api_key
+
+    @property
+    def url(self) -> str:
+        return self.replicas[0].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [r.url for r in self.replicas]
+
+    @property
+    def owned(self) -> bool:
+        return any(r.owned for r in self.replicas)
+
+    def poll(self) -> int | None:
+        """The exit code of a started replica that died (all are restarted together), else None."""
+        return next((code for code in (r.poll() for r in self.replicas) if code is not None), None)
+
+    def healthy(self) -> bool:
+        return all(r.healthy() for r in self.replicas)
+
+    def wait_ready(self, timeout_s: float | None = None, progress=None) -> float:
+        started = time.monotonic()
+        for r in self.replicas:  # they start in parallel; waiting in turn costs only the slowest
+            r.wait_ready(timeout_s, progress)
+        return time.monotonic() - started
+
+    def stop(self, timeout_s: float = 30) -> None:
+        for r in self.replicas:
+            r.stop(timeout_s)
+
+    def models(self) -> list[str]:
+        """The names every replica serves (an adapter on only some of them does not count)."""
+        names = [set(r.models()) for r in self.replicas]
+        return sorted(set.intersection(*names))
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        loaded: list[VLLMServer] = []
+        for r in self.replicas:
+            try:
+                r.load_adapter(name, path)
+            except ServingError as err:
+                for done in loaded:  # all or none: a route must never reach a replica without it
+                    try:
+                        done.unload_adapter(name)
+                    except ServingError:
+                        pass
+                where = f"replica {r.url}: " if len(self.replicas) > 1 else ""
+                raise ServingError(f"{where}{err}", transient=err.transient) from None
+            loaded.append(r)
+
+    def unload_adapter(self, name: str) -> None:
+        errors = []
+        for r in self.replicas:
+            try:
+                r.unload_adapter(name)
+            except ServingError as err:
+                if not _not_found(err):  # a replica a failed load never reached
+                    errors.append(err)
+        if errors:
+            raise errors[0]
+
+    def chat(self, model: str, messages: list[dict], task: TaskConfig | None = None, **overrides) -> str:
+        return self.replicas[0].chat(model, messages, task, **overrides)
 
 
 def _end_group(pgid: int, timeout_s: float) -> None:

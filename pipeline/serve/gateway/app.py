@@ -21,6 +21,7 @@ from pipeline.io import log_files
 from pipeline.serve.gateway.auth import KeyLimiter, key_id
 from pipeline.serve.gateway.requestlog import RequestLog
 from pipeline.serve.gateway.routes import Routes
+from pipeline.serve.gateway.upstreams import Upstreams
 from pipeline.serve.gateway.webhooks import verify_webhook
 from pipeline.serve.vllm import generation_defaults
 
@@ -135,7 +136,7 @@ def _validate(body: object, chat: bool, limits: LimitsConfig | None = None) -> s
     return None
 
 
-def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[str], log: RequestLog,
+def build_app(routes: Routes, upstream_url: str | list[str], upstream_key: str, keys: set[str], log: RequestLog,
               timeout_s: float | None = None, webhook_secret: str = "", on_alias=None,
               known: frozenset[str] = frozenset(), limits: LimitsConfig | None = None, engine: dict | None = None,
               feedback: RequestLog | None = None, curate: CurateConfig | None = None):
@@ -166,7 +167,6 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
     curate = curate or CurateConfig()
     key_bytes = [k.encode() for k in keys]
     key_ids = {k: key_id(k) for k in keys}  # what the logs name a key by, hashed once
-    state: dict = {}
     issued: OrderedDict[str, dict] = OrderedDict()  # response id -> who got it, from which model and version
     issued_lock = threading.Lock()
     parsers: dict = {}  # (model, version) -> the served task's parser, for corrected answers
@@ -182,15 +182,13 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
                 return k.decode()
         return None
 
-    def client() -> httpx.AsyncClient:
-        if "client" not in state:
-            state["client"] = httpx.AsyncClient(base_url=upstream_url, timeout=timeout_s,
-                                                headers={"Authorization": f"Bearer {upstream_key}"})
-        return state["client"]
+    upstreams = Upstreams([upstream_url] if isinstance(upstream_url, str) else upstream_url, upstream_key,
+                          timeout_s)
 
     async def health(request):
         return JSONResponse({"status": "ok", "models": len(routes.all()), "in_flight": limiter.in_flight(),
-                             **({"engine": engine} if engine is not None else {})})
+                             **({"engine": engine} if engine is not None else {}),
+                             **({"replicas": upstreams.status()} if len(upstreams.urls) > 1 else {})})
 
     async def models(request):
         if key_of(request) is None:
@@ -235,9 +233,13 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         if key is None:
             return _error(401, "invalid or missing API key", "invalid_api_key")
         wait, why = limiter.admit(key)
-        ticket = {"key": None if wait else key, "route": None}  # what this request holds until it ends
+        # What this request holds until it ends: the key's slot, the route, the replica it went to.
+        ticket = {"key": None if wait else key, "route": None, "replica": None}
 
         def release() -> None:
+            if ticket["replica"] is not None:
+                upstreams.done(ticket["replica"])
+                ticket["replica"] = None
             if ticket["key"] is not None:
                 limiter.done(ticket["key"])
                 ticket["key"] = None
@@ -313,8 +315,24 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
         # Which registered version answered (clients and audits can tell a swap happened).
         served_by = {"X-Loraflow-Version": str(route.version), "X-Loraflow-Request-Id": rid}
         path = "/v1/chat/completions" if chat else "/v1/completions"
+        upstream = None
         try:
-            upstream = await client().send(client().build_request("POST", path, json=body), stream=True)
+            tries = upstreams.order()
+            for n, i in enumerate(tries):
+                ticket["replica"] = i
+                upstreams.take(i)
+                record["replica"] = i
+                client = upstreams.client(i)
+                try:
+                    upstream = await client.send(client.build_request("POST", path, json=body), stream=True)
+                    break
+                except httpx.ConnectError:
+                    # Nothing reached this replica: another may answer. The last one's error is the client's.
+                    upstreams.refused(i)
+                    upstreams.done(i)
+                    ticket["replica"] = None
+                    if n == len(tries) - 1:
+                        raise
         except httpx.HTTPError as e:
             status, message, code = upstream_failure(e)
             finish(status, "", None, type(e).__name__)
@@ -460,8 +478,7 @@ def build_app(routes: Routes, upstream_url: str, upstream_key: str, keys: set[st
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        if "client" in state:
-            await state["client"].aclose()
+        await upstreams.aclose()
 
     return Starlette(lifespan=lifespan, routes=[
         Endpoint("/health", health, methods=["GET"]),
