@@ -5,6 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 VLLM_VENV := .venv-vllm
+K8S_VENV := .venv-k8s
 # CPU build by default; on a CUDA host: make vllm-env VLLM_REQUIREMENTS=requirements/vllm-gpu.txt
 VLLM_REQUIREMENTS ?= requirements/vllm-cpu.txt
 VLLM_CONSTRAINTS ?= $(VLLM_REQUIREMENTS:.txt=.lock)
@@ -30,9 +31,15 @@ $(VENV)/.installed: requirements/pipeline.txt requirements/pipeline.lock pyproje
 	$(VENV)/bin/pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	touch $@
 
-test-env: env $(VENV)/.installed-test
+test-env: env $(VENV)/.installed-test $(K8S_VENV)/.installed
 $(VENV)/.installed-test: requirements/test.txt
 	$(VENV)/bin/pip install -q -r requirements/test.txt 2>&1 | $(QUIET_PIP)
+	touch $@
+
+# The offline Kubernetes checks (kubernetes-validate, checkov) in their own environment: checkov's pins.
+$(K8S_VENV)/.installed: requirements/k8s-tools.txt
+	$(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install -q -r requirements/k8s-tools.txt 2>&1 | $(QUIET_PIP)
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed

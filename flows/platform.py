@@ -49,7 +49,7 @@ def deployment_specs(plat: Platform) -> list[dict]:
     model = p.project.name
     retrain_schedules = [{"cron": cfg.retrain_cron, "timezone": cfg.timezone}] if cfg.retrain_cron else []
     drift_schedules = [{"interval": cfg.drift_check_minutes * 60}] if cfg.drift_check_minutes else []
-    return [
+    specs = [
         {"flow": "retrain", "name": "production", "entrypoint": "flows/retrain.py:retrain",
          "description": "Retrain on the current data version; promotes only through the gate. Weekly, and on "
                         f"{DRIFT_EVENT} (cooldown {cfg.drift_cooldown_minutes:g} min).",
@@ -64,6 +64,16 @@ def deployment_specs(plat: Platform) -> list[dict]:
          "parameters": {"params_file": plat.params_file, "model": model},
          "schedules": drift_schedules, "trigger": None},
     ]
+    if cfg.work_pool_type != "kubernetes":
+        return [{**spec, "job_variables": {"working_dir": str(plat.root)}} for spec in specs]
+    from flows.kubernetes import job_variables
+
+    k = cfg.kubernetes
+    specs.append({"flow": "stage", "name": "gpu", "entrypoint": "flows/retrain.py:stage",
+                  "description": f"One DVC stage in a GPU pod ({', '.join(k.gpu_stages)}); the retrain runs it.",
+                  "parameters": {"params_file": plat.params_file}, "schedules": [], "trigger": None, "kind": "gpu"})
+    kinds = [spec.pop("kind", "cpu") for spec in specs]
+    return [{**spec, "job_variables": job_variables(k, kind)} for spec, kind in zip(specs, kinds)]
 
 
 def _spec_tag(spec: dict, root: Path) -> str:
@@ -85,12 +95,18 @@ def ensure_prefect_objects(plat: Platform, say: Callable[[str], None] = print) -
     changed = []
     pool = plat.cfg.work_pool
     with get_client(sync_client=True) as client:
+        kind = plat.cfg.work_pool_type
+        if kind == "kubernetes":
+            from flows.kubernetes import base_job_template
+
+            template = base_job_template(plat.cfg.kubernetes)
+        else:
+            template = ProcessWorker.get_default_base_job_template()
         try:
             client.read_work_pool(pool)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
-                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
-            changed.append(f"work pool {pool} (process) created")
+            client.create_work_pool(WorkPoolCreate(name=pool, type=kind, base_job_template=template))
+            changed.append(f"work pool {pool} ({kind}) created")
         limit = retrain_limit_name(plat.p.project.name)
         try:
             client.read_global_concurrency_limit_by_name(limit)
@@ -116,7 +132,7 @@ def ensure_prefect_objects(plat: Platform, say: Callable[[str], None] = print) -
                                  else IntervalSchedule(interval=timedelta(seconds=s["interval"])))
             dep = flow.to_deployment(name=spec["name"], description=spec["description"], parameters=spec["parameters"],
                                      schedules=schedules, triggers=triggers, tags=["loraflow", tag],
-                                     job_variables={"working_dir": str(plat.root)})
+                                     job_variables=spec["job_variables"])
             dep.apply(work_pool_name=pool)
             changed.append(f"deployment {full} {'updated' if existing else 'created'}")
     for line in changed:

@@ -19,6 +19,7 @@ Logic lives in ``pipeline/``; this module only wires it, adds retries and emits 
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
@@ -33,6 +34,7 @@ from pipeline.stages import rescorer
 from pipeline.train.trl_args import check_trl_keys
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.release.lock import retrain_lock
+from pipeline.io import write_json
 from flows.feedback import feedback_progress
 from pipeline.layout import serving_log
 
@@ -45,6 +47,37 @@ def run_stage(stage: str) -> dict:
     get_run_logger().info("stage %s: %s in %.1fs", stage, "ran" if result.ran else "unchanged, skipped",
                           result.seconds)
     return {"ran": result.ran, "seconds": result.seconds}
+
+
+STAGE_RESULTS = Path("reports/stages")  # a stage run as its own flow run leaves its outcome here (shared volume)
+
+
+@flow(name="stage", log_prints=True)
+def stage(stage: str, params_file: str = "params.yaml") -> dict:
+    """One DVC stage as a flow run of its own: deployment ``stage/gpu`` runs the stages in
+    ``platform.kubernetes.gpu_stages`` in a GPU pod, on the workspace volume the retrain's pod shares."""
+    load_params(params_file)  # the same validation as the retrain, in this pod
+    result = dvc_runner.repro(stage)
+    out = {"ran": result.ran, "seconds": result.seconds}
+    write_json(STAGE_RESULTS / f"{stage}.json", out)
+    get_run_logger().info("stage %s: %s in %.1fs", stage, "ran" if result.ran else "unchanged, skipped",
+                          result.seconds)
+    return out
+
+
+@task(name="gpu-stage", task_run_name="gpu-{name}")
+def run_gpu_stage(name: str, params_file: str) -> dict:
+    """Run ``name`` through deployment ``stage/gpu`` and wait for it: the GPU pod does the work."""
+    from prefect.deployments import run_deployment
+
+    (STAGE_RESULTS / f"{name}.json").unlink(missing_ok=True)
+    run = run_deployment("stage/gpu", parameters={"stage": name, "params_file": params_file}, timeout=None,
+                         as_subflow=True)
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        raise RuntimeError(f"stage {name} on the GPU pod (flow run {run.name}) ended {state}: "
+                           f"{run.state.message if run.state else ''}")
+    return json.loads((STAGE_RESULTS / f"{name}.json").read_text())
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
@@ -163,8 +196,13 @@ def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "m
                 return Completed(name="WaitingForFeedback", message=msg,
                                  data={"outcome": "waiting_for_feedback", "message": msg, **progress})
             logger.info("drift with %s: retraining", progress["message"])
+        k8s = p.platform.work_pool_type == "kubernetes"
         for name in dvc_runner.stage_names():
-            if name not in stages:
+            if name in stages:
+                continue
+            if k8s and name in p.platform.kubernetes.gpu_stages:
+                stages[name] = run_gpu_stage(name, params_file)
+            else:
                 stages[name] = run_stage(name)
         pushed = push_outputs() if p.dvc.push else None
         result = release(p)

@@ -596,6 +596,34 @@ class MonitorConfig(_Strict):
     retrain_on_drift: bool = False
 
 
+class PodResources(_Strict):
+    """What one kind of flow-run pod asks Kubernetes for."""
+
+    cpu: str = "2"
+    memory: str = "8Gi"
+    gpus: int = Field(0, ge=0)
+    gpu_resource: str = "nvidia.com/gpu"  # the device plugin's resource name
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+
+
+class KubernetesConfig(_Strict):
+    """``platform.work_pool_type: kubernetes`` (flows/kubernetes.py): every flow run is a Job in ``namespace``
+    from ``image``, sharing the workspace volume; the stages in ``gpu_stages`` run as their own flow run
+    (deployment ``stage/gpu``) in a pod with ``gpu`` resources, the rest with ``cpu``."""
+
+    namespace: str = "loraflow"
+    image: str = "ghcr.io/loraflow/pipeline:0.1.0"
+    service_account: str = "loraflow-flow-runs"
+    workspace_claim: str = "loraflow-workspace"  # a ReadWriteMany PVC: the checkout, DVC cache and outputs
+    workspace_path: str = "/workspace"
+    env_secret: str = "loraflow-secrets"  # a Kubernetes Secret whose keys become environment variables
+    cpu: PodResources = PodResources()
+    gpu: PodResources = PodResources(cpu="8", memory="64Gi", gpus=1, tolerations=[
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    gpu_stages: list[str] = ["train"]
+
+
 class PlatformConfig(_Strict):
     """``loraflow up``: the services it starts on this machine and the Prefect deployments it creates."""
 
@@ -609,6 +637,8 @@ class PlatformConfig(_Strict):
     database_url: str = ""
     serve: bool = True  # also start the endpoint (loraflow serve: vLLM + gateway)
     work_pool: str = Field("loraflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    work_pool_type: Literal["process", "kubernetes"] = "process"  # kubernetes: platform.kubernetes
+    kubernetes: KubernetesConfig = KubernetesConfig()
     retrain_cron: str = "0 3 * * 1"  # scheduled retrain (weekly); empty = none
     timezone: str = "UTC"
     drift_check_minutes: float = Field(60.0, ge=0.0)  # drift-check interval; 0 = none
