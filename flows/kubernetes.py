@@ -40,9 +40,6 @@ def base_job_template(k: KubernetesConfig) -> dict:
     props["env_secret"] = _variable("string", k.env_secret, "The Secret whose keys become the environment.")
     job = template["job_configuration"]["job_manifest"]
     pod = job["spec"]["template"]["spec"]
-    # Prefect's default puts these Job fields in the pod spec, where the API server drops them (1 anyway).
-    pod.pop("completions", None)
-    pod.pop("parallelism", None)
     [container] = pod["containers"]
     container.update({
         "resources": "{{ resources }}",
