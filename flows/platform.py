@@ -64,16 +64,18 @@ def deployment_specs(plat: Platform) -> list[dict]:
          "parameters": {"params_file": plat.params_file, "model": model},
          "schedules": drift_schedules, "trigger": None},
     ]
+    if cfg.gpu_stages:
+        specs.append({"flow": "stage", "name": "gpu", "entrypoint": "flows/retrain.py:stage",
+                      "description": f"One DVC stage as its own flow run ({', '.join(cfg.gpu_stages)}): on "
+                                     "Kubernetes in a GPU pod. The retrain runs it and waits.",
+                      "parameters": {"params_file": plat.params_file, "stage": cfg.gpu_stages[0]},
+                      "schedules": [], "trigger": None, "kind": "gpu"})
+    kinds = [spec.pop("kind", "cpu") for spec in specs]
     if cfg.work_pool_type != "kubernetes":
         return [{**spec, "job_variables": {"working_dir": str(plat.root)}} for spec in specs]
     from flows.kubernetes import job_variables
 
-    k = cfg.kubernetes
-    specs.append({"flow": "stage", "name": "gpu", "entrypoint": "flows/retrain.py:stage",
-                  "description": f"One DVC stage in a GPU pod ({', '.join(k.gpu_stages)}); the retrain runs it.",
-                  "parameters": {"params_file": plat.params_file}, "schedules": [], "trigger": None, "kind": "gpu"})
-    kinds = [spec.pop("kind", "cpu") for spec in specs]
-    return [{**spec, "job_variables": job_variables(k, kind)} for spec, kind in zip(specs, kinds)]
+    return [{**spec, "job_variables": job_variables(cfg.kubernetes, kind)} for spec, kind in zip(specs, kinds)]
 
 
 def _spec_tag(spec: dict, root: Path) -> str:

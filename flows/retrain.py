@@ -65,19 +65,22 @@ def stage(stage: str, params_file: str = "params.yaml") -> dict:
     return out
 
 
-@task(name="gpu-stage", task_run_name="gpu-{name}")
-def run_gpu_stage(name: str, params_file: str) -> dict:
-    """Run ``name`` through deployment ``stage/gpu`` and wait for it: the GPU pod does the work."""
+@task(name="gpu-stage", retries=1, retry_delay_seconds=30, task_run_name="gpu-{name}")
+def run_gpu_stage(name: str, params_file: str, timeout_s: float) -> dict:
+    """Run ``name`` through deployment ``stage/gpu`` and wait for it (a GPU pod on Kubernetes does the
+    work). A crashed or evicted run is retried once; training resumes from its checkpoint."""
     from prefect.deployments import run_deployment
 
     (STAGE_RESULTS / f"{name}.json").unlink(missing_ok=True)
-    run = run_deployment("stage/gpu", parameters={"stage": name, "params_file": params_file}, timeout=None,
+    run = run_deployment("stage/gpu", parameters={"stage": name, "params_file": params_file}, timeout=timeout_s,
                          as_subflow=True)
-    if run.state is None or not run.state.is_completed():
-        state = run.state.name if run.state else "unknown"
-        raise RuntimeError(f"stage {name} on the GPU pod (flow run {run.name}) ended {state}: "
-                           f"{run.state.message if run.state else ''}")
-    return json.loads((STAGE_RESULTS / f"{name}.json").read_text())
+    if run.state is None or not run.state.is_final():
+        raise TimeoutError(f"stage {name} (flow run {run.name}) did not finish within platform.gpu_stage_timeout_s "
+                           f"= {timeout_s:g} s")
+    if not run.state.is_completed():
+        raise RuntimeError(f"stage {name} (flow run {run.name}, deployment stage/gpu) ended {run.state.name}: "
+                           f"{run.state.message or ''}")
+    return {**json.loads((STAGE_RESULTS / f"{name}.json").read_text()), "flow_run": run.name}
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
@@ -196,12 +199,15 @@ def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "m
                 return Completed(name="WaitingForFeedback", message=msg,
                                  data={"outcome": "waiting_for_feedback", "message": msg, **progress})
             logger.info("drift with %s: retraining", progress["message"])
-        k8s = p.platform.work_pool_type == "kubernetes"
-        for name in dvc_runner.stage_names():
+        names = dvc_runner.stage_names()
+        unknown = sorted(set(p.platform.gpu_stages) - set(names))
+        if unknown:
+            raise ConfigError(f"{params_file}: platform.gpu_stages: {unknown} are not stages of dvc.yaml ({names})")
+        for name in names:
             if name in stages:
                 continue
-            if k8s and name in p.platform.kubernetes.gpu_stages:
-                stages[name] = run_gpu_stage(name, params_file)
+            if name in p.platform.gpu_stages:
+                stages[name] = run_gpu_stage(name, params_file, p.platform.gpu_stage_timeout_s)
             else:
                 stages[name] = run_stage(name)
         pushed = push_outputs() if p.dvc.push else None

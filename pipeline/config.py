@@ -609,8 +609,8 @@ class PodResources(_Strict):
 
 class KubernetesConfig(_Strict):
     """``platform.work_pool_type: kubernetes`` (flows/kubernetes.py): every flow run is a Job in ``namespace``
-    from ``image``, sharing the workspace volume; the stages in ``gpu_stages`` run as their own flow run
-    (deployment ``stage/gpu``) in a pod with ``gpu`` resources, the rest with ``cpu``."""
+    from ``image``, sharing the workspace volume; ``platform.gpu_stages`` run in a pod with ``gpu``
+    resources, the rest with ``cpu``."""
 
     namespace: str = "loraflow"
     image: str = "ghcr.io/loraflow/pipeline:0.1.0"
@@ -621,7 +621,6 @@ class KubernetesConfig(_Strict):
     cpu: PodResources = PodResources()
     gpu: PodResources = PodResources(cpu="8", memory="64Gi", gpus=1, tolerations=[
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
-    gpu_stages: list[str] = ["train"]
 
 
 class PlatformConfig(_Strict):
@@ -639,6 +638,10 @@ class PlatformConfig(_Strict):
     work_pool: str = Field("loraflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     work_pool_type: Literal["process", "kubernetes"] = "process"  # kubernetes: platform.kubernetes
     kubernetes: KubernetesConfig = KubernetesConfig()
+    # DVC stages the retrain runs as a flow run of their own (deployment stage/gpu): on the Kubernetes pool
+    # in a pod with platform.kubernetes.gpu, on the process pool in a process of its own.
+    gpu_stages: list[str] = []
+    gpu_stage_timeout_s: float = Field(86400.0, gt=0.0)  # one such stage run, queueing for a node included
     retrain_cron: str = "0 3 * * 1"  # scheduled retrain (weekly); empty = none
     timezone: str = "UTC"
     drift_check_minutes: float = Field(60.0, ge=0.0)  # drift-check interval; 0 = none

@@ -139,7 +139,7 @@ class Platform:
                           headers={"Authorization": f"Bearer {self.key}"})
 
 
-def make_project(tmp: Path, database_url: str = "") -> Path:
+def make_project(tmp: Path, database_url: str = "", gpu_stages: list[str] | None = None) -> Path:
     root = copy_project(tmp / "project")
     p = yaml.safe_load((root / "params.yaml").read_text())
     p["base"]["builtin"]["pretrain_steps"] = 100          # a base in ~30 s; the task is still learned (exact 1.0)
@@ -148,7 +148,7 @@ def make_project(tmp: Path, database_url: str = "") -> Path:
                        "poll_interval_s": 600})  # alias moves must reach serving by webhook, not by polling
     p["monitor"].update({"min_requests": 20})
     p["platform"].update({"prefect_port": _free_port(), "mlflow_port": _free_port(), "database_url": database_url,
-                          "drift_cooldown_minutes": 30})
+                          "drift_cooldown_minutes": 30, "gpu_stages": gpu_stages or []})
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     sh(["git", "commit", "-qam", "test platform settings"], root)
     return root
@@ -363,11 +363,18 @@ def postgres(tmp_path):
 def test_platform_on_postgresql(tmp_path, postgres):
     import sqlalchemy as sa
 
-    root = make_project(tmp_path / "pgproject", database_url=postgres)
+    # Train runs as its own flow run through deployment stage/gpu (on Kubernetes: the GPU pod), here on
+    # the process pool: the retrain starts it, waits for it and goes on with its result.
+    root = make_project(tmp_path / "pgproject", database_url=postgres, gpu_stages=["train"])
     plat, _ = platform_up(root)
     pids = platform_pids(plat)
     try:
         first_version_served_and_ui_promotion(plat)
+        stage_runs = httpx.post(f"{plat.prefect}/flow_runs/filter", timeout=10, json={
+            "flows": {"name": {"any_": ["stage"]}}}).json()
+        assert [(r["parameters"]["stage"], r["state"]["type"]) for r in stage_runs] == [("train", "COMPLETED")]
+        retrains = [r for r in plat.retrain_runs() if r["state"]["type"] == "COMPLETED"]
+        assert stage_runs[0]["parent_task_run_id"] and retrains  # started by the retrain, which then completed
         drift_without_new_data(plat)
         # Both servers really are on PostgreSQL: their tables hold what the scenario wrote.
         # Compose's health checks, run as written against the real services: healthy while they run ...
@@ -379,7 +386,7 @@ def test_platform_on_postgresql(tmp_path, postgres):
         eng.dispose()
         eng = sa.create_engine(postgres.rsplit("/", 1)[0] + "/loraflow_prefect")
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT count(*) FROM deployment")).scalar() == 2
+            assert conn.execute(sa.text("SELECT count(*) FROM deployment")).scalar() == 3  # + stage/gpu
         eng.dispose()
         assert not (root / "mlflow/mlflow.db").exists()
     finally:
