@@ -24,6 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.stage == "train":
+        from pipeline.train.launch import relaunch
+
+        cmd = relaunch(params.train.distributed, list(argv if argv is not None else sys.argv[1:]))
+        if cmd is not None:  # train.distributed: the same stage in every torchrun process
+            import subprocess
+
+            d = params.train.distributed
+            print(f"train: {d.nproc_per_node} process(es) on each of {d.nnodes} node(s): {' '.join(cmd)}",
+                  flush=True)
+            return subprocess.run(cmd).returncode
     try:
         result = STAGES[args.stage](params)
     except ConfigError as err:  # a setting that only a stage can check (a missing database, no inputs)

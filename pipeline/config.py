@@ -363,6 +363,30 @@ class ContinualConfig(_Strict):
     fisher_samples: int = Field(256, ge=1)  # training rows the diagonal Fisher is estimated on
 
 
+class DistributedConfig(_Strict):
+    """``python -m pipeline train`` (and so ``dvc repro train``) starts itself under torchrun when this asks
+    for more than one process: ``nproc_per_node`` GPUs here, ``nnodes`` machines that each run the same
+    command and meet at ``rdzv_endpoint`` (host:port, reachable from every node). DDP by default; FSDP
+    through ``train.trl.fsdp``/``fsdp_config`` (docs/training.md)."""
+
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str = ""
+    rdzv_id: str = "loraflow-train"
+    join_timeout_s: int = Field(900, gt=0)  # how long the first node waits for the others
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "DistributedConfig":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("train.distributed.rdzv_endpoint: needed with nnodes > 1 (host:port of one node, "
+                             "the same on every node)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
 class TrainConfig(_Strict):
     """loraflow's own training settings; everything TRL configures goes through ``trl:`` unchanged."""
 
@@ -396,6 +420,7 @@ class TrainConfig(_Strict):
     trl: dict[str, Any] = {}
     privacy: PrivacyConfig = PrivacyConfig()
     continual: ContinualConfig = ContinualConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     _moved_keys = _moved("train", {k: f"train.trl.{v}" for k, v in _TRAIN_MOVED.items()})
 
@@ -429,6 +454,8 @@ class TrainConfig(_Strict):
                                "cannot see per-sample gradients"),
                 "continual.ewc_lambda": (self.continual.ewc_lambda > 0, "the Fisher information is computed "
                                          "from the training records without noise and stored with the adapter"),
+                "distributed": (self.distributed.world_size > 1, "the Poisson sampler and the noise are per "
+                                "process; DP training runs in one"),
             }
             bad = [f"train.{k}: {why}" for k, (on, why) in refused.items() if on]
             if bad:
@@ -436,9 +463,15 @@ class TrainConfig(_Strict):
         return self
 
     @property
+    def fsdp(self) -> bool:
+        """FSDP through TRL's own ``fsdp`` setting (the HF Trainer shards; loraflow loads QLoRA for it)."""
+        return bool(self.trl.get("fsdp"))
+
+    @property
     def fused(self) -> bool:
-        """Whether the fused LoRA path runs: off under privacy unless asked for (which is refused above)."""
-        return self.fused_lora and not self.privacy.enabled
+        """Whether the fused LoRA path runs: off under privacy unless asked for (which is refused above), and
+        under FSDP, whose flattened parameters the fused autograd node does not address."""
+        return self.fused_lora and not self.privacy.enabled and not self.fsdp
 
     def trl_value(self, key: str) -> Any:
         """A TRL setting as this run uses it (the user's, else loraflow's default, else None)."""

@@ -75,7 +75,7 @@ def base_config_sha256(base_dir: Path) -> str:
     return ref["config_sha256"] if ref is not None else file_sha256(Path(base_dir) / "config.json")
 
 
-def load_base(base_dir: Path, quantize_4bit: bool = False, attn_implementation: str = "sdpa"):
+def load_base(base_dir: Path, quantize_4bit: bool = False, attn_implementation: str = "sdpa", fsdp: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,10 +91,13 @@ def load_base(base_dir: Path, quantize_4bit: bool = False, attn_implementation: 
             raise RuntimeError("train.adapter: qlora needs bitsandbytes (pip install 'loraflow[gpu]')") from None
         from transformers import BitsAndBytesConfig
 
+        # FSDP flattens every parameter of a wrapped module into one tensor of one dtype: the 4-bit weights
+        # are stored as that dtype (QLoRA + FSDP), and FSDP places the shards itself.
+        storage = {"bnb_4bit_quant_storage": dtype} if fsdp else {}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-        if dev.is_cuda:
+            bnb_4bit_compute_dtype=dtype, **storage)
+        if dev.is_cuda and not fsdp:
             # A 4-bit model is quantized where it is loaded and cannot be moved afterwards: under torchrun
             # each rank loads its copy straight onto its own GPU.
             import os

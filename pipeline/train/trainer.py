@@ -219,7 +219,7 @@ def train(cfg: TrainConfig, base_dir: Path, train_file: Path, eval_file: Path | 
     if resume:
         print(f"train: resuming from {resume}")
     model, tokenizer = load_base(base_dir, quantize_4bit=cfg.adapter == "qlora",
-                                 attn_implementation=attention_implementation(cfg))
+                                 attn_implementation=attention_implementation(cfg), fsdp=cfg.fsdp)
     peft_config = lora_config(cfg)
     if init_adapter is not None:
         model, peft_config = continual.load_champion(model, Path(init_adapter), cfg), None
