@@ -331,6 +331,75 @@ def test_two_process_ddp_on_cpu_gloo_trains_once_and_only_rank0_writes(tiny_base
     assert res["n"] == 8
 
 
+@pytest.mark.timeout(900)
+def test_multi_node_and_fsdp_launch_paths_on_cpu_gloo(tiny_base, data, tmp_path):
+    """train.distributed's launch path as on a cluster, on CPU processes (gloo): two torchrun agents as two
+    nodes meeting at a c10d rendezvous, and FSDP (train.trl.fsdp) on two processes. Each time every rank
+    trains, rank 0 alone writes, and the adapter is whole (every LoRA tensor unsharded) and scores."""
+    import socket
+
+    from pipeline.config import DistributedConfig
+    from pipeline.train.launch import torchrun_args
+
+    train_file = data / "train/clean.jsonl"
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    def command(d: DistributedConfig, out: Path, **trl) -> list[str]:
+        cfg = tiny_cfg(out, trl=dict(max_steps=4, save_steps=100, **trl)).model_dump()
+        return [*torchrun_args(d), str(script), json.dumps(cfg), str(tiny_base), str(train_file)]
+
+    def ranks(stdout: str) -> dict:
+        return {line.split()[1]: json.loads(line.split(" ", 2)[2]) for line in stdout.splitlines()
+                if line.startswith("RANK ")}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = DistributedConfig(nnodes=2, nproc_per_node=1, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id="t")
+    cmd = command(nodes, tmp_path / "nodes")  # the same command on every node
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+              for _ in range(2)]
+    outs = [a.communicate(timeout=600) for a in agents]
+    assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outs]
+    seen = {**ranks(outs[0][0]), **ranks(outs[1][0])}
+    assert set(seen) == {"0", "1"} and [seen[r]["wrote"] for r in ("0", "1")] == [True, False], seen
+    reference = load_file(tmp_path / "nodes/adapter/adapter_model.safetensors")
+
+    fsdp = command(DistributedConfig(nproc_per_node=2), tmp_path / "fsdp", fsdp=True,
+                   fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "use_orig_params": True})
+    proc = subprocess.run(fsdp, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = ranks(proc.stdout)
+    assert [seen[r]["wrote"] for r in ("0", "1")] == [True, False] and seen["0"]["steps"] == 4, seen
+    sharded = load_file(tmp_path / "fsdp/adapter/adapter_model.safetensors")
+    assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in reference.items()}
+    res = evaluate_model(tiny_base, tmp_path / "fsdp/adapter", data / "eval/clean.jsonl",
+                         EvaluateConfig(max_examples=4), TaskConfig(kind="text", max_new_tokens=4))
+    assert res["n"] == 4
+
+
+def test_the_train_stage_relaunches_itself_by_configuration(monkeypatch):
+    from pydantic import ValidationError
+
+    from pipeline.config import DistributedConfig, PrivacyConfig, TrainConfig
+    from pipeline.train.launch import relaunch
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert relaunch(DistributedConfig(), ["train"]) is None
+    cmd = relaunch(DistributedConfig(nproc_per_node=8, nnodes=2, rdzv_endpoint="node0:29500"), ["train"])
+    assert cmd[-3:] == ["-m", "pipeline", "train"] and "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd
+    assert "--rdzv-endpoint=node0:29500" in cmd and "--rdzv-backend=c10d" in cmd
+    monkeypatch.setenv("LOCAL_RANK", "0")  # already a torchrun worker: train here
+    assert relaunch(DistributedConfig(nproc_per_node=8), ["train"]) is None
+    with pytest.raises(ValidationError, match="rdzv_endpoint"):
+        DistributedConfig(nnodes=2)
+    with pytest.raises(ValidationError, match="train.distributed"):
+        TrainConfig(privacy=PrivacyConfig(enabled=True, target_epsilon=8), distributed={"nproc_per_node": 2})
+    assert not TrainConfig(trl={"fsdp": True}).fused  # the fused LoRA node does not address FSDP's flat params
+
+
 def test_trl_options_pass_through_and_unknown_ones_are_named(tmp_path):
     from pipeline.device import detect
     from pipeline.train.trl_args import check_trl_keys, training_args
