@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _isolated import save, spread  # noqa: E402
-from sanitize_throughput import make_corpus  # noqa: E402
+from sanitize_throughput import _run_in_child, make_corpus  # noqa: E402
 
 from pipeline.config import ClusterConfig, SanitizeConfig  # noqa: E402
 from pipeline.data.engine import DaskEngine  # noqa: E402
@@ -47,17 +47,22 @@ def _digest(out: Path) -> str:
 def _run(corpus: Path, out: Path, workers: int, shard_mb: float) -> dict:
     cfg = SanitizeConfig(max_chars=100_000, engine="dask" if workers else "local",
                          cluster=ClusterConfig(workers=max(workers, 1), shard_mb=shard_mb, memory_limit="3GiB"))
-    if not workers:
-        t = time.perf_counter()
-        r = sanitize_files([corpus], out, cfg, validation_fraction=0.1)
-        return {"s": time.perf_counter() - t, "startup_s": 0.0, "report": r, "digest": _digest(out)}
+    if not workers:  # in a forked child: its peak RSS is the local run's own
+        secs, rss, r = _run_in_child(lambda: sanitize_files([corpus], out, cfg, validation_fraction=0.1))
+        return {"s": secs, "startup_s": 0.0, "report": r, "digest": _digest(out), "rss_mb": rss}
     t0 = time.perf_counter()
     with DaskEngine.open(cfg) as engine:
         startup = time.perf_counter() - t0
         t = time.perf_counter()
         r = sanitize_files([corpus], out, cfg, validation_fraction=0.1, engine=engine)
         secs = time.perf_counter() - t
-    return {"s": secs, "startup_s": startup, "report": r, "digest": _digest(out)}
+    return {"s": secs, "startup_s": startup, "report": r, "digest": _digest(out), "rss_mb": _rss_mb()}
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -81,6 +86,7 @@ def main() -> None:
                 rnd[workers] = {"s": res["s"], "startup_s": res["startup_s"], "digest": res["digest"],
                                 "shards": eng["shards"], "workers": eng["workers"],
                                 "shuffle_bytes": eng.get("shuffle_bytes", 0), "waited_s": eng.get("waited_s", 0.0),
+                                "worker_peak_rss_mb": eng.get("worker_peak_rss_mb"), "peak_rss_mb": res["rss_mb"],
                                 "kept": res["report"]["kept"], "duplicates": res["report"]["duplicates"]}
                 print(f"round {i} workers {workers or 'local'}: {res['s']:.1f} s "
                       f"({size_mb / res['s']:.2f} MB/s)", flush=True)
@@ -105,6 +111,9 @@ def main() -> None:
         "shuffle_bytes_per_input_byte": spread(shuffle_per_gb),
         "driver_serial_mb_s": spread(size_mb / d for d in driver_s),
         "cluster_startup_s": spread(r[2]["startup_s"] for r in rows),
+        # Peak RSS: the local run's process (first in each round, so its own), and the largest Dask worker.
+        "local_peak_rss_mb": spread(r[0]["peak_rss_mb"] for r in rows),
+        "worker_peak_rss_mb_2_workers": spread(r[2]["worker_peak_rss_mb"] for r in rows),
         "identical_outputs": True,
     }
     save(args.out, {"summary": summary, "rounds": rows, "median_of": med([1])})

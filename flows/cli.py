@@ -162,11 +162,15 @@ def sanitize(inputs: list[Path] = typer.Argument(..., help="JSONL, CSV/TSV, Parq
         p = Params()
     else:
         p = _params(params or "params.yaml")
+    from pipeline.data.engine import EngineError, open_engine
+
     cfg = p.sanitize
     try:
         ref = index_from_file(reference, cfg) if reference else None
-        report = sanitize_files(list(inputs), out, cfg, task=build_task(p.task), reference=ref, progress=_say)
-    except (NoValidRecords, FileNotFoundError, UnsupportedInput) as err:
+        with open_engine(cfg) as engine:  # sanitize.engine: dask runs the per-record work on the cluster
+            report = sanitize_files(list(inputs), out, cfg, task=build_task(p.task), reference=ref, progress=_say,
+                                    engine=engine)
+    except (NoValidRecords, FileNotFoundError, UnsupportedInput, EngineError) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
     q, d = report["quarantined"], report["duplicates"]

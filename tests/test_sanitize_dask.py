@@ -122,7 +122,7 @@ def test_outputs_are_identical_to_the_local_run(runs):
         assert engine["name"] == "dask" and engine["workers"] == 2
     train = json.loads((dask / "train/report.json").read_text())
     assert train["engine"]["shards"] >= 8  # the JSONL cut into many shards, plus the CSV
-    assert train["engine"]["shuffle_bytes"] > 0
+    assert train["engine"]["shuffle_bytes"] > 0 and 0 < train["engine"]["worker_peak_rss_mb"] < 2048
 
 
 def test_the_planted_trouble_was_found_across_shards(runs):

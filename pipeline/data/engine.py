@@ -83,10 +83,14 @@ def _preparer(cfg: SanitizeConfig, task: Task | None, shape: Shape, key: bytes, 
 
 
 def prepare_shard(shard: Shard, cfg: SanitizeConfig, task: Task | None, shape: Shape, key: bytes,
-                  near: bool) -> bytes:
-    """Run on a worker: the shard's prepared records, in order, as one pickled block."""
+                  near: bool) -> tuple[bytes, int]:
+    """Run on a worker: the shard's prepared records, in order, as one pickled block, and the worker
+    process's peak RSS in KiB so far (what ``shard_mb`` bounds)."""
+    import resource
+
     prep = _preparer(cfg, task, shape, key, near)
-    return pickle.dumps([prep(rec) for rec in read_shard(shard, cfg.columns)], protocol=pickle.HIGHEST_PROTOCOL)
+    block = pickle.dumps([prep(rec) for rec in read_shard(shard, cfg.columns)], protocol=pickle.HIGHEST_PROTOCOL)
+    return block, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def redact_lines(shard: Shard, lines: list[int], cfg: SanitizeConfig) -> dict[int, str]:
@@ -104,6 +108,7 @@ class DaskEngine:
         self.shuffle_bytes = 0
         self.workers = 0
         self.waited_s = 0.0  # this process waiting for a shard: near the total when the workers bound the run
+        self.worker_rss_kb = 0  # the largest worker's peak memory
 
     @classmethod
     @contextmanager
@@ -134,7 +139,7 @@ class DaskEngine:
         from distributed import wait
 
         self._shards = shards = plan_shards([Path(p) for p in inputs], int(cfg.cluster.shard_mb * 2**20))
-        self.shuffle_bytes, self.waited_s = 0, 0.0
+        self.shuffle_bytes, self.waited_s, self.worker_rss_kb = 0, 0.0, 0
         self.workers = len(self.client.scheduler_info(n_workers=-1).get("workers", {})) or 1
         window = 2 * self.workers
         started, done_bytes = time.perf_counter(), 0
@@ -157,11 +162,12 @@ class DaskEngine:
                 raise EngineError(f"sanitize: shard {i} ({_name(shards[i])}) did not finish within "
                                   f"sanitize.cluster.shard_timeout_s = {cfg.cluster.shard_timeout_s:g} s")
             try:
-                block = future.result()
+                block, rss_kb = future.result()
             except Exception as err:  # the worker's own error, re-raised after the retries
                 raise EngineError(f"sanitize: shard {i} ({_name(shards[i])}) failed: {err}") from err
             future.release()
             self.shuffle_bytes += len(block)
+            self.worker_rss_kb = max(self.worker_rss_kb, rss_kb)
             items: list[Prepared] = pickle.loads(block)
             del block
             for item in items:
@@ -185,7 +191,7 @@ class DaskEngine:
     def describe(self) -> dict:
         return {"name": "dask", "address": self.cluster_cfg.address or "local cluster", "workers": self.workers,
                 "shards": len(self._shards), "shuffle_bytes": self.shuffle_bytes,
-                "waited_s": round(self.waited_s, 3)}
+                "waited_s": round(self.waited_s, 3), "worker_peak_rss_mb": round(self.worker_rss_kb / 1024, 1)}
 
 
 def _name(shard: Shard) -> str:
