@@ -3,6 +3,7 @@ a swap completes on every replica before the route moves, answers during a swap 
 routed version, and a replica that dies mid-way neither breaks serving nor leaves a half-loaded version."""
 
 import json
+import os
 import socket
 import threading
 import time
@@ -41,6 +42,11 @@ def test_replica_config_spreads_ports_logs_and_gpus():
     assert cfg.upstream_urls == ["http://127.0.0.1:9000", "http://127.0.0.1:9001"]
     second = replica_config(cfg, 1)
     assert second.port == 9001 and second.env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    # Each replica's CPU threads on cores of its own (the CPU build would bind both to the same ones).
+    cpu = ServeConfig(replicas=2)
+    if len(os.sched_getaffinity(0)) >= 2:
+        a, b = (set(replica_config(cpu, i).env["VLLM_CPU_OMP_THREADS_BIND"].split(",")) for i in (0, 1))
+        assert a and b and not a & b
     assert second.log_file == "reports/vllm-1.log"
     cmd = launch_command(second, Path("base"))
     assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2" and cmd[cmd.index("--port") + 1] == "9001"
@@ -119,7 +125,7 @@ def test_two_replicas_swap_together_and_survive_one_dying(tiny_base, clean_demo,
             w.start()
         time.sleep(3)
         registry.promote(reg, "alpha", 2)
-        deadline = time.time() + 600
+        deadline = time.time() + 300
         while routes.get("alpha").version != 2 and time.time() < deadline:
             # Under this load a CPU vLLM may not finish a load within its timeout: that is a transient
             # failure (deferred, v1 keeps serving, nothing half-loaded); try again at once.

@@ -106,11 +106,11 @@ def runs(tmp_path_factory):
     local = _run(tmp, "local", train, ev, cfg, None)
     with DaskEngine.open(cfg) as engine:
         dask = _run(tmp, "dask", train, ev, cfg, engine)
-    return local, dask
+    return local, dask, train
 
 
 def test_outputs_are_identical_to_the_local_run(runs):
-    local, dask = runs
+    local, dask, _ = runs
     for split in ("train", "eval"):
         for name in ("clean.jsonl", "validation.jsonl", "quarantine.jsonl", "data_card.md", "pii_digests.txt"):
             a, b = local / split / name, dask / split / name
@@ -126,7 +126,7 @@ def test_outputs_are_identical_to_the_local_run(runs):
 
 
 def test_the_planted_trouble_was_found_across_shards(runs):
-    _, dask = runs
+    _, dask, _ = runs
     train = json.loads((dask / "train/report.json").read_text())
     ev = json.loads((dask / "eval/report.json").read_text())
     assert train["reconciles"] and ev["reconciles"]
@@ -153,3 +153,38 @@ def test_an_unreachable_scheduler_is_a_clear_error_in_bounded_time():
 def test_ray_is_refused_naming_the_key():
     with pytest.raises(ValueError, match="engine.*Dask"):
         SanitizeConfig(engine="ray")
+
+
+def test_a_worker_killed_mid_run_changes_nothing_in_the_outputs(runs, tmp_path):
+    """A worker process dies (SIGKILL) after the first shard came back: Dask's nanny starts a new one, the
+    shards it held run again, and the outputs are still the local run's, byte for byte."""
+    import os
+    import signal
+
+    local, _, train = runs  # the same input paths: the clean records name their source file
+    cfg = SanitizeConfig(columns={"prompt": "prompt", "completion": "completion"}, engine="dask",
+                         cluster=ClusterConfig(workers=2, shard_mb=0.02, memory_limit="2GiB"))
+    task = build_task(TaskConfig(kind="json", fields=["category", "priority"]))
+    killed: list[int] = []
+    with DaskEngine.open(cfg) as engine:
+        def progress(msg: str) -> None:
+            if not killed and "shard 1/" in msg:
+                pid = sorted(engine.client.run(os.getpid).values())[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        report = sanitize_files(train, tmp_path / "out", cfg, task=task, index=new_index(cfg),
+                                validation_fraction=0.2, engine=engine, progress=progress)
+    assert killed and report["engine"]["shards"] >= 15
+    for name in ("clean.jsonl", "validation.jsonl", "quarantine.jsonl"):
+        assert (tmp_path / "out" / name).read_bytes() == (local / "train" / name).read_bytes(), name
+
+
+def test_a_shard_past_its_deadline_stops_the_stage_naming_the_setting(tmp_path):
+    train, _ = _corpus(tmp_path)
+    cfg = SanitizeConfig(columns={"prompt": "prompt", "completion": "completion"}, engine="dask",
+                         cluster=ClusterConfig(workers=1, shard_mb=1, shard_timeout_s=0.001))
+    with DaskEngine.open(cfg) as engine:
+        with pytest.raises(EngineError, match="shard_timeout_s"):
+            sanitize_files(train, tmp_path / "out", cfg, engine=engine)
+        assert not engine.client.processing() or not any(engine.client.processing().values())

@@ -61,7 +61,7 @@ class LocalEngine:
                 yield prep(rec)
 
     def redacted_raws(self, items: list[Prepared], cfg: SanitizeConfig) -> list[str]:
-        return [self._preparer.redactor.redact(item.raw)[0] for item in items]
+        return [self._preparer.redacted_raw(item.raw) for item in items]
 
     def describe(self) -> dict:
         return {"name": "local", "workers": 1, "shards": 1}
@@ -96,7 +96,7 @@ def prepare_shard(shard: Shard, cfg: SanitizeConfig, task: Task | None, shape: S
 def redact_lines(shard: Shard, lines: list[int], cfg: SanitizeConfig) -> dict[int, str]:
     """Run on a worker: the redacted raw text of the given lines of a shard (label-conflict entries)."""
     wanted, prep = set(lines), _preparer(cfg, None, "chat", b"", False)
-    return {rec.line: prep.redacted_raw(rec) for rec in read_shard(shard, cfg.columns) if rec.line in wanted}
+    return {rec.line: prep.redacted_raw(rec.raw) for rec in read_shard(shard, cfg.columns) if rec.line in wanted}
 
 
 class DaskEngine:
@@ -150,34 +150,40 @@ class DaskEngine:
                                       retries=cfg.cluster.retries, key=f"sanitize-shard-{i}-{time.time_ns()}")
 
         nxt = 0
-        for i in range(len(shards)):
-            while nxt < len(shards) and nxt < i + window:
-                futures.append(submit(nxt))
-                nxt += 1
-            future = futures.popleft()
-            waiting = time.perf_counter()
-            done, _ = wait([future], timeout=cfg.cluster.shard_timeout_s)
-            self.waited_s += time.perf_counter() - waiting
-            if not done:
-                raise EngineError(f"sanitize: shard {i} ({_name(shards[i])}) did not finish within "
-                                  f"sanitize.cluster.shard_timeout_s = {cfg.cluster.shard_timeout_s:g} s")
-            try:
-                block, rss_kb = future.result()
-            except Exception as err:  # the worker's own error, re-raised after the retries
-                raise EngineError(f"sanitize: shard {i} ({_name(shards[i])}) failed: {err}") from err
-            future.release()
-            self.shuffle_bytes += len(block)
-            self.worker_rss_kb = max(self.worker_rss_kb, rss_kb)
-            items: list[Prepared] = pickle.loads(block)
-            del block
-            for item in items:
-                item.shard = i
-            done_bytes += sum(item.nbytes for item in items)
-            if progress:
-                mb = done_bytes / 1e6
-                progress(f"sanitize: shard {i + 1}/{len(shards)} ({_name(shards[i])}), {mb:,.1f} MB, "
-                         f"{mb / (time.perf_counter() - started):.1f} MB/s on {self.workers} workers")
-            yield from items
+        try:
+            for i in range(len(shards)):
+                while nxt < len(shards) and nxt < i + window:
+                    futures.append(submit(nxt))
+                    nxt += 1
+                future = futures.popleft()
+                waiting = time.perf_counter()
+                try:
+                    wait([future], timeout=cfg.cluster.shard_timeout_s)
+                except TimeoutError:
+                    futures.appendleft(future)
+                    raise EngineError(f"sanitize: shard {i} ({_name(shards[i])}) did not finish within "
+                                      f"sanitize.cluster.shard_timeout_s = {cfg.cluster.shard_timeout_s:g} s") from None
+                self.waited_s += time.perf_counter() - waiting
+                try:
+                    block, rss_kb = future.result()
+                except Exception as err:  # the worker's own error, re-raised after the retries
+                    raise EngineError(f"sanitize: shard {i} ({_name(shards[i])}) failed: {err}") from err
+                future.release()
+                self.shuffle_bytes += len(block)
+                self.worker_rss_kb = max(self.worker_rss_kb, rss_kb)
+                items: list[Prepared] = pickle.loads(block)
+                del block
+                for item in items:
+                    item.shard = i
+                done_bytes += sum(item.nbytes for item in items)
+                if progress:
+                    mb = done_bytes / 1e6
+                    progress(f"sanitize: shard {i + 1}/{len(shards)} ({_name(shards[i])}), {mb:,.1f} MB, "
+                             f"{mb / (time.perf_counter() - started):.1f} MB/s on {self.workers} workers")
+                yield from items
+        finally:  # stopped early (an error, a timeout): nothing keeps running on the cluster for it
+            if futures:
+                self.client.cancel(list(futures))
 
     def redacted_raws(self, items: list[Prepared], cfg: SanitizeConfig) -> list[str]:
         by_shard: dict[int, list[int]] = defaultdict(list)

@@ -166,11 +166,12 @@ class Preparer:
 
     def _reject(self, item: Prepared, rec, reason: str, detail: str) -> Prepared:
         item.reject = (reason, detail)
-        item.quarantine_raw = self.redactor.redact(rec.raw)[0]
+        item.quarantine_raw = self.redacted_raw(rec.raw)
         return item
 
-    def redacted_raw(self, rec) -> str:
-        return self.redactor.redact(rec.raw)[0]
+    def redacted_raw(self, raw: str) -> str:
+        """A record's line as the quarantine file stores it (a person fixes it from there)."""
+        return self.redactor.redact(raw)[0]
 
 
 def sanitize_files(

@@ -31,7 +31,7 @@ from pathlib import Path
 from pipeline.config import RegistryConfig, TaskConfig
 from pipeline import registry
 from pipeline.serve.gateway import Route, Routes
-from pipeline.serve.vllm import ServingError, VLLMPool, VLLMServer
+from pipeline.serve.vllm import ServingError, VLLMPool, VLLMServer, not_found
 from pipeline.tasks import build_task
 
 def task_of(version: registry.VersionInfo, default: TaskConfig) -> TaskConfig:
@@ -205,7 +205,7 @@ class Follower:
         try:
             self.server.unload_adapter(internal)
         except ServingError as e:
-            if "not found" not in str(e).lower() and "does not exist" not in str(e).lower():
+            if not not_found(e):
                 self.say(f"warning: {e}")
 
     def _reject(self, name: str, champion: registry.VersionInfo, current: Route | None, reason: str) -> dict:

@@ -68,8 +68,10 @@ def launch_command(cfg: ServeConfig, base_dir: Path) -> list[str]:
 
 
 def replica_config(cfg: ServeConfig, i: int) -> ServeConfig:
-    """Replica ``i`` of ``serve.replicas``: the next port, its own log and, unless ``serve.env`` pins the
-    devices, its own ``tensor_parallel`` GPUs (vLLM's CPU build ignores the variable)."""
+    """Replica ``i`` of ``serve.replicas``: the next port, its own log and, unless ``serve.env`` pins them,
+    its own ``tensor_parallel`` GPUs and its own share of the CPU cores. vLLM's CPU build binds its compute
+    threads to cores by itself ("auto"), and two replicas both bind the same ones: one starved the other
+    until vLLM's 300 s step deadline killed its engine. Each build ignores the other's variable."""
     if cfg.replicas == 1:
         return cfg
     log = Path(cfg.log_file)
@@ -77,6 +79,13 @@ def replica_config(cfg: ServeConfig, i: int) -> ServeConfig:
     if "CUDA_VISIBLE_DEVICES" not in env:
         tp = cfg.tensor_parallel
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(i * tp, (i + 1) * tp))
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // cfg.replicas
+    if "VLLM_CPU_OMP_THREADS_BIND" not in env and share >= cfg.tensor_parallel:
+        mine = cores[i * share:(i + 1) * share]
+        # One list per tensor-parallel rank, "|"-separated (vLLM's format).
+        tp = cfg.tensor_parallel
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, mine[r::tp])) for r in range(tp))
     return cfg.model_copy(update={"port": cfg.port + i, "env": env, "replicas": 1,
                                   "log_file": str(log.with_name(f"{log.stem}-{i}{log.suffix}"))})
 
@@ -197,9 +206,10 @@ class VLLMServer:
         return r.json()["choices"][0]["message"]["content"]
 
 
-def _not_found(err: ServingError) -> bool:
+def not_found(err: ServingError) -> bool:
+    """vLLM's answer for an adapter it does not have (404, worded differently across versions)."""
     text = str(err).lower()
-    return "not found" in text or "does not exist" in text
+    return "http 404" in text or "not found" in text or "does not exist" in text
 
 
 @dataclass
@@ -286,7 +296,7 @@ class VLLMPool:
             try:
                 r.unload_adapter(name)
             except ServingError as err:
-                if not _not_found(err):  # a replica a failed load never reached
+                if not not_found(err):  # a replica a failed load never reached
                     errors.append(err)
         if errors:
             raise errors[0]
