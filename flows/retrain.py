@@ -55,7 +55,7 @@ STAGE_RESULTS = Path("reports/stages")  # a stage run as its own flow run leaves
 @flow(name="stage", log_prints=True)
 def stage(stage: str, params_file: str = "params.yaml") -> dict:
     """One DVC stage as a flow run of its own: deployment ``stage/gpu`` runs the stages in
-    ``platform.kubernetes.gpu_stages`` in a GPU pod, on the workspace volume the retrain's pod shares."""
+    ``platform.gpu_stages`` (in a GPU pod on Kubernetes, on the workspace volume the retrain shares)."""
     load_params(params_file)  # the same validation as the retrain, in this pod
     result = dvc_runner.repro(stage)
     out = {"ran": result.ran, "seconds": result.seconds}
