@@ -301,6 +301,12 @@ class Keys(NamedTuple):
     answer: int
     bands: tuple[int, ...]
 
+    @classmethod
+    def of(cls, record: str, prompt: str, answer: str, lsh: LshKeys | None) -> "Keys":
+        """A pure function of the text and the settings: computed anywhere (sanitize's Dask workers),
+        decided by ``Deduplicator.check_keys``. No ``lsh``: no band keys (exact dedup only)."""
+        return cls(digest64(record), digest64(prompt), digest64(answer), lsh.keys(prompt) if lsh else ())
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -350,17 +356,12 @@ class Deduplicator:
                 return other
         return None
 
-    def keys(self, record: str, prompt: str, answer: str) -> Keys:
-        """What ``check_keys`` decides on; a pure function of the text and the settings, so it can be
-        computed anywhere (sanitize's Dask workers) and decided here."""
-        return Keys(digest64(record), digest64(prompt), digest64(answer), self.lsh.keys(prompt) if self.near else ())
-
     def check(self, record: str, prompt: str, answer: str) -> Verdict:
         """``answer`` is the canonical answer (the task's ``answer_key``), ``record`` includes it."""
-        return self.check_keys(prompt, self.keys(record, prompt, answer))
+        return self.check_keys(prompt, Keys.of(record, prompt, answer, self.lsh if self.near else None))
 
     def check_keys(self, prompt: str, keys: Keys) -> Verdict:
-        """``check`` on keys computed earlier (``keys``, or ``LshKeys`` with the same settings)."""
+        """``check`` on keys computed earlier (``Keys.of`` with an ``LshKeys`` of the same settings)."""
         key, pkey, akey, bands = keys
         if pkey in self.conflicts:  # every record with a contested prompt joins the conflict
             return Verdict("label_conflict", self.prompts.get(pkey))

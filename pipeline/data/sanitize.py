@@ -149,8 +149,7 @@ class Preparer:
         if why:
             return self._reject(item, rec, "invalid_answer", why)
         record_key, prompt, answer_key = dedup_keys(messages, answers, self.task)
-        item.keys = Keys(digest64(record_key), digest64(prompt), digest64(answer_key),
-                         self.lsh.keys(prompt) if self.lsh is not None else ())
+        item.keys = Keys.of(record_key, prompt, answer_key, self.lsh)
         item.prompt, item.answer_key = prompt, answer_key
         item.redactions, item.found = dict(counts), sorted({value_digest(v, self.key) for v in found})
         if self.shape == "preference":

@@ -301,9 +301,6 @@ class VLLMPool:
         if errors:
             raise errors[0]
 
-    def chat(self, model: str, messages: list[dict], task: TaskConfig | None = None, **overrides) -> str:
-        return self.replicas[0].chat(model, messages, task, **overrides)
-
 
 def _end_group(pgid: int, timeout_s: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):

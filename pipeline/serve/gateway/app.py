@@ -315,7 +315,6 @@ def build_app(routes: Routes, upstream_url: str | list[str], upstream_key: str, 
         # Which registered version answered (clients and audits can tell a swap happened).
         served_by = {"X-Loraflow-Version": str(route.version), "X-Loraflow-Request-Id": rid}
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        upstream = None
         try:
             tries = upstreams.order()
             for n, i in enumerate(tries):
