@@ -25,29 +25,63 @@ def _answer_ids(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], 
     return p_ids + a_ids, len(p_ids)
 
 
-def _token_stats(model, tokenizer, items: list[tuple[list[int], int]], batch_size: int = 64):
-    """Per item: (sum of log-probs of the tokens from its start, share of them the argmax predicts)."""
+def plan_batches(items: list[tuple[list[int], int]], vocab: int, budget_mb: float,
+                 max_tokens: int = 16384) -> list[list[int]]:
+    """Indices of ``items`` grouped into batches by a memory budget instead of a fixed count: similar
+    lengths together (less padding), each batch's float32 logits over its scored positions (rows x
+    positions x vocab x 4 bytes, twice: logits and their normaliser) within ``budget_mb``, and its
+    rows x width within ``max_tokens`` (the activations). A single item that alone exceeds the budget
+    still gets a batch of its own."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), i))
+    batches: list[list[int]] = []
+    budget = budget_mb * 2**20
+    cur: list[int] = []
+    width = scored = 0
+    for i in order:
+        ids, start = items[i]
+        w, k = max(width, len(ids)), max(scored, len(ids) - start + 1)
+        rows = len(cur) + 1
+        if cur and (rows * k * vocab * 8 > budget or rows * w > max_tokens):
+            batches.append(cur)
+            cur, w, k = [], len(ids), len(ids) - start + 1
+        cur.append(i)
+        width, scored = w, k
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _token_stats(model, tokenizer, items: list[tuple[list[int], int]], budget_mb: float = 1024.0):
+    """Per item: (sum of log-probs of the tokens from its start, share of them the argmax predicts).
+
+    Left-padded so every answer ends at the last position; the model computes logits only for the last
+    K positions (``logits_to_keep``: K = the longest answer + 1), and the log-softmax runs only there. A
+    128k vocabulary at 512 tokens no longer costs 17 GB a copy for a batch of 64."""
     import torch
 
     dev = detect()
     model.to(dev.type).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(items)
+    for batch in plan_batches(items, vocab, budget_mb):
+        chunk = [items[i] for i in batch]
         width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in chunk], device=dev.type)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in chunk], device=dev.type)
+        keep = max(len(ids) - start for ids, start in chunk) + 1
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x, _ in chunk], device=dev.type)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x, _ in chunk], device=dev.type)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = ids[:, 1:]
-        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        hit = logits[:, :-1].argmax(-1) == target
-        for row, (x, start) in enumerate(chunk):
-            span = slice(start - 1, len(x) - 1)  # predictions of tokens start .. len-1
-            n = max(len(x) - start, 1)
-            out.append((float(picked[row, span].sum()), float(hit[row, span].sum()) / n))
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=keep).logits[:, :-1].float()
+        target = ids[:, width - keep + 1:]
+        picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        hit = logits.argmax(-1) == target
+        for row, i in enumerate(batch):
+            x, start = items[i]
+            n = len(x) - start  # its answer tokens are the last n of the kept predictions
+            span = slice(keep - 1 - n, keep - 1)
+            out[i] = (float(picked[row, span].sum()), float(hit[row, span].sum()) / max(n, 1))
     return out
 
 
