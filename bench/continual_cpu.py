@@ -30,6 +30,7 @@ from _isolated import run_isolated, save, spread  # noqa: E402
 def one(spec: dict) -> dict:
     from pipeline.config import EvaluateConfig, load_params
     from pipeline.evaluate.scoring import _load, evaluate_model, probe_model
+    from pipeline.io import load_chat_file
     from pipeline.train.trainer import train
 
     project = Path(spec["project"])
@@ -50,7 +51,7 @@ def one(spec: dict) -> dict:
     ecfg = EvaluateConfig(batch_size=32)
     slices = {"new": Path(spec["new_eval"]), "old": project / "data/clean/eval/clean.jsonl"}
     res = evaluate_model(base, Path(spec["out"]), slices, ecfg, p.task, loaded=loaded)
-    probes, _ = probe_model(*loaded, project / "data/clean/forgetting/clean.jsonl", None, p.task, ecfg)
+    probes, _ = probe_model(*loaded, load_chat_file(project / "data/clean/forgetting/clean.jsonl"), None, ecfg)
     return {"new_exact": res["slices"]["new"]["summary"]["exact_match"],
             "old_exact": res["slices"]["old"]["summary"]["exact_match"],
             "forgetting_accuracy": probes["forgetting"]["score"], "train_s": round(train_s, 1)}

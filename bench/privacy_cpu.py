@@ -88,7 +88,7 @@ def one(spec: dict) -> dict:
         loaded = _load(project / p.base.out_dir, Path(cfg.out_dir))
         ecfg = EvaluateConfig(batch_size=32)
         res = evaluate_model(project / p.base.out_dir, Path(cfg.out_dir), Path(spec["eval"]), ecfg, task, loaded=loaded)
-        probes, _ = probe_model(*loaded, None, p.probes, task, ecfg)
+        probes, _ = probe_model(*loaded, None, p.probes, ecfg)
     leak = probes["leak"]["canaries"]
     metric = "exact_match"
     return {**{k: spec[k] for k in ("task", "epsilon", "seed")}, metric: res["summary"][metric],

@@ -487,6 +487,14 @@ class EvaluateConfig(_Strict):
     out_dir: str = "reports/eval"
     batch_size: int = Field(32, gt=0)
     max_examples: int = Field(0, ge=0)  # 0 = all
+    # Who generates the answers: transformers' generate (the CPU default) or vLLM's offline engine in
+    # serve.python's environment (pipeline/evaluate/vllm_engine.py); auto = vLLM when CUDA is present and
+    # serve.python has it. The scores, probes and files are the same either way.
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    vllm: dict[str, Any] = {}  # passed to vllm.LLM as written (gpu_memory_utilization, enforce_eager, ...)
+    vllm_timeout_s: float = Field(3600.0, gt=0)  # the whole offline run, start-up included
+    # Float32 logits the probes (forgetting, canaries) may hold at once; batches are sized to it.
+    probe_memory_mb: float = Field(1024.0, gt=0)
 
 
 class ProbesConfig(_Strict):

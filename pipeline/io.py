@@ -53,3 +53,11 @@ def first_prompts(path: Path, n: int = 3, max_chars: int = 1500) -> list[list[di
     path = Path(path)
     rows = load_chat_file(path)[:n] if path.is_file() and path.stat().st_size else []
     return [[{**m, "content": m["content"][:max_chars]} for m in r["prompt"]] for r in rows]
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` of a log for an error message; says so when the log cannot be read."""
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError as err:
+        return f"<log unreadable: {err.strerror or err}>"

@@ -199,7 +199,7 @@ def evaluate(p: Params) -> dict:
     return evaluate_stage(Path(p.base.out_dir), Path(p.train.out_dir), eval_slices(p), p.evaluate, p.task,
                           forgetting_file=_nonempty(clean_split(p, "forgetting")), probes=p.probes,
                           pii_digest_files=pii_digest_files(p),
-                          redactor=build_redactor(p.sanitize))
+                          redactor=build_redactor(p.sanitize), serve=p.serve)
 
 
 def eval_slices(p: Params) -> dict[str, Path]:
@@ -217,7 +217,7 @@ def rescorer(p: Params) -> Callable[[Path], dict]:
     from pipeline.evaluate.scoring import evaluate_model
 
     def rescore(adapter_dir: Path) -> dict:
-        return evaluate_model(Path(p.base.out_dir), adapter_dir, eval_slices(p), p.evaluate, p.task)
+        return evaluate_model(Path(p.base.out_dir), adapter_dir, eval_slices(p), p.evaluate, p.task, serve=p.serve)
 
     return rescore
 

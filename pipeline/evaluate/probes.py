@@ -85,23 +85,23 @@ def _token_stats(model, tokenizer, items: list[tuple[list[int], int]], budget_mb
     return out
 
 
-def next_token_accuracy(model, tokenizer, rows: list[dict]) -> dict:
+def next_token_accuracy(model, tokenizer, rows: list[dict], budget_mb: float = 1024.0) -> dict:
     """Teacher-forced next-token accuracy of each row's reference answer (0..1) and the mean NLL."""
     items = [_answer_ids(tokenizer, r["prompt"], r["completion"][-1]["content"]) for r in rows]
-    stats = _token_stats(model, tokenizer, items)
+    stats = _token_stats(model, tokenizer, items, budget_mb)
     n_tokens = sum(len(ids) - start for ids, start in items)
     per_example = [round(acc, 4) for _, acc in stats]
     return {"n": len(rows), "score": round(sum(per_example) / max(len(per_example), 1), 4),
             "nll": round(-sum(lp for lp, _ in stats) / max(n_tokens, 1), 4), "per_example": per_example}
 
 
-def canary_exposure(model, tokenizer, canary: Canary, candidates: list[str]) -> dict:
+def canary_exposure(model, tokenizer, canary: Canary, candidates: list[str], budget_mb: float = 1024.0) -> dict:
     """The canary's exposure among ``candidates`` and whether greedy decoding completes it."""
     import torch
 
     secrets = [canary.secret, *[c for c in candidates if c != canary.secret]]
     items = [_answer_ids(tokenizer, canary.prompt, canary.answer(s)) for s in secrets]
-    scores = [lp for lp, _ in _token_stats(model, tokenizer, items)]
+    scores = [lp for lp, _ in _token_stats(model, tokenizer, items, budget_mb)]
     rank = 1 + sum(1 for s in scores[1:] if s >= scores[0])
     exposure = math.log2(len(secrets)) - math.log2(rank)
     # Completion: greedy continuation of the prompt and the answer's prefix.

@@ -15,12 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.canaries import make_canaries, random_secrets
-from pipeline.config import EvaluateConfig, ProbesConfig, TaskConfig
+from pipeline.config import EvaluateConfig, ProbesConfig, ServeConfig, TaskConfig
+from pipeline.device import detect
 from pipeline.pii import Redactor, build_redactor, digest_key, read_digests
 from pipeline.evaluate.generation import generate, paired_speed
 from pipeline.evaluate.probes import canary_exposure, next_token_accuracy, pii_hits
+from pipeline.evaluate.vllm_engine import VLLMGenerator, resolve_engine
 from pipeline.io import load_chat_file, write_json
-from pipeline.modeling import load_base
+from pipeline.modeling import load_base, resolve_base
 from pipeline.tasks import Task, build_task
 
 SAMPLES = 5
@@ -73,13 +75,8 @@ def _load(base_dir: Path, adapter_dir: Path | None):
     return model, tokenizer
 
 
-def evaluate_model(base_dir: Path, adapter_dir: Path | None, eval_file: EvalFiles, cfg: EvaluateConfig,
-                   task_cfg: TaskConfig, task: Task | None = None, loaded=None) -> dict:
-    """Score the base model (``adapter_dir=None``) or base + adapter on ``eval_file`` (one file, or named
-    slices); ``speed`` is the greedy generation throughput the gate's speed guardrail compares.
-    ``evaluate.max_examples`` caps each slice."""
-    task = task or build_task(task_cfg)
-    model, tokenizer = loaded or _load(base_dir, adapter_dir)
+def _capped(eval_file: EvalFiles, cfg: EvaluateConfig) -> tuple[list[dict], dict[str, list[int]]]:
+    """The eval rows and slices, each slice cut to ``evaluate.max_examples`` when set."""
     rows, slices = load_slices(eval_file)
     if cfg.max_examples:
         kept: list[dict] = []
@@ -88,25 +85,57 @@ def evaluate_model(base_dir: Path, adapter_dir: Path | None, eval_file: EvalFile
             slices[name] = [len(kept), len(kept) + len(part)]
             kept += part
         rows = kept
-    speed: dict = {}
-    predictions = generate(model, tokenizer, [r["prompt"] for r in rows], task_cfg, cfg.batch_size, stats=speed)
+    return rows, slices
+
+
+def _engine(cfg: EvaluateConfig, serve: ServeConfig | None) -> str:
+    engine, why = resolve_engine(cfg, serve, detect().is_cuda)
+    print(f"evaluate: generating with {engine} ({why})", flush=True)
+    return engine
+
+
+def _vllm(base_dir: Path, adapters: dict[str, Path | None], tokenizer, task_cfg: TaskConfig,
+          cfg: EvaluateConfig, serve: ServeConfig) -> VLLMGenerator:
+    return VLLMGenerator(base_dir, adapters, tokenizer, task_cfg, cfg, serve, Path(cfg.out_dir) / "vllm.log")
+
+
+def evaluate_model(base_dir: Path, adapter_dir: Path | None, eval_file: EvalFiles, cfg: EvaluateConfig,
+                   task_cfg: TaskConfig, task: Task | None = None, loaded=None,
+                   serve: ServeConfig | None = None) -> dict:
+    """Score the base model (``adapter_dir=None``) or base + adapter on ``eval_file`` (one file, or named
+    slices) with the stage's engine; ``speed`` is the greedy generation throughput.
+    ``evaluate.max_examples`` caps each slice."""
+    task = task or build_task(task_cfg)
+    rows, slices = _capped(eval_file, cfg)
+    prompts = [r["prompt"] for r in rows]
+    if _engine(cfg, serve) == "vllm":
+        from transformers import AutoTokenizer
+
+        tokenizer = loaded[1] if loaded else AutoTokenizer.from_pretrained(resolve_base(base_dir))
+        gen = _vllm(base_dir, {"model": adapter_dir}, tokenizer, task_cfg, cfg, serve)
+        gen.add("model", "eval", prompts)
+        gen.run()
+        predictions, speed = gen.answers("model", "eval")
+    else:
+        model, tokenizer = loaded or _load(base_dir, adapter_dir)
+        speed = {}
+        predictions = generate(model, tokenizer, prompts, task_cfg, cfg.batch_size, stats=speed)
     return {**score_predictions(task, predictions, rows, slices), "speed": speed}
 
 
-def probe_model(model, tokenizer, forgetting_file: Path | None, probes: ProbesConfig | None,
-                task_cfg: TaskConfig, cfg: EvaluateConfig) -> tuple[dict, list[str]]:
-    """Forgetting and leak probes of one model; also returns the answers it generated on the probe
-    prompts (scanned for PII by the caller, never stored)."""
+def probe_model(model, tokenizer, forgetting_rows: list[dict] | None, probes: ProbesConfig | None,
+                cfg: EvaluateConfig) -> tuple[dict, list[str]]:
+    """Forgetting (next-token accuracy) and leak probes of one model; also returns the canary
+    continuations it generated (scanned for PII by the caller, never stored)."""
     out: dict = {}
     generated: list[str] = []
-    if forgetting_file is not None:
-        rows = load_chat_file(forgetting_file)
-        out["forgetting"] = next_token_accuracy(model, tokenizer, rows)
-        generated += generate(model, tokenizer, [r["prompt"] for r in rows], task_cfg, cfg.batch_size)
+    if forgetting_rows is not None:
+        out["forgetting"] = next_token_accuracy(model, tokenizer, forgetting_rows, cfg.probe_memory_mb)
     if probes is not None and probes.canaries:
         results = []
         for i, canary in enumerate(make_canaries(probes)):
-            r = canary_exposure(model, tokenizer, canary, random_secrets(probes, probes.candidates, i))
+            r = canary_exposure(model, tokenizer, canary, random_secrets(probes, probes.candidates, i),
+                                cfg.probe_memory_mb)
             generated.append(r.pop("_continuation"))
             results.append(r)
         out["leak"] = {"canaries": results, "repetitions": probes.repetitions}
@@ -115,9 +144,11 @@ def probe_model(model, tokenizer, forgetting_file: Path | None, probes: ProbesCo
 
 def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: EvalFiles, cfg: EvaluateConfig,
                    task_cfg: TaskConfig, forgetting_file: Path | None = None, probes: ProbesConfig | None = None,
-                   pii_digest_files: list[Path] = (), redactor: Redactor | None = None) -> dict:
+                   pii_digest_files: list[Path] = (), redactor: Redactor | None = None,
+                   serve: ServeConfig | None = None) -> dict:
     """Evaluate base and candidate (task metrics, speed, forgetting, leak probe); write ``metrics.json``
-    (DVC metrics) and ``details.json``."""
+    (DVC metrics) and ``details.json``. The answers come from ``evaluate.engine`` (transformers or vLLM);
+    the probes score log-probabilities with transformers either way."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = build_task(task_cfg)
@@ -127,20 +158,47 @@ def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: EvalFiles, cfg:
     key = digest_key(create=not written)
     digests = read_digests(written, key)
     redactor = redactor or build_redactor()
+    rows, slices = _capped(eval_file, cfg)
+    prompts = [r["prompt"] for r in rows]
+    forgetting = load_chat_file(forgetting_file) if forgetting_file is not None else None
+    models = {"base": None, "candidate": adapter_dir}
+    engine = _engine(cfg, serve)
+    gen = None
+    if engine == "vllm":
+        # One engine start for every answer the stage needs, before any transformers model takes memory.
+        from transformers import AutoTokenizer
+
+        gen = _vllm(base_dir, models, AutoTokenizer.from_pretrained(resolve_base(base_dir)), task_cfg, cfg, serve)
+        for name in models:
+            gen.add(name, "eval", prompts)
+            if forgetting is not None:
+                gen.add(name, "forgetting", [r["prompt"] for r in forgetting])
+        gen.paired_speed(prompts[:cfg.batch_size])
+        gen.run()
     results = {}
-    for name, adapter in (("base", None), ("candidate", adapter_dir)):
+    loaded = None
+    for name, adapter in models.items():
         loaded = _load(base_dir, adapter)
-        res = evaluate_model(base_dir, adapter, eval_file, cfg, task_cfg, task, loaded=loaded)
-        extra, generated = probe_model(*loaded, forgetting_file, probes, task_cfg, cfg)
+        if gen is not None:
+            predictions, speed = gen.answers(name, "eval")
+            generated = gen.answers(name, "forgetting")[0] if forgetting is not None else []
+        else:
+            speed = {}
+            predictions = generate(*loaded, prompts, task_cfg, cfg.batch_size, stats=speed)
+            generated = (generate(*loaded, [r["prompt"] for r in forgetting], task_cfg, cfg.batch_size)
+                         if forgetting is not None else [])
+        res = {**score_predictions(task, predictions, rows, slices), "speed": speed}
+        extra, continuations = probe_model(*loaded, forgetting, probes, cfg)
         res.update(extra)
-        answers = res["predictions"] + generated
+        answers = res["predictions"] + generated + continuations
         res.setdefault("leak", {}).update(
             pii_hits=pii_hits(answers, digests, redactor, key), answers_scanned=len(answers),
             redacted_values_known=len(digests))
         results[name] = res
-    # The speed the gate compares: both models timed alternately on the candidate's peft model (adapter
-    # off = the base), so load from other processes cannot favour whichever ran first.
-    speeds = paired_speed(*loaded, [r["prompt"] for r in load_slices(eval_file)[0]], task_cfg, cfg.batch_size)
+    # The speed the gate compares: both models timed alternately (on vLLM in its run; on transformers with
+    # the candidate's peft model, adapter off = the base), so load from other processes cannot favour
+    # whichever ran first.
+    speeds = gen.speed() if gen is not None else paired_speed(*loaded, prompts, task_cfg, cfg.batch_size)
     for name in ("base", "candidate"):
         results[name]["speed"] = speeds[name]
     metrics = {name: {"n": r["n"], **r["summary"], "tokens_per_s": r["speed"].get("tokens_per_s"),
@@ -150,6 +208,9 @@ def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: EvalFiles, cfg:
                       **({"slices": {k: {"n": v["n"], **v["summary"]} for k, v in r["slices"].items()}}
                          if len(r["slices"]) > 1 else {})}
                for name, r in results.items()}
+    generation = {"engine": engine, **({"vllm": gen.result["vllm"], "startup_s": gen.result["startup_s"]}
+                                       if gen is not None else {})}
     write_json(out / "metrics.json", metrics)
-    write_json(out / "details.json", {"task": task_cfg.name, "kind": task_cfg.kind, **results})
+    write_json(out / "details.json", {"task": task_cfg.name, "kind": task_cfg.kind, "generation": generation,
+                                      **results})
     return metrics

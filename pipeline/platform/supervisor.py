@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from pipeline.io import tail
 from pipeline.platform.services import Service
 
 
@@ -95,13 +96,6 @@ def listener(host: str, port: int) -> str | None:
     except psutil.AccessDenied:
         pass
     return "another process"
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no log>"
 
 
 def http_ok(url: str, timeout_s: float = 3.0) -> bool:

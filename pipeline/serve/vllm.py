@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from pipeline.config import ServeConfig, TaskConfig
+from pipeline.io import tail
 from pipeline.modeling import BaseMissing, resolve_base
 
 
@@ -321,9 +322,3 @@ def generation_defaults(task: TaskConfig) -> dict:
     """The OpenAI request fields that make a served answer match what the gate measured."""
     return task.generation_defaults()
 
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no log>"
