@@ -180,6 +180,25 @@ def sanitize(inputs: list[Path] = typer.Argument(..., help="JSONL, CSV/TSV, Parq
 
 
 @app.command()
+def profile(name: str = typer.Argument(..., help="a profile under profiles/ (gpu) or a YAML file's path"),
+            params: str = ParamsOpt) -> None:
+    """Write a profile's settings into params.yaml (comments and other keys kept), e.g. `loraflow profile gpu`
+    on a CUDA machine; DVC then re-runs the stages whose parameters it changed."""
+    from pipeline.config import ConfigError, apply_profile
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Path("profiles") / f"{name}.yaml"
+    try:
+        changed = apply_profile(params, path)
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if not changed:
+        _say(f"{params} already has every setting of {path}")
+    for key in changed:
+        _say(f"{params}: {key} set from {path.name}")
+
+
+@app.command()
 def serve(params: str = ParamsOpt) -> None:
     """One authenticated OpenAI-compatible endpoint over vLLM, following each model's champion alias."""
     _run_gateway(_params(params))

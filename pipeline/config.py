@@ -893,3 +893,56 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if server and server != p.registry.tracking_uri:
         p = p.model_copy(update={"registry": p.registry.model_copy(update={"tracking_uri": server})})
     return p
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply_profile(params_path: str | Path, profile_path: str | Path) -> list[str]:
+    """Write a profile's keys (a partial params file, e.g. profiles/gpu.yaml) into ``params_path``, keeping
+    its comments and every other key; the result is validated before anything is written. Returns the
+    dotted keys whose value changed. It edits params.yaml itself because DVC reads that file: stage
+    parameters set anywhere else would not re-run the stages they change."""
+    from ruamel.yaml import YAML
+
+    params_path, profile_path = Path(params_path), Path(profile_path)
+    profile = _read_yaml(profile_path)
+    current = _read_yaml(params_path)
+    merged = _merge(current, profile)
+    parse_params(merged, profile_path)  # a bad profile stops here, naming the profile and the key
+    before = _leaves(current)
+    changed = [k for k, v in _leaves(profile).items() if before.get(k, object()) != v]
+    if not changed:
+        return []
+    rt = YAML()  # round-trip: the user's comments and key order stay
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(params_path.read_text(encoding="utf-8"))
+    over = rt.load(profile_path.read_text(encoding="utf-8"))
+
+    def put(node, src) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(node.get(k), dict) and v:
+                put(node[k], v)
+                continue
+            node[k] = v
+            # The profile's comment says why its value: it replaces the one written for the old value.
+            if k in src.ca.items:
+                node.ca.items[k] = src.ca.items[k]
+
+    put(doc, over)
+    tmp = params_path.with_name(params_path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        rt.dump(doc, fh)
+    if parse_params(_read_yaml(tmp), params_path) is not None:  # what was written reads back valid
+        tmp.replace(params_path)
+    return changed
+

@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,36 @@ def test_combinations_that_would_only_fail_in_serving_stop_at_start(change, mess
 
     with pytest.raises(ValueError, match=message):
         Params(**change)
+
+
+def test_the_gpu_profile_writes_its_keys_into_params_and_keeps_the_rest(tmp_path):
+    from pipeline.config import apply_profile, load_params
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_text()
+    changed = apply_profile(params, ROOT / "profiles/gpu.yaml")
+    p = load_params(params)
+    assert p.train.adapter == "qlora" and p.train.packing and p.evaluate.engine == "vllm"
+    assert p.serve.dtype == "bfloat16" and p.train.trl["use_liger_kernel"] is True
+    assert {"train.adapter", "evaluate.engine", "serve.dtype", "base.model"} <= set(changed)
+    after = params.read_text()
+    # Every other line the user wrote stays, comments included; null stays null.
+    kept = [line for line in before.splitlines() if line.strip().startswith("#")]
+    assert all(line in after for line in kept)
+    assert p.curate.teacher is None and "teacher: null" in after
+    assert p.sanitize == load_params(ROOT / "params.yaml").sanitize
+    assert apply_profile(params, ROOT / "profiles/gpu.yaml") == []  # applied twice: nothing more changes
+
+
+def test_a_bad_profile_names_itself_and_the_key_and_writes_nothing(tmp_path):
+    from pipeline.config import ConfigError, apply_profile
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  adapter: qlora\n  lora_rank: 8\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.lora_rank"):
+        apply_profile(params, bad)
+    assert params.read_text() == before
