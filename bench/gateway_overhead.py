@@ -1,6 +1,8 @@
 """The gateway's cost: throughput and latency through the endpoint vs straight to vLLM, and swap time.
 
     .venv/bin/python bench/gateway_overhead.py [--clients 8] [--requests 16] [--runs 5]
+    # on a GPU host, with a given base and adapter and vLLM's CUDA build (docs/benchmarks.md):
+    python3 bench/gateway_overhead.py --clients 8,32,128 --runs 3 --base DIR --adapter DIR --serve-python P --gpu
 
 Builds a small builtin base (no pretraining: serving cost does not depend on the weights) and a LoRA
 adapter, starts vLLM (CPU build, `.venv-vllm`) with an API key and the gateway in front of it, then for each
@@ -106,16 +108,25 @@ def main() -> None:
     if sys.argv[1:2] == ["--gateway-only"]:
         return gateway_only(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     ap = argparse.ArgumentParser()
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--clients", default="8", help="concurrent clients; several levels: 8,32,128")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--base", default="", help="a base model folder (default: an untrained builtin base)")
+    ap.add_argument("--adapter", default="", help="with --base: its adapter (registered as v1 and v2)")
+    ap.add_argument("--serve-python", default=str(ROOT / ".venv-vllm/bin/python"))
+    ap.add_argument("--gpu", action="store_true", help="vLLM's CUDA build: bf16, no CPU KV-cache setting")
     args = ap.parse_args()
-    tmp, base = demo_setup("gw-bench-")
-    adapters = []
-    for seed in (0, 1):
-        out = tmp / f"adapter-{seed}"
-        train(TrainConfig(out_dir=str(out), checkpoint_dir=str(tmp / "ck"), trl=dict(max_steps=8, per_device_train_batch_size=8, seed=seed, learning_rate=2e-2 * (seed + 1))), base, tmp / "train/clean.jsonl")
-        adapters.append(out)
+    if args.base:
+        tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+        sanitize_files([ROOT / "data/raw/tickets_eval.jsonl"], tmp / "eval", SanitizeConfig())
+        base, adapters = Path(args.base), [Path(args.adapter), Path(args.adapter)]
+    else:
+        tmp, base = demo_setup("gw-bench-")
+        adapters = []
+        for seed in (0, 1):
+            out = tmp / f"adapter-{seed}"
+            train(TrainConfig(out_dir=str(out), checkpoint_dir=str(tmp / "ck"), trl=dict(max_steps=8, per_device_train_batch_size=8, seed=seed, learning_rate=2e-2 * (seed + 1))), base, tmp / "train/clean.jsonl")
+            adapters.append(out)
     reg = RegistryConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db", artifact_root=str(tmp / "art"))
     for a in adapters:
         run = registry.log_candidate(reg, run_name=a.name, params={}, adapter_dir=a, train_metrics={}, eval_metrics={},
@@ -123,9 +134,12 @@ def main() -> None:
         registry.register(reg, "bench", run, {"adapter_sha256": dir_sha256(a)}, "card")
     registry.promote(reg, "bench", 1)
     prompts = [r["prompt"] for r in load_chat_file(tmp / "eval/clean.jsonl")]
-    cfg = ServeConfig(port=free_port(), log_file=str(tmp / "vllm.log"), python=str(ROOT / ".venv-vllm/bin/python"))
+    gpu = dict(dtype="bfloat16", env={}, max_model_len=4096, extra_args=["--gpu-memory-utilization", "0.35"])
+    cfg = ServeConfig(port=free_port(), log_file=str(tmp / "vllm.log"), python=args.serve_python,
+                      **(gpu if args.gpu else {}))
     server = VLLMServer.start(cfg, base, api_key="vllm-key")
-    out: dict = {"clients": args.clients, "requests_per_client": args.requests, "rounds": []}
+    levels = [int(c) for c in str(args.clients).split(",")]
+    out: dict = {"clients": levels, "requests_per_client": args.requests, "levels": {}}
     try:
         server.wait_ready()
         routes = Routes()
@@ -145,22 +159,25 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        workload(gw_url, KEY, "bench", prompts, args.clients, 2)  # warm-up of both paths
-        workload(f"{server.url}/v1", "vllm-key", internal, prompts, args.clients, 2)
-        for r in range(args.runs):
-            order = [("direct", f"{server.url}/v1", "vllm-key", internal), ("gateway", gw_url, KEY, "bench")]
-            res = {}
-            for name, url, key, model in (order if r % 2 == 0 else order[::-1]):
-                res[name] = workload(url, key, model, prompts, args.clients, args.requests)
-            res["throughput_ratio"] = round(res["gateway"]["req_per_s"] / res["direct"]["req_per_s"], 3)
-            res["added_p50_ms"] = round(res["gateway"]["p50_ms"] - res["direct"]["p50_ms"], 1)
-            res["added_p99_ms"] = round(res["gateway"]["p99_ms"] - res["direct"]["p99_ms"], 1)
-            out["rounds"].append(res)
-            print(json.dumps(res), file=sys.stderr, flush=True)
-        ratios = [x["throughput_ratio"] for x in out["rounds"]]
-        out["median_ratio"], out["ratio_range"] = statistics.median(ratios), [min(ratios), max(ratios)]
-        out["median_added_p50_ms"] = statistics.median(x["added_p50_ms"] for x in out["rounds"])
-        out["median_added_p99_ms"] = statistics.median(x["added_p99_ms"] for x in out["rounds"])
+        for clients in levels:
+            workload(gw_url, KEY, "bench", prompts, clients, 2)  # warm-up of both paths
+            workload(f"{server.url}/v1", "vllm-key", internal, prompts, clients, 2)
+            rounds = []
+            for r in range(args.runs):
+                order = [("direct", f"{server.url}/v1", "vllm-key", internal), ("gateway", gw_url, KEY, "bench")]
+                res = {}
+                for name, url, key, model in (order if r % 2 == 0 else order[::-1]):
+                    res[name] = workload(url, key, model, prompts, clients, args.requests)
+                res["throughput_ratio"] = round(res["gateway"]["req_per_s"] / res["direct"]["req_per_s"], 3)
+                res["added_p50_ms"] = round(res["gateway"]["p50_ms"] - res["direct"]["p50_ms"], 1)
+                res["added_p99_ms"] = round(res["gateway"]["p99_ms"] - res["direct"]["p99_ms"], 1)
+                rounds.append(res)
+                print(json.dumps({"clients": clients, **res}), file=sys.stderr, flush=True)
+            ratios = [x["throughput_ratio"] for x in rounds]
+            out["levels"][clients] = {
+                "rounds": rounds, "median_ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
+                "median_added_p50_ms": statistics.median(x["added_p50_ms"] for x in rounds),
+                "median_added_p99_ms": statistics.median(x["added_p99_ms"] for x in rounds)}
         gw_proc.terminate()
         gw_proc.wait(30)
         out["logged_requests"] = len((tmp / "requests.jsonl").read_text().splitlines())

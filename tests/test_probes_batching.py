@@ -50,3 +50,36 @@ def test_scores_equal_each_item_alone_whatever_the_split(tiny_base):
         got = _token_stats(model, tok, items, budget_mb=budget_mb)
         for (lp, acc), (lp0, acc0) in zip(got, alone):
             assert lp == pytest.approx(lp0, abs=1e-3) and acc == pytest.approx(acc0, abs=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_128k_vocabulary_on_the_gpu_stays_within_the_budget():
+    """Llama-3.2-1B's shape and vocabulary (random weights): 64 items of 512 tokens. A fixed batch of 64 with
+    a float32 log-softmax over every position needed ~16.8 GB per copy of the logits; the budgeted batches
+    keep the probe's peak to the model's activations plus the budget."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    rng = random.Random(0)
+    items = [([rng.randrange(1, 128256) for _ in range(512)], 480) for _ in range(64)]
+    tok = SimpleNamespace(pad_token_id=0)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got = _token_stats(model, tok, items, budget_mb=1024.0)
+    peak_mb = (torch.cuda.max_memory_allocated() - held) / 2**20
+    old_mb = 64 * 511 * 128256 * 4 / 2**20
+    print(f"probe peak above the model: {peak_mb:.0f} MB (budget 1024 MB; one fixed-64 logits copy: {old_mb:.0f} MB)")
+    assert peak_mb < 4096
+    with torch.no_grad():  # the first items alone, unpadded: the same scores within bf16 rounding
+        for (ids, start), (lp, _) in list(zip(items, got))[:4]:
+            t = torch.tensor([ids], device="cuda")
+            logp = torch.log_softmax(model(input_ids=t).logits[0, :-1].float(), -1)
+            alone = float(logp.gather(-1, t[0, 1:, None])[:, 0][start - 1:].sum())
+            assert lp == pytest.approx(alone, rel=0.02)

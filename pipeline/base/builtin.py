@@ -166,9 +166,12 @@ def pretrain(model, tokenizer, docs: PretrainDocs, cfg: BuiltinBaseConfig,
     model.train()
     curve, recent = [], []
     started = time.perf_counter()
+    device = next(model.parameters()).device
     for step in range(cfg.pretrain_steps):
-        batch = blocks[order[step * B:(step + 1) * B]]
-        loss = model(input_ids=batch, labels=batch).loss
+        batch = blocks[order[step * B:(step + 1) * B]].to(device)
+        # Where the model is on a GPU, bf16 autocast over float32 master weights.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
