@@ -23,6 +23,9 @@ SHAPES = {
     # The published configs' shapes (hidden, intermediate, layers, heads, KV heads, tied embeddings).
     "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    # The same architecture at a size a CPU builds in seconds: a smoke run of the GPU profile's paths.
+    "qwen2-tiny": dict(arch="qwen2", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
     "llama-3.2-1b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
 }
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
 
     import torch
@@ -60,7 +64,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = config_cls(vocab_size=len(tokenizer), max_position_embeddings=4096, rope_theta=1e6,
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
-    model = model_cls(config).cuda()
+    model = model_cls(config).to(args.device)
     params = sum(p.numel() for p in model.parameters())
     print(f"device-base: {args.shape} ({arch}), {params / 1e6:.0f}M parameters, vocab {len(tokenizer)}", flush=True)
     docs = PretrainDocs(_conversations([train], prompts_only=True) + _conversations([chat]), _answers([train]))
@@ -72,7 +76,7 @@ def main() -> None:
     tokenizer.save_pretrained(out)
     report.pop("loss_curve", None)
     summary = {"shape": args.shape, "parameters": params, "vocab": len(tokenizer), **report,
-               "seconds_total": round(time.perf_counter() - started, 1), "gpu": torch.cuda.get_device_name(0)}
+               "seconds_total": round(time.perf_counter() - started, 1), "device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device}
     (out / "device_base.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary), flush=True)
 

@@ -39,7 +39,7 @@ DEVICE_HAS = {"torch", "numpy", "scipy", "pyarrow", "scikit-learn", "pillow", "m
               "jinja2", "pyyaml", "packaging", "typing-extensions", "setuptools"}
 PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--platform", "any",
             "--platform", "manylinux2014_x86_64", "--platform", "manylinux1_x86_64",
-            *[a for n in (17, 24, 26, 27, 28, 31, 34, 35) for a in ("--platform", f"manylinux_{n}_x86_64")]]
+            *[a for n in (17, 24, 26, 27, 28, 31, 34, 35) for a in ("--platform", f"manylinux_2_{n}_x86_64")]]
 
 
 def norm(name: str) -> str:

@@ -70,6 +70,11 @@ def run_demo(params_file: str = "params.yaml", requests: int = 40, keep_serving:
         timings["retrain_flow_s"] = round(time.perf_counter() - t, 1)
         for stage, r in prep.items():  # the flow saw these as unchanged because the demo ran them first
             summary["stages"][stage] = r
+        if not summary.get("champion"):
+            # Nothing passed the gate yet: there is no model to serve, which is the gate doing its job.
+            raise RuntimeError(f"{p.project.name} has no champion: v{summary.get('registered_version')} "
+                               f"{summary.get('note', 'was not promoted')} (the gate's reasons are above; scores in "
+                               f"{p.evaluate.out_dir}/metrics.json), so the demo has nothing to serve")
         progress("[demo] opening the endpoint: vLLM + gateway, serving each model's champion")
         endpoint.open()
         route = endpoint.routes.get(p.project.name)
