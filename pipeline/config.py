@@ -491,6 +491,9 @@ class EvaluateConfig(_Strict):
     # serve.python's environment (pipeline/evaluate/vllm_engine.py); auto = vLLM when CUDA is present and
     # serve.python has it. The scores, probes and files are the same either way.
     engine: Literal["auto", "transformers", "vllm"] = "auto"
+    # auto takes vLLM only for at least this many answers (eval + forgetting prompts, base and candidate):
+    # below it vLLM's start-up costs more than it saves (docs/benchmarks.md, "The loop on a GPU").
+    vllm_min_answers: int = Field(5000, ge=0)
     vllm: dict[str, Any] = {}  # passed to vllm.LLM as written (gpu_memory_utilization, enforce_eager, ...)
     vllm_timeout_s: float = Field(3600.0, gt=0)  # the whole offline run, start-up included
     # Float32 logits the probes (forgetting, canaries) may hold at once; batches are sized to it.

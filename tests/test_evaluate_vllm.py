@@ -96,6 +96,11 @@ def test_engine_choice():
     assert resolve_engine(auto, CPU_SERVE, cuda=False)[0] == "transformers"
     assert resolve_engine(EvaluateConfig(engine="transformers"), CPU_SERVE, cuda=True)[0] == "transformers"
     assert resolve_engine(auto, CPU_SERVE, cuda=True)[0] == "vllm"  # this machine's vLLM env has it
+    # ... for enough answers only: below evaluate.vllm_min_answers its start-up costs more than it saves.
+    assert resolve_engine(auto, CPU_SERVE, cuda=True, answers=5000)[0] == "vllm"
+    engine, why = resolve_engine(auto, CPU_SERVE, cuda=True, answers=382)
+    assert engine == "transformers" and "evaluate.vllm_min_answers" in why
+    assert resolve_engine(EvaluateConfig(engine="vllm"), CPU_SERVE, cuda=True, answers=1)[0] == "vllm"
     assert resolve_engine(EvaluateConfig(engine="vllm"), CPU_SERVE, cuda=False)[0] == "vllm"
     missing = ServeConfig(python="/nonexistent/python")
     assert resolve_engine(auto, missing, cuda=True)[0] == "transformers"  # auto falls back, and says why
@@ -124,6 +129,7 @@ def test_a_run_past_its_deadline_is_stopped_and_named(tiny_base, adapter, clean_
 
 def test_a_failing_run_names_its_log(tiny_base, adapter, clean_demo, tmp_path):
     cfg = EvaluateConfig(out_dir=str(tmp_path), max_examples=4, engine="vllm", vllm={"no_such_engine_arg": 1})
-    with pytest.raises(EvaluateEngineError, match=r"(?s)failed \(exit 1\).*no_such_engine_arg"):
+    # The root cause is named on the first line, not only somewhere in the log's tail.
+    with pytest.raises(EvaluateEngineError, match=r"failed \(exit 1\): [^\n]*no_such_engine_arg"):
         evaluate_model(tiny_base, adapter, clean_demo / "eval/clean.jsonl", cfg, TASK, serve=CPU_SERVE)
     assert not (tmp_path / "metrics.json").exists()

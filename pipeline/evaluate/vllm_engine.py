@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,8 +60,10 @@ def vllm_installed(serve: ServeConfig, timeout_s: float = 60.0) -> tuple[bool, s
     return (rc == 0), ("" if rc == 0 else f"serve.python {serve.python} has no vllm package")
 
 
-def resolve_engine(cfg: EvaluateConfig, serve: ServeConfig | None, cuda: bool) -> tuple[str, str]:
-    """(engine, why): ``auto`` is vLLM on a CUDA machine whose serve.python has it, else transformers;
+def resolve_engine(cfg: EvaluateConfig, serve: ServeConfig | None, cuda: bool,
+                   answers: int | None = None) -> tuple[str, str]:
+    """(engine, why): ``auto`` is vLLM on a CUDA machine whose serve.python has it, for at least
+    ``evaluate.vllm_min_answers`` answers (``answers``: how many the stage generates), else transformers;
     an explicit ``vllm`` that cannot run is an error naming both settings."""
     if cfg.engine == "transformers":
         return "transformers", "evaluate.engine: transformers"
@@ -70,6 +73,9 @@ def resolve_engine(cfg: EvaluateConfig, serve: ServeConfig | None, cuda: bool) -
         return "transformers", "no serve settings"
     if cfg.engine == "auto" and not cuda:
         return "transformers", "evaluate.engine: auto on a machine without CUDA"
+    if cfg.engine == "auto" and answers is not None and answers < cfg.vllm_min_answers:
+        return "transformers", (f"evaluate.engine: auto, {answers} answers < evaluate.vllm_min_answers "
+                                f"({cfg.vllm_min_answers}): vLLM's start-up would cost more than it saves")
     ok, why = vllm_installed(serve)
     if ok:
         return "vllm", f"evaluate.engine: {cfg.engine}"
@@ -160,8 +166,8 @@ class VLLMGenerator:
                     _kill(proc)
                     raise
             if rc != 0 or not res.is_file():
-                raise EvaluateEngineError(f"the vLLM evaluation failed (exit {rc}); last lines of "
-                                          f"{self.log_path}:\n{tail(self.log_path)}")
+                raise EvaluateEngineError(f"the vLLM evaluation failed (exit {rc}){root_cause(self.log_path)}; "
+                                          f"last lines of {self.log_path}:\n{tail(self.log_path)}")
             self.result = json.loads(res.read_text())
         progress(f"evaluate: vLLM {self.result['vllm']} started in {self.result['startup_s']:.1f}s")
         return self.result
@@ -191,4 +197,19 @@ def _kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+# vLLM's engine core fails in a process of its own; the parent's last lines only say "see root cause above".
+_GENERIC = ("Engine core initialization failed", "Traceback")
+
+
+def root_cause(log: Path) -> str:
+    """The last error line of the run's own output that is not vLLM's generic wrapper (e.g. the engine's
+    'Free memory on device ... is less than desired GPU memory utilization'), as ': <line>'."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    found = [ln.strip() for ln in lines if re.search(r"(Error|Exception)\b.*:", ln) and not any(g in ln for g in _GENERIC)]
+    return f": {found[-1][:400]}" if found else ""
 
