@@ -133,3 +133,18 @@ def test_a_failing_run_names_its_log(tiny_base, adapter, clean_demo, tmp_path):
     with pytest.raises(EvaluateEngineError, match=r"failed \(exit 1\): [^\n]*no_such_engine_arg"):
         evaluate_model(tiny_base, adapter, clean_demo / "eval/clean.jsonl", cfg, TASK, serve=CPU_SERVE)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_under_auto_a_failed_vllm_run_falls_back_to_the_same_answers_from_transformers(tiny_base, adapter, clean_demo,
+                                                                                       tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.evaluate.scoring import _started, _vllm
+
+    cfg = EvaluateConfig(out_dir=str(tmp_path), engine="auto", vllm={"no_such_engine_arg": 1})
+    gen = _vllm(tiny_base, {"model": adapter}, AutoTokenizer.from_pretrained(tiny_base), TASK, cfg, CPU_SERVE)
+    gen.add("model", "eval", [[{"role": "user", "content": "hello"}]])
+    why = _started(gen, cfg)
+    assert "failed (exit 1)" in why and "no_such_engine_arg" in why  # said, with its cause
+    with pytest.raises(EvaluateEngineError):  # an explicit engine: vllm stops the stage instead
+        _started(gen, cfg.model_copy(update={"engine": "vllm"}))

@@ -20,7 +20,7 @@ from pipeline.device import detect
 from pipeline.pii import Redactor, build_redactor, digest_key, read_digests
 from pipeline.evaluate.generation import generate, paired_speed
 from pipeline.evaluate.probes import canary_exposure, next_token_accuracy, pii_hits
-from pipeline.evaluate.vllm_engine import VLLMGenerator, resolve_engine
+from pipeline.evaluate.vllm_engine import EvaluateEngineError, VLLMGenerator, resolve_engine
 from pipeline.io import load_chat_file, write_json
 from pipeline.modeling import load_base, resolve_base
 from pipeline.tasks import Task, build_task
@@ -99,6 +99,21 @@ def _vllm(base_dir: Path, adapters: dict[str, Path | None], tokenizer, task_cfg:
     return VLLMGenerator(base_dir, adapters, tokenizer, task_cfg, cfg, serve, Path(cfg.out_dir) / "vllm.log")
 
 
+def _started(gen: VLLMGenerator, cfg: EvaluateConfig) -> str:
+    """Run vLLM; under ``auto`` a failed run (an engine that cannot start beside another GPU job, say) falls
+    back to transformers, which computes the same answers slower: returns why, or "" when vLLM ran. An
+    explicit ``engine: vllm`` fails the stage instead."""
+    try:
+        gen.run()
+        return ""
+    except EvaluateEngineError as err:
+        if cfg.engine != "auto":
+            raise
+        why = str(err).splitlines()[0]
+        print(f"evaluate: {why}; generating with transformers instead (evaluate.engine: auto)", flush=True)
+        return why
+
+
 def evaluate_model(base_dir: Path, adapter_dir: Path | None, eval_file: EvalFiles, cfg: EvaluateConfig,
                    task_cfg: TaskConfig, task: Task | None = None, loaded=None,
                    serve: ServeConfig | None = None) -> dict:
@@ -114,12 +129,12 @@ def evaluate_model(base_dir: Path, adapter_dir: Path | None, eval_file: EvalFile
         tokenizer = loaded[1] if loaded else AutoTokenizer.from_pretrained(resolve_base(base_dir))
         gen = _vllm(base_dir, {"model": adapter_dir}, tokenizer, task_cfg, cfg, serve)
         gen.add("model", "eval", prompts)
-        gen.run()
-        predictions, speed = gen.answers("model", "eval")
-    else:
-        model, tokenizer = loaded or _load(base_dir, adapter_dir)
-        speed = {}
-        predictions = generate(model, tokenizer, prompts, task_cfg, cfg.batch_size, stats=speed)
+        if not _started(gen, cfg):
+            predictions, speed = gen.answers("model", "eval")
+            return {**score_predictions(task, predictions, rows, slices), "speed": speed}
+    model, tokenizer = loaded or _load(base_dir, adapter_dir)
+    speed: dict = {}
+    predictions = generate(model, tokenizer, prompts, task_cfg, cfg.batch_size, stats=speed)
     return {**score_predictions(task, predictions, rows, slices), "speed": speed}
 
 
@@ -163,7 +178,7 @@ def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: EvalFiles, cfg:
     forgetting = load_chat_file(forgetting_file) if forgetting_file is not None else None
     models = {"base": None, "candidate": adapter_dir}
     engine = _engine(cfg, serve, len(models) * (len(prompts) + len(forgetting or [])))
-    gen = None
+    gen, fallback = None, ""
     if engine == "vllm":
         # One engine start for every answer the stage needs, before any transformers model takes memory.
         from transformers import AutoTokenizer
@@ -176,7 +191,9 @@ def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: EvalFiles, cfg:
         # vLLM batches every prompt it has: timing only batch_size of them would measure its per-step
         # overhead, where LoRA's extra kernels weigh most (on the H200, eager, 32 prompts: LoRA at 0.34x).
         gen.paired_speed(prompts[:512])
-        gen.run()
+        fallback = _started(gen, cfg)
+        if fallback:
+            engine, gen = "transformers", None
     results = {}
     loaded = None
     for name, adapter in models.items():
@@ -211,7 +228,7 @@ def evaluate_stage(base_dir: Path, adapter_dir: Path, eval_file: EvalFiles, cfg:
                          if len(r["slices"]) > 1 else {})}
                for name, r in results.items()}
     generation = {"engine": engine, **({"vllm": gen.result["vllm"], "startup_s": gen.result["startup_s"]}
-                                       if gen is not None else {})}
+                                       if gen is not None else {}), **({"vllm_failed": fallback} if fallback else {})}
     write_json(out / "metrics.json", metrics)
     write_json(out / "details.json", {"task": task_cfg.name, "kind": task_cfg.kind, "generation": generation,
                                       **results})
