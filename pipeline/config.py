@@ -945,7 +945,11 @@ def apply_profile(params_path: str | Path, profile_path: str | Path) -> list[str
     tmp = params_path.with_name(params_path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         rt.dump(doc, fh)
-    if parse_params(_read_yaml(tmp), params_path) is not None:  # what was written reads back valid
-        tmp.replace(params_path)
+    try:
+        parse_params(_read_yaml(tmp), params_path)  # what was written reads back valid, or params.yaml stays
+    except ConfigError:
+        tmp.unlink()
+        raise
+    tmp.replace(params_path)
     return changed
 
