@@ -609,6 +609,17 @@ class ServeConfig(_Strict):
                              "them in serve.upstreams instead")
         return self
 
+    def process_env(self, **fixed: str) -> dict[str, str]:
+        """The environment a vLLM process of ours starts with: this one's, then ``fixed``, then
+        ``serve.env``; without our own venv's variables, which must not leak into vLLM's interpreter
+        (a wrapper named as serve.python may set its own)."""
+        import os
+
+        env = {**os.environ, **fixed, **self.env}
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+        return env
+
     @property
     def base_url(self) -> str:
         return self.url.rstrip("/") or f"http://{self.host}:{self.port}"

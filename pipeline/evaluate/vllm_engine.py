@@ -37,15 +37,6 @@ def _python(serve: ServeConfig) -> str | None:
     return found if found and Path(found).exists() else None
 
 
-def _env(serve: ServeConfig) -> dict[str, str]:
-    env = {**os.environ, **serve.env}
-    # The pipeline's own venv must not leak into vLLM's interpreter (a wrapper for serve.python that sets
-    # its own PYTHONPATH still can).
-    env.pop("PYTHONPATH", None)
-    env.pop("VIRTUAL_ENV", None)
-    return env
-
-
 def vllm_installed(serve: ServeConfig, timeout_s: float = 60.0) -> tuple[bool, str]:
     """Whether ``serve.python`` exists and can import vLLM (found, not imported: that takes seconds)."""
     python = _python(serve)
@@ -53,7 +44,7 @@ def vllm_installed(serve: ServeConfig, timeout_s: float = 60.0) -> tuple[bool, s
         return False, f"serve.python {serve.python} not found"
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
     try:
-        rc = subprocess.run([python, "-c", probe], env=_env(serve), timeout=timeout_s,
+        rc = subprocess.run([python, "-c", probe], env=serve.process_env(), timeout=timeout_s,
                             capture_output=True).returncode
     except subprocess.TimeoutExpired:
         return False, f"serve.python {serve.python} did not answer within {timeout_s:.0f}s"
@@ -154,7 +145,7 @@ class VLLMGenerator:
                      f"log {self.log_path}")
             with open(self.log_path, "ab") as log:
                 proc = subprocess.Popen([python, str(WORKER), str(req), str(res)], stdout=log,
-                                        stderr=subprocess.STDOUT, env=_env(self.serve), start_new_session=True)
+                                        stderr=subprocess.STDOUT, env=self.serve.process_env(), start_new_session=True)
                 try:
                     rc = proc.wait(timeout=self.cfg.vllm_timeout_s)
                 except subprocess.TimeoutExpired:
@@ -210,6 +201,7 @@ def root_cause(log: Path) -> str:
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return ""
-    found = [ln.strip() for ln in lines if re.search(r"(Error|Exception)\b.*:", ln) and not any(g in ln for g in _GENERIC)]
+    found = [ln.strip() for ln in lines
+             if re.search(r"(Error|Exception)\b.*:", ln) and not any(g in ln for g in _GENERIC)]
     return f": {found[-1][:400]}" if found else ""
 

@@ -121,12 +121,9 @@ class VLLMServer:
             raise ServingError(str(err)) from None
         log = Path(cfg.log_file)
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", **cfg.env}
+        env = cfg.process_env(VLLM_ALLOW_RUNTIME_LORA_UPDATING="true")
         if api_key:  # through the environment, not argv: the command line is visible to every local user
             env["VLLM_API_KEY"] = api_key
-        # Our own venv's variables must not leak into vLLM's interpreter.
-        env.pop("PYTHONPATH", None)
-        env.pop("VIRTUAL_ENV", None)
         fh = open(log, "ab")
         proc = subprocess.Popen(launch_command(cfg, base_dir), stdout=fh, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
