@@ -13,11 +13,13 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, batch_size: int,
-             temperature: float = 0.0, seed: int = 0, stats: dict | None = None) -> list[str]:
+             temperature: float = 0.0, seed: int = 0, stats: dict | None = None,
+             full_length: bool = False) -> list[str]:
     """Answers to chat ``prompts``: greedy by default (the gate's numbers must be reproducible run to
     run); ``temperature`` > 0 samples with top-p 1.0, as an OpenAI client does by default, seeded.
     ``stats``, when given, receives the generated token count, seconds and tokens/s (the gate's speed
-    guardrail)."""
+    guardrail). ``full_length`` suppresses the end token until ``task.max_new_tokens``: every answer is
+    that long (speed rounds)."""
     import time
 
     import torch
@@ -36,9 +38,13 @@ def generate(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, batc
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(dev.type)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=task.max_new_tokens, **sampling,
+                                 **({"min_new_tokens": task.max_new_tokens} if full_length else {}),
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         new = gen[:, enc["input_ids"].shape[1]:]
-        tokens += int((new != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else new.numel()
+        # Padding after an early end is not generated work; a full-length run has none (a generated token
+        # can still be the pad id).
+        padded = tokenizer.pad_token_id is not None and not full_length
+        tokens += int((new != tokenizer.pad_token_id).sum()) if padded else new.numel()
         outputs.extend(cut_at_stop(t, task.stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     if stats is not None:
         seconds = time.perf_counter() - started
@@ -74,7 +80,10 @@ def paired_speed(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, 
     """Greedy generation speed of the base (adapter disabled) and of base + adapter, measured alternately on
     the same batch of ``prompts`` with one loaded peft model. Whatever else loads the machine meanwhile (a
     vLLM starting beside the pipeline on a laptop, another job on a shared GPU) slows both alike, so the
-    gate's speed guardrail compares like with like instead of whichever model happened to run second."""
+    gate's speed guardrail compares like with like instead of whichever model happened to run second.
+    Every answer runs to ``task.max_new_tokens`` (end token suppressed): the models' tokens/s are then of
+    the same work. With answers of their own lengths a fine-tune that answers in 12 tokens where the base
+    rambles to the limit looks slow, because a batch's fixed costs are spread over fewer tokens."""
     batch = prompts[:batch_size]
     totals = {"base": [0, 0.0], "candidate": [0, 0.0]}
     for r in range(rounds):
@@ -82,11 +91,12 @@ def paired_speed(model, tokenizer, prompts: list[list[dict]], task: TaskConfig, 
             stats: dict = {}
             if who == "base":
                 with model.disable_adapter():
-                    generate(model, tokenizer, batch, task, batch_size, stats=stats)
+                    generate(model, tokenizer, batch, task, batch_size, stats=stats, full_length=True)
             else:
-                generate(model, tokenizer, batch, task, batch_size, stats=stats)
+                generate(model, tokenizer, batch, task, batch_size, stats=stats, full_length=True)
             totals[who][0] += stats["tokens"]
             totals[who][1] += stats["seconds"]
     return {who: {"tokens": t, "seconds": round(s, 3), "tokens_per_s": round(t / max(s, 1e-9), 2),
-                  "method": f"paired, {rounds} alternating rounds of {len(batch)} prompts"}
+                  "method": f"paired, {rounds} alternating rounds of {len(batch)} prompts, "
+                            f"{task.max_new_tokens} tokens each"}
             for who, (t, s) in totals.items()}

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from pipeline.config import EvaluateConfig, ServeConfig, TaskConfig
 from pipeline.evaluate.generation import cut_at_stop
 from pipeline.io import tail
 from pipeline.modeling import resolve_base
+from pipeline.vllm_logs import START_ATTEMPTS, log_size, root_cause, transient_start
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 # vLLM's LoRA kernels are compiled for these ranks; an adapter's rank is rounded up to the next one.
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+RETRY_DELAY_S = 10.0  # before another start after a transient failure (pipeline.vllm_logs)
 
 
 class EvaluateEngineError(RuntimeError):
@@ -143,25 +147,38 @@ class VLLMGenerator:
             n = sum(len(j["prompts"]) for j in self.jobs)
             progress(f"evaluate: vLLM offline engine ({python}), {len(self.jobs)} jobs, {n} prompts; "
                      f"log {self.log_path}")
-            with open(self.log_path, "ab") as log:
-                proc = subprocess.Popen([python, str(WORKER), str(req), str(res)], stdout=log,
-                                        stderr=subprocess.STDOUT, env=self.serve.process_env(), start_new_session=True)
-                try:
-                    rc = proc.wait(timeout=self.cfg.vllm_timeout_s)
-                except subprocess.TimeoutExpired:
-                    _kill(proc)
-                    raise EvaluateEngineError(
-                        f"the vLLM evaluation ran past evaluate.vllm_timeout_s ({self.cfg.vllm_timeout_s:.0f}s) "
-                        f"and was stopped; log: {self.log_path}") from None
-                except BaseException:
-                    _kill(proc)
-                    raise
-            if rc != 0 or not res.is_file():
-                raise EvaluateEngineError(f"the vLLM evaluation failed (exit {rc}){root_cause(self.log_path)}; "
+            for attempt in range(1, START_ATTEMPTS + 1):
+                offset = log_size(self.log_path)
+                rc = self._attempt(python, req, res)
+                if rc == 0 and res.is_file():
+                    break
+                cause = root_cause(self.log_path, offset)
+                if attempt < START_ATTEMPTS and transient_start(cause):
+                    progress(f"evaluate: vLLM's start was disturbed{cause}; attempt {attempt + 1} of "
+                             f"{START_ATTEMPTS} in {RETRY_DELAY_S:.0f}s")
+                    time.sleep(RETRY_DELAY_S)
+                    continue
+                raise EvaluateEngineError(f"the vLLM evaluation failed (exit {rc}){cause}; "
                                           f"last lines of {self.log_path}:\n{tail(self.log_path)}")
             self.result = json.loads(res.read_text())
         progress(f"evaluate: vLLM {self.result['vllm']} started in {self.result['startup_s']:.1f}s")
         return self.result
+
+    def _attempt(self, python: str, req: Path, res: Path) -> int:
+        """One worker run, its output appended to the log; its exit status."""
+        with open(self.log_path, "ab") as log:
+            proc = subprocess.Popen([python, str(WORKER), str(req), str(res)], stdout=log,
+                                    stderr=subprocess.STDOUT, env=self.serve.process_env(), start_new_session=True)
+            try:
+                return proc.wait(timeout=self.cfg.vllm_timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+                raise EvaluateEngineError(
+                    f"the vLLM evaluation ran past evaluate.vllm_timeout_s ({self.cfg.vllm_timeout_s:.0f}s) "
+                    f"and was stopped; log: {self.log_path}") from None
+            except BaseException:
+                _kill(proc)
+                raise
 
     def answers(self, model: str, part: str) -> tuple[list[str], dict]:
         """The decoded, stop-cut answers of one job, and its generation stats."""
@@ -174,7 +191,8 @@ class VLLMGenerator:
         rounds = self.speed_spec["rounds"] if self.speed_spec else 0
         n = len(self.speed_spec["prompts"]) if self.speed_spec else 0
         return {m: {**_stats(s["tokens"], s["seconds"]),
-                    "method": f"paired on vLLM, {rounds} alternating rounds of {n} prompts"}
+                    "method": f"paired on vLLM, {rounds} alternating rounds of {n} prompts, "
+                              f"{self.task.max_new_tokens} tokens each"}
                 for m, s in self.result.get("speed", {}).items()}
 
 
@@ -188,20 +206,4 @@ def _kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-
-
-# vLLM's engine core fails in a process of its own; the parent's last lines only say "see root cause above".
-_GENERIC = ("Engine core initialization failed", "Traceback")
-
-
-def root_cause(log: Path) -> str:
-    """The last error line of the run's own output that is not vLLM's generic wrapper (e.g. the engine's
-    'Free memory on device ... is less than desired GPU memory utilization'), as ': <line>'."""
-    try:
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return ""
-    found = [ln.strip() for ln in lines
-             if re.search(r"(Error|Exception)\b.*:", ln) and not any(g in ln for g in _GENERIC)]
-    return f": {found[-1][:400]}" if found else ""
 

@@ -39,9 +39,13 @@ def main(request_path: str, result_path: str) -> None:
     loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
     params = SamplingParams(**req["sampling"])
 
-    def run(prompts: list[list[int]], adapter: str | None) -> tuple[list[list[int]], float]:
+    # Speed rounds: every answer runs to max_tokens (no end token, no stop string), as on the transformers
+    # path, so both models' tokens/s are of the same work.
+    full = SamplingParams(**{**req["sampling"], "stop": [], "stop_token_ids": [], "ignore_eos": True})
+
+    def run(prompts: list[list[int]], adapter: str | None, sampling=params) -> tuple[list[list[int]], float]:
         t = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False,
                             lora_request=loras[adapter] if adapter else None)
         return [list(o.outputs[0].token_ids) for o in outs], time.perf_counter() - t
 
@@ -57,7 +61,7 @@ def main(request_path: str, result_path: str) -> None:
         for r in range(spec["rounds"]):
             order = spec["models"] if r % 2 == 0 else spec["models"][::-1]
             for name in order:
-                ids, seconds = run(spec["prompts"], spec["adapter"].get(name))
+                ids, seconds = run(spec["prompts"], spec["adapter"].get(name), full)
                 tot = speed.setdefault(name, [0, 0.0])
                 tot[0] += sum(map(len, ids))
                 tot[1] += seconds

@@ -21,6 +21,7 @@ import httpx
 from pipeline.config import ServeConfig, TaskConfig
 from pipeline.io import tail
 from pipeline.modeling import BaseMissing, resolve_base
+from pipeline.vllm_logs import START_ATTEMPTS, log_size, root_cause, transient_start
 
 
 class ServingError(RuntimeError):
@@ -99,6 +100,9 @@ class VLLMServer:
     process: subprocess.Popen | None = None
     _log: object = None  # the log file handle the process writes to, closed on stop
     api_key: str = ""    # vLLM's own key (VLLM_API_KEY): only the gateway and loraflow hold it
+    _launch: tuple | None = None  # (command, environment): to start it again after a transient failure
+    _log_offset: int = 0  # where this start's output begins in the (appended) log
+    starts: int = 1
 
     @property
     def _auth(self) -> dict[str, str]:
@@ -125,9 +129,14 @@ class VLLMServer:
         if api_key:  # through the environment, not argv: the command line is visible to every local user
             env["VLLM_API_KEY"] = api_key
         fh = open(log, "ab")
-        proc = subprocess.Popen(launch_command(cfg, base_dir), stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        return cls(cfg, proc, fh, api_key)
+        launch = (launch_command(cfg, base_dir), env)
+        offset = log_size(log)
+        return cls(cfg, cls._spawn(launch, fh), fh, api_key, launch, offset)
+
+    @staticmethod
+    def _spawn(launch: tuple, fh) -> subprocess.Popen:
+        cmd, env = launch
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     @classmethod
     def attach(cls, cfg: ServeConfig, api_key: str = "") -> "VLLMServer":
@@ -150,14 +159,27 @@ class VLLMServer:
     def wait_ready(self, timeout_s: float | None = None, progress=None) -> float:
         """Block until /health answers; returns seconds waited. Fails fast if the process dies."""
         timeout_s = timeout_s or self.cfg.startup_timeout_s
-        started = time.monotonic()
+        begun = started = time.monotonic()
         last_note = 0.0
         while True:
             if self.healthy():
-                return time.monotonic() - started
+                return time.monotonic() - begun
             if self.process is not None and self.process.poll() is not None:
-                raise ServingError(f"vLLM exited with code {self.process.returncode} during start-up; "
-                                   f"last lines of {self.cfg.log_file}:\n{tail(Path(self.cfg.log_file))}")
+                log = Path(self.cfg.log_file)
+                cause = root_cause(log, self._log_offset)
+                if transient_start(cause) and self.starts < START_ATTEMPTS and self._launch is not None:
+                    # Not this server's fault (another process on the GPU): start it again, with a new deadline.
+                    self.starts += 1
+                    if progress:
+                        progress(f"vLLM's start was disturbed{cause}; start {self.starts} of {START_ATTEMPTS}")
+                    self.stop()
+                    self._log = open(log, "ab")
+                    self._log_offset = log_size(log)
+                    self.process = self._spawn(self._launch, self._log)
+                    started, last_note = time.monotonic(), 0.0
+                    continue
+                raise ServingError(f"vLLM exited with code {self.process.returncode} during start-up{cause}; "
+                                   f"last lines of {self.cfg.log_file}:\n{tail(log)}")
             waited = time.monotonic() - started
             if waited > timeout_s:
                 raise ServingError(f"vLLM not ready after {timeout_s:.0f}s; see {self.cfg.log_file}")
