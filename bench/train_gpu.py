@@ -103,6 +103,8 @@ VARIANTS = {
     "qlora_packed_liger_a2_fused": dict(_LIGER, adapter="qlora", accum=2, fused_lora=True),
     "packed_liger_a3_fused": dict(_LIGER, accum=3, fused_lora=True),
     "qlora_packed_liger_a1": dict(_LIGER, adapter="qlora", accum=1),
+    # Host overhead per micro-batch: the 5 x 3 step's rows in one micro-batch (15 x 1), fused LoRA.
+    "qlora_packed_liger_a1_fused": dict(_LIGER, adapter="qlora", accum=1, fused_lora=True),
 }
 
 

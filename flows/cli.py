@@ -109,15 +109,24 @@ def demo(params: str = ParamsOpt, requests: int = typer.Option(40, help="sample 
     report, endpoint = run_demo(params, requests=requests, keep_serving=keep_serving, progress=_say)
     typer.echo(format_summary(report))
     if keep_serving:
+        import signal
         import threading
 
+        stop = threading.Event()
+
+        def on_term(*_) -> None:  # SIGTERM ends like Ctrl-C: vLLM (its own process group) goes with us
+            stop.set()
+            endpoint.wake.set()
+
+        signal.signal(signal.SIGTERM, on_term)
         _say(f"endpoint keeps answering at {endpoint.url} for the keys in LORAFLOW_API_KEYS; Ctrl-C stops it")
         try:
-            endpoint.follow(threading.Event())
+            endpoint.follow(stop)
         except KeyboardInterrupt:
             pass
         finally:
             endpoint.stop()
+            _say("stopped")
 
 
 @app.command()
