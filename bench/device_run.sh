@@ -48,7 +48,8 @@ demo demo; rc=$?
 echo "$(date +%T) demo: exit $rc" >> $R/phases.log; save demo
 if [ $rc -ne 0 ] && grep -q "has no champion" $R/demo.log; then
   phase profile2 loraflow profile bench/device_gate.yaml
-  demo demo2; echo "$(date +%T) demo2: exit $?" >> $R/phases.log; save demo2
+  demo demo2; rc=$?   # (not "$(date) ... $?": the command substitution would reset $?)
+  echo "$(date +%T) demo2: exit $rc" >> $R/phases.log; save demo2
 fi
 phase gateway python3 bench/gateway_overhead.py --clients 8,32,128 --runs 3 --requests 8 \
   --base /tmp/models/qwen2.5-0.5b-shaped --adapter artifacts/adapter --serve-python /tmp/bin/vpython --gpu

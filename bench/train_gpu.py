@@ -277,7 +277,6 @@ def run_plain_trl(args, base: Path, data: Path, timer: StepTimer) -> dict:
 def run_one(args) -> dict:
     import torch
 
-    from pipeline.config import TrainConfig
     from pipeline.train.trainer import train
 
     work = Path(args.work)
@@ -297,18 +296,9 @@ def run_one(args) -> dict:
         accum = 1
         m = run_plain_trl(args, base, data, timer)
     else:
-        opts = dict(VARIANTS[args.variant])
-        micro = opts.pop("batch_size", args.micro_batch)
-        accum = opts.pop("accum", None)
-        if opts.get("packing"):
-            # A packed row holds up to max_length tokens: keep the tokens per optimizer step equal to the
-            # baseline's (measured by its run when it ran first, else estimated from the data).
-            tokens = args.tokens_per_step or args.micro_batch * args.accum * _mean_tokens(base, data)
-            accum = accum or args.accum
-            micro = max(1, round(tokens / (0.99 * args.max_length) / accum))
-        else:
-            accum = accum or max(1, args.micro_batch * args.accum // micro)
-        cfg = TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"), lora_r=16, lora_alpha=32, **opts, trl=dict(max_steps=args.steps, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, max_length=args.max_length, learning_rate=1e-4, logging_steps=1, save_steps=10_000, warmup_steps=0.0))
+        tokens = args.tokens_per_step or args.micro_batch * args.accum * _mean_tokens(base, data)
+        cfg = stage_config(args, tokens, work)
+        micro, accum = cfg.trl["per_device_train_batch_size"], cfg.trl["gradient_accumulation_steps"]
         m = train(cfg, base, data, None, extra_callbacks=[timer.callback])
     n_params = sum(p.numel() for p in torch.nn.Module.parameters(_load_meta(base)))
     m.update(timer.steady(args.warmup))
@@ -321,6 +311,33 @@ def run_one(args) -> dict:
     m["tokens_per_step"] = m["tokens_seen"] / max(m["steps"], 1)
     m["step_times"] = [round(s, 4) for s, _ in timer.steps]
     return m
+
+
+def stage_config(args, tokens_per_step: float, work: Path):
+    """The train stage's config for ``args.variant``, at the baseline's tokens per optimizer step."""
+    from pipeline.config import TrainConfig
+
+    opts = dict(VARIANTS[args.variant])
+    micro = opts.pop("batch_size", args.micro_batch)
+    accum = opts.pop("accum", None)
+    # Settings TRL has of its own live under train.trl (the stage passes them through).
+    moved = {"liger_kernels": "use_liger_kernel", "gradient_checkpointing": "activation_checkpointing",
+             "dataloader_workers": "dataloader_num_workers", "torch_compile": "torch_compile"}
+    trl_opts = {moved[k]: opts.pop(k) for k in list(opts) if k in moved}
+    if opts.get("packing"):
+        # A packed row holds up to max_length tokens: keep the tokens per optimizer step equal to the
+        # baseline's (measured by its run when it ran first, else estimated from the data).
+        accum = accum or args.accum
+        micro = max(1, round(tokens_per_step / (0.99 * args.max_length) / accum))
+    else:
+        accum = accum or max(1, args.micro_batch * args.accum // micro)
+    # The plain-TRL baseline truncates the longest records silently; the stage refuses more than 5% cut
+    # unless told: the same data for every variant.
+    return TrainConfig(out_dir=str(work / "out" / args.variant), checkpoint_dir=str(work / "ckpt"), lora_r=16,
+                       lora_alpha=32, max_truncated_share=1.0, **opts,
+                       trl=dict(**trl_opts, max_steps=args.steps, per_device_train_batch_size=micro,
+                                gradient_accumulation_steps=accum, max_length=args.max_length, learning_rate=1e-4,
+                                logging_steps=1, save_steps=10_000, warmup_steps=0.0))
 
 
 def _mean_tokens(base: Path, data: Path, sample: int = 400) -> float:
@@ -397,8 +414,8 @@ def main() -> None:
                   f"{r['steady_step_s']:.3f}s, peak {r['peak_memory_mb']:.0f} MB ({r.get('memory_ratio', float('nan')):.2f}x), "
                   f"MFU {r['mfu']:.3f}, loss {_tail_loss(r):.3f}, {r['micro_batch']} x {r['grad_accum']}, "
                   f"{r['tokens_per_step']:.0f} tok/step ({time.perf_counter() - t:.0f}s)", flush=True)
-    print(f"\n| model | variant | micro x accum | tokens/s median | x baseline: median (min-max), n | peak MB | "
-          f"x baseline | MFU |")
+    print("\n| model | variant | micro x accum | tokens/s median | x baseline: median (min-max), n | peak MB | "
+          "x baseline | MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for v in variants:
         rs = [r for r in runs if r["variant"] == v and "speedup" in r]

@@ -218,7 +218,8 @@ def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "m
     summary = {"stages": stages, "dvc_pushed_files": pushed, **result, "trigger": trigger,
                "champion": {"version": champion.version, "alias": p.registry.alias} if champion else None,
                "model_name": p.project.name}
-    if not any(s["ran"] for s in stages.values()) and not result["newly_registered"]:
+    # A version re-gated under changed gate settings is news even though no stage ran.
+    if not any(s["ran"] for s in stages.values()) and not result["newly_registered"] and not result.get("regated"):
         msg = (f"no new data since v{result['registered_version']}: every stage is unchanged "
                f"(champion {'v%s' % champion.version if champion else 'none'})")
         if drift_summary:

@@ -101,6 +101,33 @@ def test_failure_after_registration_is_completed_by_a_rerun(setup, monkeypatch):
     assert registry.get_alias(p.registry, "m").version == 1
 
 
+def test_a_version_that_failed_its_gate_is_gated_again_when_the_gate_settings_change(setup):
+    """Seen on the H200: v1 learnt its task but failed the speed guardrail; the user loosened
+    gate.max_slowdown and ran again; every stage was unchanged, so v1 kept its old decision."""
+    from dataclasses import replace
+
+    p, adapter = setup
+    adapter(0)
+    cand, base = _scores()
+    cand, base = replace(cand, speed={"tokens_per_s": 40.0}), replace(base, speed={"tokens_per_s": 100.0})
+    out = promotion.release(p, cand, base, rescorer(p))
+    assert out["newly_registered"] and not out["promoted"] and "guardrails" in _versions(p)[1]["gate_failed"]
+    # Same settings: the decision stands (nothing to redo).
+    again = promotion.release(p, cand, base, rescorer(p))
+    assert not again["promoted"] and "keep the champion" in again["note"] and not again.get("regated")
+    # A stricter change still fails, and says it decided again.
+    strict = p.model_copy(update={"gate": p.gate.model_copy(update={"min_improvement": 0.5, "max_slowdown": 0.55})})
+    out = promotion.release(strict, cand, base, rescorer(strict))
+    assert out["regated"] and not out["promoted"] and "again" in out["note"]
+    # Loosened: the same scores pass now, v1 is promoted, no second version registered.
+    loose = p.model_copy(update={"gate": p.gate.model_copy(update={"max_slowdown": 0.7})})
+    out = promotion.release(loose, cand, base, rescorer(loose))
+    assert out["promoted"] and out["regated"] and not out["newly_registered"] and out["registered_version"] == 1
+    tags = _versions(p)[1]
+    assert list(_versions(p)) == [1] and tags["promotion"] == "done" and tags["gate_promote"] == "true"
+    assert tags["gate_settings"] == promotion.gate_settings_sha(loose) and registry.get_alias(p.registry, "m").version == 1
+
+
 def test_failure_after_the_alias_move_is_consistent_and_a_rerun_finishes(setup, monkeypatch):
     p, adapter = setup
     adapter(0)

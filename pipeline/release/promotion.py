@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -102,10 +103,16 @@ def lineage_tags(p: Params) -> dict[str, str]:
     return tags
 
 
-def decision_tags(decision: Decision, champion: registry.VersionInfo | None) -> dict[str, str]:
+def gate_settings_sha(p: Params) -> str:
+    """The gate section's digest: a version's decision stands only under the settings it was taken with."""
+    return hashlib.sha256(json.dumps(p.gate.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def decision_tags(decision: Decision, champion: registry.VersionInfo | None, settings: str) -> dict[str, str]:
     iv = decision.interval
     return {
         "gate_promote": str(decision.promote).lower(),
+        "gate_settings": settings,
         "gate_reference": decision.reference,
         # Compare-and-set: the alias must still point here when the promotion happens.
         "gate_alias_version": str(champion.version) if champion else NO_VERSION,
@@ -128,7 +135,7 @@ def register_candidate(p: Params, decision: Decision, candidate: ModelScore, bas
     eval_metrics = {s.name: {**s.metrics, "tokens_per_s": s.speed.get("tokens_per_s"), "n": n}
                     for s in (base, candidate)}
     privacy = train_metrics.get("privacy") or {}
-    tags = {**lineage_tags(p), "adapter_sha256": adapter_sha, **decision_tags(decision, champion),
+    tags = {**lineage_tags(p), "adapter_sha256": adapter_sha, **decision_tags(decision, champion, gate_settings_sha(p)),
             "privacy_epsilon": "none" if not privacy else "inf" if privacy.get("epsilon") is None else str(privacy["epsilon"])}
     data_card = Path(p.sanitize.out_dir, "train", "data_card.md").read_text(encoding="utf-8")
     card = model_card(p, eval_metrics=eval_metrics, decision=decision.to_dict(), data_card=data_card,
@@ -182,13 +189,29 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
                 say(f"v{existing.version} already holds @{alias}: completing the earlier run's bookkeeping")
                 _tag(p, existing.version, promotion="done")
             return _summary(existing.version, False, None, True, "already registered and holding the alias")
-        if existing.tags.get("gate_promote") != "true" or state != "pending":
+        settings = gate_settings_sha(p)
+        changed = existing.tags.get("gate_settings", settings) != settings  # versions from before: as decided
+        if existing.tags.get("gate_promote") != "true" and changed:
+            # A person changed the gate (a guardrail, the required improvement): the same scores, decided
+            # again under today's settings, instead of "no new data" until something else changes.
+            say(f"v{existing.version} failed its gate under other gate settings: gating it again under today's")
+            decision, gated_against = gate(p, candidate, base, rescore)
+            for reason in decision.reasons:
+                say(f"gate: {reason}")
+            _tag(p, existing.version, **decision_tags(decision, gated_against, settings))
+            write_json(Path("reports") / "gate.json", {**decision.to_dict(), "candidate_leak": candidate.leak})
+            if not decision.promote:
+                return _summary(existing.version, False, decision, False,
+                                "gate failed again under the changed gate settings", regated=True)
+            info, expected, newly, regated = existing, (gated_against.version if gated_against else None), False, True
+        elif existing.tags.get("gate_promote") != "true" or state != "pending":
             return _summary(existing.version, False, None, False,
                             f"already registered as v{existing.version}; its gate decided "
                             f"{'promote' if existing.tags.get('gate_promote') == 'true' else 'keep the champion'}")
-        say(f"v{existing.version} passed its gate but @{alias} never moved to it: completing the promotion")
-        info, decision, expected = existing, None, _expected(existing.tags)
-        newly = False
+        else:
+            say(f"v{existing.version} passed its gate but @{alias} never moved to it: completing the promotion")
+            info, decision, expected = existing, None, _expected(existing.tags)
+            newly = regated = False
     else:
         decision, gated_against = gate(p, candidate, base, rescore)
         for reason in decision.reasons:
@@ -197,13 +220,13 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
         say(f"registered {name} v{info.version} ({'gate passed' if decision.promote else 'gate failed'})")
         if not decision.promote:
             return _summary(info.version, True, decision, False, "gate failed")
-        expected, newly = (gated_against.version if gated_against else None), True
+        expected, newly, regated = (gated_against.version if gated_against else None), True, False
     for _ in range(max_regates + 1):
         try:
             registry.promote(p.registry, name, info.version, expected=expected, by="loraflow retrain (gate passed)")
             _tag(p, info.version, promotion="done")
             say(f"{name}@{alias} -> v{info.version}")
-            return _summary(info.version, newly, decision, True, "promoted")
+            return _summary(info.version, newly, decision, True, "promoted", regated)
         except registry.AliasMoved as moved:
             if moved.current == info.version:  # someone promoted it meanwhile: nothing left to do
                 _tag(p, info.version, promotion="done")
@@ -212,7 +235,7 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
             decision, gated_against = gate(p, candidate, base, rescore)
             for reason in decision.reasons:
                 say(f"gate (again): {reason}")
-            _tag(p, info.version, **decision_tags(decision, gated_against))
+            _tag(p, info.version, **decision_tags(decision, gated_against, gate_settings_sha(p)))
             if not decision.promote:
                 return _summary(info.version, newly, decision, False, "gate failed against the new champion")
             expected = gated_against.version if gated_against else None
@@ -220,6 +243,8 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
                        "stays registered with promotion pending; run again once the alias is settled")
 
 
-def _summary(version: int, newly: bool, decision: Decision | None, promoted: bool, note: str) -> dict:
+def _summary(version: int, newly: bool, decision: Decision | None, promoted: bool, note: str,
+             regated: bool = False) -> dict:
     return {"registered_version": version, "newly_registered": newly, "promoted": promoted, "note": note,
+            "regated": regated,
             "decision": decision.to_dict() if decision else {"promote": promoted, "reasons": [note]}}
