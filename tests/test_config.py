@@ -123,9 +123,9 @@ def test_the_gpu_profile_writes_its_keys_into_params_and_keeps_the_rest(tmp_path
     before = params.read_text()
     changed = apply_profile(params, ROOT / "profiles/gpu.yaml")
     p = load_params(params)
-    assert p.train.adapter == "qlora" and p.train.packing and p.evaluate.vllm["enforce_eager"] is True
+    assert p.train.adapter == "qlora" and p.train.packing and p.evaluate.vllm == {"gpu_memory_utilization": 0.25}
     assert p.serve.dtype == "bfloat16" and p.train.trl["use_liger_kernel"] is True
-    assert {"train.adapter", "evaluate.vllm.enforce_eager", "serve.dtype", "base.model"} <= set(changed)
+    assert {"train.adapter", "evaluate.vllm.gpu_memory_utilization", "serve.dtype", "base.model"} <= set(changed)
     after = params.read_text()
     # Every other line the user wrote stays, comments included; null stays null.
     kept = [line for line in before.splitlines() if line.strip().startswith("#")]
