@@ -61,6 +61,8 @@ def gateway(up_url: str, port: int, log_path: str, prof_path: str, shards: str) 
 
     if shards == "one-pool":  # the former client: one httpx pool with its default 100 connections
         pools.POOL_SHARDS, pools.POOL_CONNECTIONS = 1, 100
+    elif "x" in shards:  # SxC: S pools of C connections each
+        pools.POOL_SHARDS, pools.POOL_CONNECTIONS = map(int, shards.split("x"))
 
     from gateway_overhead import KEY, UNLIMITED
     from pipeline.config import TaskConfig
@@ -93,7 +95,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--compare", default="one-pool,sharded",
+                    help="two pool layouts, paired: one-pool, sharded (as the gateway is), or SxC (S pools of C)")
     args = ap.parse_args()
+    a, b = args.compare.split(",")
     import statistics
 
     from pipeline.io import load_chat_file
@@ -106,13 +111,14 @@ def main() -> None:
     rounds = []
     for r in range(args.rounds):
         row = {}
-        for pools in (("one-pool", "sharded") if r % 2 == 0 else ("sharded", "one-pool")):
+        for pools in ((a, b) if r % 2 == 0 else (b, a)):
             row[pools] = measure(tmp, prompts, args, pools, None)
-        row["cpu_ratio"] = round(row["sharded"]["gateway_cpu_ms_per_request"] / row["one-pool"]["gateway_cpu_ms_per_request"], 3)
-        row["throughput_ratio"] = round(row["sharded"]["req_per_s"] / row["one-pool"]["req_per_s"], 3)
+        # Ratios: the second layout against the first.
+        row["cpu_ratio"] = round(row[b]["gateway_cpu_ms_per_request"] / row[a]["gateway_cpu_ms_per_request"], 3)
+        row["throughput_ratio"] = round(row[b]["req_per_s"] / row[a]["req_per_s"], 3)
         rounds.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    out = {"clients": args.clients, "rounds": rounds}
+    out = {"clients": args.clients, "compare": [a, b], "rounds": rounds}
     for k in ("cpu_ratio", "throughput_ratio"):
         vals = [x[k] for x in rounds]
         out[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}

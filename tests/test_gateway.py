@@ -436,3 +436,22 @@ def test_loraflow_serve_prints_its_endpoint_and_sigterm_stops_vllm(tiny_base, cl
     assert not [p for p in psutil.process_iter(["cmdline"]) if f"--port {vllm_port}" in " ".join(p.info["cmdline"] or [])
                 or f"--port={vllm_port}" in " ".join(p.info["cmdline"] or [])]
     assert json.loads((tmp_path / "requests.jsonl").read_text().splitlines()[0])["model"] == "cli-model"
+
+
+def test_requests_spread_over_a_replicas_small_pools_fewest_in_flight_first():
+    """Each replica's connections are POOL_SHARDS small pools; a request takes the emptiest, so none
+    queues in a full pool while another has room."""
+    from pipeline.serve.gateway.upstreams import POOL_CONNECTIONS, POOL_SHARDS, Upstreams
+
+    up = Upstreams(["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"], "k", 5.0)
+    pools = [up.take(1) for _ in range(POOL_SHARDS * POOL_CONNECTIONS)]
+    assert all(POOL_SHARDS <= p < 2 * POOL_SHARDS for p in pools)  # replica 1's pools only
+    assert {pools.count(p) for p in set(pools)} == {POOL_CONNECTIONS}  # every pool filled evenly
+    assert up.in_flight == [0, POOL_SHARDS * POOL_CONNECTIONS]
+    freed = pools[5]
+    up.done(freed)
+    assert up.take(1) == freed and up.in_flight[1] == POOL_SHARDS * POOL_CONNECTIONS  # the pool with room
+    for p in pools[:5] + pools[6:]:
+        up.done(p)
+    assert up.in_flight == [0, 1] and sum(up.pool_in_flight) == 1
+    assert str(up.client(freed).base_url).startswith("http://127.0.0.1:2")

@@ -318,17 +318,16 @@ def build_app(routes: Routes, upstream_url: str | list[str], upstream_key: str, 
         try:
             tries = upstreams.order()
             for n, i in enumerate(tries):
-                ticket["replica"] = i
-                upstreams.take(i)
+                pool = ticket["replica"] = upstreams.take(i)  # released by the replica's pool
                 record["replica"] = i
-                client = upstreams.client(i)
+                client = upstreams.client(pool)
                 try:
                     upstream = await client.send(client.build_request("POST", path, json=body), stream=True)
                     break
                 except httpx.ConnectError:
                     # Nothing reached this replica: another may answer. The last one's error is the client's.
                     upstreams.refused(i)
-                    upstreams.done(i)
+                    upstreams.done(pool)
                     ticket["replica"] = None
                     if n == len(tries) - 1:
                         raise

@@ -14,8 +14,10 @@ import time
 import httpx
 
 # Connections to each replica: POOL_SHARDS pools of POOL_CONNECTIONS (128 in flight before requests queue,
-# as with one pool of httpx's default 100).
-POOL_SHARDS, POOL_CONNECTIONS = 8, 16
+# as with one pool of httpx's default 100). A request takes the pool with the fewest in flight, so a small
+# pool never queues while another has room. Measured paired on CPU (bench/gateway_profile.py --compare,
+# 2026-12-03): 32 x 4 vs 8 x 16 cut the gateway's CPU a request to 0.91/0.77/0.73x at 16/64/128 clients.
+POOL_SHARDS, POOL_CONNECTIONS = 32, 4
 
 
 class Upstreams:
@@ -24,6 +26,7 @@ class Upstreams:
             raise ValueError("the gateway needs at least one vLLM URL")
         self.urls, self.key, self.timeout_s, self.cooldown_s = list(urls), key, timeout_s, cooldown_s
         self.in_flight = [0] * len(self.urls)
+        self.pool_in_flight = [0] * (len(self.urls) * POOL_SHARDS)
         self.down_until = [0.0] * len(self.urls)
         self.served = [0] * len(self.urls)
         self._turn = itertools.count()
@@ -37,31 +40,38 @@ class Upstreams:
         with self._lock:
             return sorted(range(n), key=lambda i: (self.down_until[i] > now, self.in_flight[i], (i - turn) % n))
 
-    def take(self, i: int) -> None:
+    def take(self, i: int) -> int:
+        """Count a request to replica ``i``; returns its pool (for ``client`` and ``done``): the one of the
+        replica's pools with the fewest requests in flight, the next in turn among equals."""
+        first, start = i * POOL_SHARDS, next(self._turn) % POOL_SHARDS
         with self._lock:
             self.in_flight[i] += 1
             self.served[i] += 1
+            pool = min((first + (start + k) % POOL_SHARDS for k in range(POOL_SHARDS)),
+                       key=self.pool_in_flight.__getitem__)
+            self.pool_in_flight[pool] += 1
+        return pool
 
-    def done(self, i: int) -> None:
+    def done(self, pool: int) -> None:
         with self._lock:
-            self.in_flight[i] -= 1
+            self.in_flight[pool // POOL_SHARDS] -= 1
+            self.pool_in_flight[pool] -= 1
 
     def refused(self, i: int) -> None:
         with self._lock:
             self.down_until[i] = time.monotonic() + self.cooldown_s
 
-    def client(self, i: int) -> httpx.AsyncClient:
-        """One of replica ``i``'s small connection pools, in turn. httpcore's pool re-checks every one of
-        its connections (a poll syscall each, and a quadratic idle count) whenever a request comes or
-        goes: one pool of 100 connections cost the gateway 5.6 ms of CPU a request at 64 clients
+    def client(self, pool: int) -> httpx.AsyncClient:
+        """The connection pool ``take`` chose. Small pools, because httpcore's pool re-checks every one of
+        its connections (a poll syscall each, and a quadratic idle count) whenever a request comes or goes:
+        one pool of 100 connections cost the gateway 5.6 ms of CPU a request at 64 clients
         (bench/gateway_profile.py), and it fell to 0.85x of direct vLLM at 128 clients on an H200."""
-        shard = next(self._turn) % POOL_SHARDS
-        key = i * POOL_SHARDS + shard
-        if key not in self._clients:
-            self._clients[key] = httpx.AsyncClient(
-                base_url=self.urls[i], timeout=self.timeout_s, headers={"Authorization": f"Bearer {self.key}"},
+        if pool not in self._clients:
+            self._clients[pool] = httpx.AsyncClient(
+                base_url=self.urls[pool // POOL_SHARDS], timeout=self.timeout_s,
+                headers={"Authorization": f"Bearer {self.key}"},
                 limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS))
-        return self._clients[key]
+        return self._clients[pool]
 
     def status(self) -> list[dict]:
         now = time.monotonic()
