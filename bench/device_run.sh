@@ -54,6 +54,6 @@ fi
 phase gateway python3 bench/gateway_overhead.py --clients 8,32,128 --runs 3 --requests 8 \
   --base /tmp/models/qwen2.5-0.5b-shaped --adapter artifacts/adapter --serve-python /tmp/bin/vpython --gpu
 phase train python3 bench/train_gpu.py --model llama-3.2-1b --steps 10 --warmup 4 --rows 1000 --repeats 3 \
-  --variants baseline,baseline_tuned,baseline_qlora_tuned,qlora_packed_liger_a3_fused,qlora_packed_liger_a1_fused \
+  --variants baseline,baseline_qlora_tuned,qlora_packed_liger_a3_fused,qlora_packed_liger_a1_fused,qlora_packed_liger_a3_fused_offload \
   --out $R --tag _h200
 touch $R/all.done

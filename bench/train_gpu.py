@@ -72,9 +72,11 @@ VARIANTS = {
     # Plain TRL QLoRA, the usual recipe: BitsAndBytesConfig NF4 + prepare_model_for_kbit_training.
     "baseline_qlora": dict(_PADDED, adapter="qlora"),
     "baseline_mb32": dict(_PADDED, batch_size=32),
-    # Plain TRL with its own speed switches (a tuned hand-written script): packing (best-fit) with
-    # padding_free, Liger, bf16 LoRA or QLoRA, one accumulation step (the fastest shape on a host-bound
-    # step) at the baseline's tokens per optimizer step. sdpa: flash-attn is not installed on the device.
+    # Plain TRL with its own speed switches (a tuned hand-written script): packing, Liger, bf16 LoRA or
+    # QLoRA, one accumulation step (the fastest shape on a host-bound step) at the baseline's tokens per
+    # optimizer step. Packing is TRL's "wrapped" strategy: its default best-fit packing turns padding-free
+    # on, which flattens a micro-batch into one sequence; with sdpa (flash-attn is not on the device) that
+    # is attention over all of its tokens, 0.6x the defaults baseline on the H200 (2026-12-03).
     "baseline_tuned": dict(packing=True, accum=1),
     "baseline_qlora_tuned": dict(packing=True, accum=1, adapter="qlora"),
     "no_gc": dict(_PADDED, gradient_checkpointing=False),
@@ -105,6 +107,9 @@ VARIANTS = {
     "qlora_packed_liger_a1": dict(_LIGER, adapter="qlora", accum=1),
     # Host overhead per micro-batch: the 5 x 3 step's rows in one micro-batch (15 x 1), fused LoRA.
     "qlora_packed_liger_a1_fused": dict(_LIGER, adapter="qlora", accum=1, fused_lora=True),
+    # Activation offloading to host memory instead of recomputation (TRL's activation_offloading).
+    "qlora_packed_liger_a3_fused_offload": dict(_Q5X3, fused_lora=True, gradient_checkpointing=False,
+                                                activation_offloading=True),
 }
 
 
@@ -258,7 +263,7 @@ def run_plain_trl(args, base: Path, data: Path, timer: StepTimer) -> dict:
                     per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.accum,
                     learning_rate=1e-4, max_length=args.max_length, bf16=True, logging_steps=1, save_strategy="no",
                     report_to="none", seed=0, include_num_input_tokens_seen="non_padding",
-                    **({"packing": True, "padding_free": True, "use_liger_kernel": True}
+                    **({"packing": True, "packing_strategy": "wrapped", "use_liger_kernel": True}
                        if args.variant.endswith("_tuned") else {}))
     trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok, callbacks=[timer.callback],
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
@@ -322,7 +327,8 @@ def stage_config(args, tokens_per_step: float, work: Path):
     accum = opts.pop("accum", None)
     # Settings TRL has of its own live under train.trl (the stage passes them through).
     moved = {"liger_kernels": "use_liger_kernel", "gradient_checkpointing": "activation_checkpointing",
-             "dataloader_workers": "dataloader_num_workers", "torch_compile": "torch_compile"}
+             "dataloader_workers": "dataloader_num_workers", "torch_compile": "torch_compile",
+             "activation_offloading": "activation_offloading"}
     trl_opts = {moved[k]: opts.pop(k) for k in list(opts) if k in moved}
     if opts.get("packing"):
         # A packed row holds up to max_length tokens: keep the tokens per optimizer step equal to the
