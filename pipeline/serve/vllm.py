@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -99,8 +99,10 @@ class VLLMServer:
     cfg: ServeConfig
     process: subprocess.Popen | None = None
     _log: object = None  # the log file handle the process writes to, closed on stop
-    api_key: str = ""    # vLLM's own key (VLLM_API_KEY): only the gateway and loraflow hold it
-    _launch: tuple | None = None  # (command, environment): to start it again after a transient failure
+    # vLLM's own key (VLLM_API_KEY): only the gateway and loraflow hold it; never in a repr (logs)
+    api_key: str = field(default="", repr=False)
+    # (command, environment with the key): to start it again after a transient failure
+    _launch: tuple | None = field(default=None, repr=False)
     _log_offset: int = 0  # where this start's output begins in the (appended) log
     starts: int = 1
 
