@@ -195,9 +195,7 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
             # A person changed the gate (a guardrail, the required improvement): the same scores, decided
             # again under today's settings, instead of "no new data" until something else changes.
             say(f"v{existing.version} failed its gate under other gate settings: gating it again under today's")
-            decision, gated_against = gate(p, candidate, base, rescore)
-            for reason in decision.reasons:
-                say(f"gate: {reason}")
+            decision, gated_against = _gate_and_say(p, candidate, base, rescore, say, "gate")
             _tag(p, existing.version, **decision_tags(decision, gated_against, settings))
             write_json(Path("reports") / "gate.json", {**decision.to_dict(), "candidate_leak": candidate.leak})
             if not decision.promote:
@@ -213,9 +211,7 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
             info, decision, expected = existing, None, _expected(existing.tags)
             newly = regated = False
     else:
-        decision, gated_against = gate(p, candidate, base, rescore)
-        for reason in decision.reasons:
-            say(f"gate: {reason}")
+        decision, gated_against = _gate_and_say(p, candidate, base, rescore, say, "gate")
         info = register_candidate(p, decision, candidate, base, gated_against)
         say(f"registered {name} v{info.version} ({'gate passed' if decision.promote else 'gate failed'})")
         if not decision.promote:
@@ -232,15 +228,21 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
                 _tag(p, info.version, promotion="done")
                 return _summary(info.version, newly, decision, True, "promoted meanwhile by someone else")
             say(f"{moved}: moved during this run; gating v{info.version} again against the new champion")
-            decision, gated_against = gate(p, candidate, base, rescore)
-            for reason in decision.reasons:
-                say(f"gate (again): {reason}")
+            decision, gated_against = _gate_and_say(p, candidate, base, rescore, say, "gate (again)")
             _tag(p, info.version, **decision_tags(decision, gated_against, gate_settings_sha(p)))
             if not decision.promote:
                 return _summary(info.version, newly, decision, False, "gate failed against the new champion")
             expected = gated_against.version if gated_against else None
     raise RuntimeError(f"{name}@{alias} kept moving during this run ({max_regates} re-gates); v{info.version} "
                        "stays registered with promotion pending; run again once the alias is settled")
+
+
+def _gate_and_say(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore,
+                  say: Callable[[str], None], label: str) -> tuple[Decision, registry.VersionInfo | None]:
+    decision, gated_against = gate(p, candidate, base, rescore)
+    for reason in decision.reasons:
+        say(f"{label}: {reason}")
+    return decision, gated_against
 
 
 def _summary(version: int, newly: bool, decision: Decision | None, promoted: bool, note: str,
