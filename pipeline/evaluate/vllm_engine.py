@@ -27,8 +27,6 @@ from pipeline.vllm_logs import START_ATTEMPTS, log_size, root_cause, transient_s
 WORKER = Path(__file__).with_name("vllm_worker.py")
 # vLLM's LoRA kernels are compiled for these ranks; an adapter's rank is rounded up to the next one.
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-
-
 RETRY_DELAY_S = 10.0  # before another start after a transient failure (pipeline.vllm_logs)
 
 

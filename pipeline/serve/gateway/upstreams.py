@@ -16,7 +16,8 @@ import httpx
 # Connections to each replica: POOL_SHARDS pools of POOL_CONNECTIONS (128 in flight before requests queue,
 # as with one pool of httpx's default 100). A request takes the pool with the fewest in flight, so a small
 # pool never queues while another has room. Measured paired on CPU (bench/gateway_profile.py --compare,
-# 2026-12-03): 32 x 4 vs 8 x 16 cut the gateway's CPU a request to 0.91/0.77/0.73x at 16/64/128 clients.
+# 2026-12-03, both fewest-first): 32 x 4 vs 8 x 16 took the gateway's CPU a request to 0.96/0.77/0.76x at
+# 16/64/128 clients (docs/benchmarks.md).
 POOL_SHARDS, POOL_CONNECTIONS = 32, 4
 
 
