@@ -5,8 +5,10 @@
 #            retrain -> gate -> registry -> vLLM on the GPU behind the gateway -> 40 requests -> drift-check
 #   openai   40 held-out prompts through that gateway with the openai client (bench/openai_requests.py)
 #            (if the gate rejected v1: bench/device_gate.yaml, and the demo again: only the gate re-runs)
-#   gateway  gateway vs direct vLLM on the GPU, 8/32/128 clients (bench/gateway_overhead.py)
 #   train    bench/train_gpu.py on Llama-3.2-1B: plain TRL (defaults and tuned) vs the train stage's levers
+#   gateway  gateway vs direct vLLM on the GPU, 8/32/128 clients (bench/gateway_overhead.py)
+#   train8b  the train stage's QLoRA on Llama-3.1-8B's shape: MFU and memory (no plain-TRL run: device time)
+# Phases run in order of what is least measured so far; a lease that ends early returns the finished ones.
 # Each phase's output is /tmp/results/<phase>.log; /tmp/results/phases.log has one line per phase.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -51,9 +53,11 @@ if [ $rc -ne 0 ] && grep -q "has no champion" $R/demo.log; then
   demo demo2; rc=$?   # (not "$(date) ... $?": the command substitution would reset $?)
   echo "$(date +%T) demo2: exit $rc" >> $R/phases.log; save demo2
 fi
+phase train python3 bench/train_gpu.py --model llama-3.2-1b --steps 10 --warmup 4 --rows 1000 --repeats 3 \
+  --variants baseline,baseline_qlora_tuned,qlora_packed_liger_a3_fused,qlora_packed_liger_a1_fused \
+  --out $R --tag _h200
 phase gateway python3 bench/gateway_overhead.py --clients 8,32,128 --runs 3 --requests 8 \
   --base /tmp/models/qwen2.5-0.5b-shaped --adapter artifacts/adapter --serve-python /tmp/bin/vpython --gpu
-phase train python3 bench/train_gpu.py --model llama-3.2-1b --steps 10 --warmup 4 --rows 1000 --repeats 3 \
-  --variants baseline,baseline_qlora_tuned,qlora_packed_liger_a3_fused,qlora_packed_liger_a1_fused,qlora_packed_liger_a3_fused_offload \
-  --out $R --tag _h200
+phase train8b python3 bench/train_gpu.py --model llama-3.1-8b --steps 6 --warmup 2 --rows 400 --repeats 3 \
+  --no-baseline --variants qlora_packed_liger_a1_fused,qlora_packed_liger_a3_fused --out $R --tag _h200
 touch $R/all.done

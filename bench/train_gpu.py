@@ -382,6 +382,9 @@ def main() -> None:
     ap.add_argument("--tokens-per-step", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3, help="paired rounds: baseline + every variant, interleaved")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="absolute figures only (MFU, memory): no baseline run, so no ratios (a large model's "
+                         "plain-TRL baseline costs more device time than every variant together)")
     ap.add_argument("--work", default="/tmp/loraflow-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -389,7 +392,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
     variants = args.variants.split(",")
-    if not variants[0].startswith("baseline"):
+    if not variants[0].startswith("baseline") and not args.no_baseline:
         variants.insert(0, "baseline")
     runs: list[dict] = []  # every run, in order; repeats are interleaved: B v1 v2 .. B v1 v2 ..
     for rep in range(args.repeats):
@@ -408,7 +411,7 @@ def main() -> None:
                 continue
             r = json.loads(line[7:])
             r["repeat"] = rep
-            if v == variants[0]:  # the first variant of a round is its baseline
+            if v == variants[0] and not args.no_baseline:  # the first variant of a round is its baseline
                 baseline = r
             if baseline:
                 r["speedup"] = r["steady_tokens_per_s"] / baseline["steady_tokens_per_s"]
@@ -424,15 +427,16 @@ def main() -> None:
           "x baseline | MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for v in variants:
-        rs = [r for r in runs if r["variant"] == v and "speedup" in r]
+        rs = [r for r in runs if r["variant"] == v]
         if not rs:
             continue
         med = statistics.median
-        sp = [r["speedup"] for r in rs]
+        sp = [r["speedup"] for r in rs if "speedup" in r]
+        ratio = f"{med(sp):.2f} ({min(sp):.2f}-{max(sp):.2f}), {len(sp)}" if sp else f"- (no baseline), {len(rs)}"
+        mem = f"{med(r['memory_ratio'] for r in rs):.2f}" if sp else "-"
         print(f"| {args.model} | {v} | {rs[0]['micro_batch']} x {rs[0]['grad_accum']} | "
-              f"{med(r['steady_tokens_per_s'] for r in rs):,.0f} | {med(sp):.2f} ({min(sp):.2f}-{max(sp):.2f}), {len(rs)} | "
-              f"{med(r['peak_memory_mb'] for r in rs):,.0f} | {med(r['memory_ratio'] for r in rs):.2f} | "
-              f"{med(r['mfu'] for r in rs):.3f} |")
+              f"{med(r['steady_tokens_per_s'] for r in rs):,.0f} | {ratio} | "
+              f"{med(r['peak_memory_mb'] for r in rs):,.0f} | {mem} | {med(r['mfu'] for r in rs):.3f} |")
 
 
 def _tail_loss(r: dict, n: int = 5) -> float:
