@@ -10,11 +10,14 @@ from pathlib import Path
 # vLLM's engine core fails in a process of its own; the parent's last lines only say "see root cause above".
 _GENERIC = ("Engine core initialization failed", "Traceback")
 
-# Start-up failures that say nothing about this start: vLLM sizes its KV cache from the GPU's free memory
-# before and after a profiling pass, and stops if another process released memory meanwhile (on one GPU:
-# the serving vLLM the demo starts beside the pipeline, a training process freeing its cache). The next
-# start, a little later, does not depend on what happened during this one.
-TRANSIENT_START = ("Error in memory profiling",)
+# Start-up failures that say nothing about this start: vLLM sizes its KV cache from the GPU's memory before
+# and after a profiling pass, and counts what other processes did meanwhile as its own. Another process that
+# released memory stops it ("Error in memory profiling"); one that took memory (on the H200, 2026-12-03: the
+# demo's serving vLLM allocating its KV cache while the evaluate engine profiled) leaves it none for its
+# cache. The next start, a little later, does not depend on what happened during this one. The second
+# message is also what a gpu_memory_utilization too small for the model says, every time: the attempts are
+# bounded, and the last one's error carries vLLM's advice to raise it.
+TRANSIENT_START = ("Error in memory profiling", "No available memory for the cache blocks")
 START_ATTEMPTS = 3
 
 
