@@ -266,9 +266,25 @@ def history(cfg: RegistryConfig, name: str) -> list[dict]:
     return moves if isinstance(moves, list) else []
 
 
-def record_move(cfg: RegistryConfig, name: str, before: int | None, after: int, by: str) -> None:
-    moves = history(cfg, name) + [{"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                   "from": before, "to": after, "by": by}]
+OUTSIDE = "outside loraflow (MLflow UI or API)"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def record_move(cfg: RegistryConfig, name: str, before: int | None, after: int, by: str,
+                since: str | None = None) -> None:
+    """Append a move to the alias history. ``since`` (when the caller started moving the alias): the
+    serving side's webhook can reach ``reconcile_history`` between the move and this note, and records it
+    as made outside loraflow; that entry (same move, noted since then) is this one, and takes ``by``."""
+    moves = history(cfg, name)
+    last = moves[-1] if moves else {}
+    if since and last.get("by") == OUTSIDE and (last.get("from"), last.get("to")) == (before, after) \
+            and str(last.get("at", "")) >= since:
+        moves[-1] = dict(last, by=by)
+    else:
+        moves.append({"at": _now(), "from": before, "to": after, "by": by})
     text = json.dumps(moves)
     while len(text) > HISTORY_MAX_CHARS and len(moves) > 1:
         moves = moves[1:]
@@ -288,7 +304,7 @@ def reconcile_history(cfg: RegistryConfig, name: str, current: int | None = None
     moves = history(cfg, name)
     last = moves[-1]["to"] if moves else None
     if last != current:
-        record_move(cfg, name, last, current, "outside loraflow (MLflow UI or API)")
+        record_move(cfg, name, last, current, OUTSIDE)
         moves = history(cfg, name)
     return moves
 
@@ -318,9 +334,10 @@ def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None |
 
     if now is not None and now != version:
         _note_history(lambda: reconcile_history(cfg, name, now))  # a UI move before this one, recorded as such
+    started = _now()
     call(cfg, f"move {name}@{cfg.alias} to v{version}", move)
     if now != version:
-        _note_history(lambda: record_move(cfg, name, now, version, by))
+        _note_history(lambda: record_move(cfg, name, now, version, by, since=started))
     return _info(mv)
 
 

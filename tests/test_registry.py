@@ -182,3 +182,28 @@ def test_rollback_follows_the_alias_history_including_moves_made_in_the_ui(cfg, 
     with pytest.raises(LookupError, match="no earlier champion"):
         registry.rollback(cfg, "m")
     assert versions == [1, 2, 3, 4]
+
+
+def test_a_promotion_the_serving_side_noticed_first_is_recorded_once_as_loraflows(cfg, tmp_path, monkeypatch):
+    """The alias move fires MLflow's webhook; serving reconciles the history before promote notes the move
+    (seen with `loraflow up`: the first promotion listed twice, once as made outside loraflow)."""
+    for tag in ("one", "two"):
+        _register(cfg, tmp_path, tag)
+    real = registry.record_move
+
+    def webhook_first(cfg_, name, before, after, by, since=None):
+        if by.startswith("loraflow retrain"):  # promote's own note: the serving side got there first
+            registry.reconcile_history(cfg_, name)
+        real(cfg_, name, before, after, by, since=since)
+
+    monkeypatch.setattr(registry, "record_move", webhook_first)
+    registry.promote(cfg, "m", 1, by="loraflow retrain")
+    registry.promote(cfg, "m", 2, by="loraflow retrain")
+    moves = registry.history(cfg, "m")
+    assert [(m["from"], m["to"], m["by"]) for m in moves] == [(None, 1, "loraflow retrain"), (1, 2, "loraflow retrain")]
+    # A move a person makes in the UI is still theirs, and loraflow's next move is noted after it.
+    registry.client(cfg).set_registered_model_alias("m", "champion", "1")
+    registry.promote(cfg, "m", 2, by="loraflow retrain")
+    moves = registry.history(cfg, "m")
+    assert [(m["from"], m["to"]) for m in moves[2:]] == [(2, 1), (1, 2)]
+    assert moves[2]["by"] == registry.OUTSIDE and moves[3]["by"] == "loraflow retrain"
