@@ -203,6 +203,12 @@ def register(cfg: RegistryConfig, name: str, run_id: str, tags: dict[str, str], 
     return _info(mv)
 
 
+def describe_version(cfg: RegistryConfig, name: str, version: int, card: str, run_id: str) -> None:
+    """Replace a version's description (the card the MLflow UI shows), e.g. after its gate decided again."""
+    call(cfg, f"describe {name} v{version}", lambda: client(cfg).update_model_version(
+        name, str(version), description=version_description(card, run_id)))
+
+
 # MLflow's SQL schema holds a version description in VARCHAR(5000): PostgreSQL and MySQL reject longer ones
 # (SQLite does not check), so a long card is cut there; the whole card is the adapter's README.md.
 MAX_DESCRIPTION = 5000

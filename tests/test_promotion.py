@@ -119,6 +119,7 @@ def test_a_version_that_failed_its_gate_is_gated_again_when_the_gate_settings_ch
     strict = p.model_copy(update={"gate": p.gate.model_copy(update={"min_improvement": 0.5, "max_slowdown": 0.55})})
     out = promotion.release(strict, cand, base, rescorer(strict))
     assert out["regated"] and not out["promoted"] and "again" in out["note"]
+    assert "## Gate decision: keep the current champion" in registry.client(p.registry).get_model_version("m", "1").description
     # Loosened: the same scores pass now, v1 is promoted, no second version registered.
     loose = p.model_copy(update={"gate": p.gate.model_copy(update={"max_slowdown": 0.7})})
     out = promotion.release(loose, cand, base, rescorer(loose))
@@ -126,6 +127,10 @@ def test_a_version_that_failed_its_gate_is_gated_again_when_the_gate_settings_ch
     tags = _versions(p)[1]
     assert list(_versions(p)) == [1] and tags["promotion"] == "done" and tags["gate_promote"] == "true"
     assert tags["gate_settings"] == promotion.gate_settings_sha(loose) and registry.get_alias(p.registry, "m").version == 1
+    # The card a person reads in the MLflow UI, and reports/README.md, say the decision that stands now.
+    described = registry.client(p.registry).get_model_version("m", "1").description
+    assert "## Gate decision: PROMOTE" in described and "keep the current champion" not in described
+    assert "## Gate decision: PROMOTE" in Path("reports/README.md").read_text()
 
 
 def test_failure_after_the_alias_move_is_consistent_and_a_rerun_finishes(setup, monkeypatch):

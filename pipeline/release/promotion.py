@@ -126,16 +126,18 @@ def decision_tags(decision: Decision, champion: registry.VersionInfo | None, set
     }
 
 
-def register_candidate(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore,
-                       champion: registry.VersionInfo | None) -> registry.VersionInfo:
+def _card(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore,
+          champion: registry.VersionInfo | None) -> tuple[dict[str, str], str, dict, dict]:
+    """The version's tags and model card for ``decision``, written to reports/README.md and reports/gate.json;
+    returns (tags, card, eval metrics, train metrics)."""
     adapter_dir = Path(p.train.out_dir)
-    adapter_sha = dir_sha256(adapter_dir)
     train_metrics = read_json(adapter_dir / "train_metrics.json")
     n = len(next(iter(candidate.per_example.values()), []))
     eval_metrics = {s.name: {**s.metrics, "tokens_per_s": s.speed.get("tokens_per_s"), "n": n}
                     for s in (base, candidate)}
     privacy = train_metrics.get("privacy") or {}
-    tags = {**lineage_tags(p), "adapter_sha256": adapter_sha, **decision_tags(decision, champion, gate_settings_sha(p)),
+    tags = {**lineage_tags(p), "adapter_sha256": dir_sha256(adapter_dir),
+            **decision_tags(decision, champion, gate_settings_sha(p)),
             "privacy_epsilon": "none" if not privacy else "inf" if privacy.get("epsilon") is None else str(privacy["epsilon"])}
     data_card = Path(p.sanitize.out_dir, "train", "data_card.md").read_text(encoding="utf-8")
     card = model_card(p, eval_metrics=eval_metrics, decision=decision.to_dict(), data_card=data_card,
@@ -144,10 +146,26 @@ def register_candidate(p: Params, decision: Decision, candidate: ModelScore, bas
                       train_metrics=train_metrics, probes=candidate.leak or {})
     reports = Path("reports")
     reports.mkdir(parents=True, exist_ok=True)
-    card_path = reports / "README.md"
-    card_path.write_text(card, encoding="utf-8")
-    decision_path = reports / "gate.json"
-    write_json(decision_path, {**decision.to_dict(), "candidate_leak": candidate.leak})
+    (reports / "README.md").write_text(card, encoding="utf-8")
+    write_json(reports / "gate.json", {**decision.to_dict(), "candidate_leak": candidate.leak})
+    return tags, card, eval_metrics, train_metrics
+
+
+def _redecided(p: Params, info: registry.VersionInfo, decision: Decision, candidate: ModelScore,
+               base: ModelScore, champion: registry.VersionInfo | None) -> None:
+    """A registered version gated again: its decision tags, and the card the MLflow UI shows, say the new
+    decision. The card inside the run's adapter artifact stays as logged (what was registered)."""
+    _, card, _, _ = _card(p, decision, candidate, base, champion)
+    _tag(p, info.version, **decision_tags(decision, champion, gate_settings_sha(p)))
+    registry.describe_version(p.registry, p.project.name, info.version, card, info.run_id)
+
+
+def register_candidate(p: Params, decision: Decision, candidate: ModelScore, base: ModelScore,
+                       champion: registry.VersionInfo | None) -> registry.VersionInfo:
+    adapter_dir = Path(p.train.out_dir)
+    tags, card, eval_metrics, train_metrics = _card(p, decision, candidate, base, champion)
+    adapter_sha = tags["adapter_sha256"]
+    card_path, decision_path = Path("reports/README.md"), Path("reports/gate.json")
     run_id = registry.find_run_by_adapter(p.registry, adapter_sha)  # an interrupted attempt logged it
     if run_id is None:
         run_id = registry.log_candidate(
@@ -196,8 +214,7 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
             # again under today's settings, instead of "no new data" until something else changes.
             say(f"v{existing.version} failed its gate under other gate settings: gating it again under today's")
             decision, gated_against = _gate_and_say(p, candidate, base, rescore, say, "gate")
-            _tag(p, existing.version, **decision_tags(decision, gated_against, settings))
-            write_json(Path("reports") / "gate.json", {**decision.to_dict(), "candidate_leak": candidate.leak})
+            _redecided(p, existing, decision, candidate, base, gated_against)
             if not decision.promote:
                 return _summary(existing.version, False, decision, False,
                                 "gate failed again under the changed gate settings", regated=True)
@@ -229,7 +246,7 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
                 return _summary(info.version, newly, decision, True, "promoted meanwhile by someone else")
             say(f"{moved}: moved during this run; gating v{info.version} again against the new champion")
             decision, gated_against = _gate_and_say(p, candidate, base, rescore, say, "gate (again)")
-            _tag(p, info.version, **decision_tags(decision, gated_against, gate_settings_sha(p)))
+            _redecided(p, info, decision, candidate, base, gated_against)
             if not decision.promote:
                 return _summary(info.version, newly, decision, False, "gate failed against the new champion")
             expected = gated_against.version if gated_against else None
