@@ -281,11 +281,16 @@ def _now() -> str:
 
 def record_move(cfg: RegistryConfig, name: str, before: int | None, after: int, by: str,
                 since: str | None = None) -> None:
-    """Append a move to the alias history. ``since`` (when the caller started moving the alias): the
-    serving side's webhook can reach ``reconcile_history`` between the move and this note, and records it
-    as made outside loraflow; that entry (same move, noted since then) is this one, and takes ``by``."""
+    """Append a move to the alias history. The serving side reconciles the history when MLflow's webhook
+    says the alias moved, so its note of a loraflow move and loraflow's own can come in either order:
+    - an outside move is not noted when the history already ends where the alias is (loraflow noted it
+      after the reconcile read the history);
+    - ``since`` (when the caller started moving the alias): an outside entry for the same move, noted since
+      then, is the caller's, and takes ``by``."""
     moves = history(cfg, name)
     last = moves[-1] if moves else {}
+    if by == OUTSIDE and moves and last.get("to") == after:
+        return
     if since and last.get("by") == OUTSIDE and (last.get("from"), last.get("to")) == (before, after) \
             and str(last.get("at", "")) >= since:
         moves[-1] = dict(last, by=by)

@@ -185,8 +185,9 @@ def test_rollback_follows_the_alias_history_including_moves_made_in_the_ui(cfg, 
 
 
 def test_a_promotion_the_serving_side_noticed_first_is_recorded_once_as_loraflows(cfg, tmp_path, monkeypatch):
-    """The alias move fires MLflow's webhook; serving reconciles the history before promote notes the move
-    (seen with `loraflow up`: the first promotion listed twice, once as made outside loraflow)."""
+    """The alias move fires MLflow's webhook and the serving side reconciles the history, before or after
+    promote notes the move (seen with `loraflow up`: the first promotion listed twice, once as made outside
+    loraflow)."""
     for tag in ("one", "two"):
         _register(cfg, tmp_path, tag)
     real = registry.record_move
@@ -201,6 +202,10 @@ def test_a_promotion_the_serving_side_noticed_first_is_recorded_once_as_loraflow
     registry.promote(cfg, "m", 2, by="loraflow retrain")
     moves = registry.history(cfg, "m")
     assert [(m["from"], m["to"], m["by"]) for m in moves] == [(None, 1, "loraflow retrain"), (1, 2, "loraflow retrain")]
+    # The other order (seen with `loraflow up`): the serving side read the history before promote noted
+    # the move, and notes it as an outside move after. The history already ends there: nothing to add.
+    registry.record_move(cfg, "m", None, 2, registry.OUTSIDE)
+    assert len(registry.history(cfg, "m")) == 2
     # A move a person makes in the UI is still theirs, and loraflow's next move is noted after it.
     registry.client(cfg).set_registered_model_alias("m", "champion", "1")
     registry.promote(cfg, "m", 2, by="loraflow retrain")
