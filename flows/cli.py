@@ -378,7 +378,7 @@ def status(params: str = ParamsOpt) -> None:
     typer.echo(f"champion: {p.project.name}@{p.registry.alias} = v{champ.version}" if champ
                else f"champion: {p.project.name} has no @{p.registry.alias}")
     if versions:
-        for move in registry.reconcile_history(p.registry, p.project.name)[-5:]:
+        for move in registry.reconcile_history(p.registry, p.project.name, write=False)[-5:]:
             frm = f"v{move['from']}" if move.get("from") is not None else "none"
             typer.echo(f"  {move['at']}  {frm} -> v{move['to']}  by {move['by']}")
     if p.curate.enabled:

@@ -12,15 +12,41 @@ deployment trigger exists, or a drift retrains twice.
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 
 from pipeline.config import ConfigError, load_params
-from pipeline.monitor.drift import check_drift
+from pipeline.monitor.drift import check_drift, commit_window, window_id
 from pipeline import registry
 from pipeline.layout import augmented_file
+
+
+def send_event(event: str, resource: dict, payload: dict, event_id: uuid.UUID, timeout_s: float = 60) -> None:
+    """Send one event and return only once the server confirmed it, or raise. ``emit_event`` queues to a
+    background worker that logs and drops what it cannot send: a drift trigger must not be lost that way.
+    Without a server (ephemeral Prefect) there is no trigger to reach; ``emit_event`` is all there is."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        emit_event(event, resource=resource, payload=payload, id=event_id)
+        return
+    from prefect.events import Event
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def send() -> None:
+        # checkpoint_every=1: a ping after the send, answered only once the server has read the event.
+        async with PrefectEventsClient(reconnection_attempts=3, checkpoint_every=1) as client:
+            await client.emit(Event(event=event, resource=resource, payload=payload, id=event_id))
+
+    async def bounded() -> None:
+        await asyncio.wait_for(send(), timeout_s)
+
+    run_coro_as_sync(bounded())
 
 
 @task(name="evidently-drift")
@@ -64,14 +90,21 @@ def drift_check(params_file: str = "params.yaml", model: str = "") -> dict:
                 result["threshold"], result["requests"], "DRIFT" if result["drift"] else "no drift", result["report"])
     if result["drift"]:
         result["summary"] = drift_summary(result)
-        emit_event("loraflow.drift.detected", resource={"prefect.resource.id": f"mlflow.model.{p.project.name}"},
-                   payload={"summary": result["summary"], "window": w, "drift_share": result["drift_share"],
-                            "threshold": result["threshold"], "drifted": result["drifted"],
-                            "scores": {c: v["score"] for c, v in result["columns"].items()},
-                            "requests": result["requests"], "mlflow_run_id": run_id, "report": result["report"]})
-        if p.monitor.retrain_on_drift:
-            from flows.retrain import retrain
+        result["window_id"] = window_id(p.project.name, result)
+        # The same window judged again (a failure below, before the commit) sends the same event id, which
+        # Prefect's trigger service acts on once.
+        send_event("loraflow.drift.detected", {"prefect.resource.id": f"mlflow.model.{p.project.name}"},
+                   {"summary": result["summary"], "window": w, "window_id": result["window_id"],
+                    "drift_share": result["drift_share"], "threshold": result["threshold"],
+                    "drifted": result["drifted"], "scores": {c: v["score"] for c, v in result["columns"].items()},
+                    "requests": result["requests"], "mlflow_run_id": run_id, "report": result["report"]},
+                   uuid.uuid5(uuid.NAMESPACE_URL, f"loraflow.drift/{result['window_id']}"))
+    # Judged only now: the run is logged and the trigger is out. Any failure before this line leaves the
+    # window open, so the next check judges it again and the trigger comes back.
+    commit_window(out, result)
+    if result["drift"] and p.monitor.retrain_on_drift:
+        from flows.retrain import retrain
 
-            logger.info("monitor.retrain_on_drift: running the retrain flow now")
-            result["retrain"] = retrain(params_file=params_file, trigger="drift", drift_summary=result["summary"])
+        logger.info("monitor.retrain_on_drift: running the retrain flow now")
+        result["retrain"] = retrain(params_file=params_file, trigger="drift", drift_summary=result["summary"])
     return result

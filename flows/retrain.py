@@ -211,9 +211,11 @@ def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "m
             else:
                 stages[name] = run_stage(name)
         pushed = push_outputs() if p.dvc.push else None
+        promotion.publish_current_base(p)  # in the store even when DVC restored the base instead of building it
         result = release(p)
         # Every run, not only the registering one: a run that resumes an interrupted release writes it too.
         result["dossier"] = write_dossier(p, result["registered_version"])
+        result["bases_removed"] = promotion.prune_bases(p, say=logger.info)
     champion = registry.get_alias(p.registry, p.project.name)
     summary = {"stages": stages, "dvc_pushed_files": pushed, **result, "trigger": trigger,
                "champion": {"version": champion.version, "alias": p.registry.alias} if champion else None,

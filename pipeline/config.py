@@ -95,6 +95,9 @@ class BaseModelConfig(_Strict):
     # What the base is built from (stage base_inputs): hashes of the sanitized text for the embedded base,
     # nothing for a pretrained one, so only the embedded base is rebuilt when the training data changes.
     inputs_file: str = "artifacts/base_inputs.json"
+    # Every base the stage builds is also published here, under its weights' sha256, never changed: serving
+    # and the champion re-score use the base each version was trained on (pipeline.modeling.publish_base).
+    store_dir: str = "artifacts/bases"
     builtin: BuiltinBaseConfig = BuiltinBaseConfig()
 
     _moved_keys = _moved("base", {k: f"base.builtin.{k}" for k in BuiltinBaseConfig.model_fields})
@@ -537,6 +540,10 @@ class GateConfig(_Strict):
     # Privacy: a version whose training spent more than this epsilon (train.privacy), or trained without
     # the guarantee, is never promoted. None: not required.
     max_epsilon: float | None = Field(None, gt=0.0)
+    # A guardrail that cannot be computed (a guardrail metric or the speed not measured for one side, the
+    # forgetting set or the PII scan missing for one side, an eval slice not scored the same way for both)
+    # fails the gate, naming it. List a kind here to promote without it; the decision then says SKIP.
+    skip_uncomputable: list[Literal["guardrail_metrics", "speed", "forgetting", "leak", "slices"]] = []
 
 
 class RegistryConfig(_Strict):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +64,67 @@ def tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
     except OSError as err:
         return f"<log unreadable: {err.strerror or err}>"
+
+
+class LogError(ValueError):
+    """A log line that is not a record (names the file and line)."""
+
+
+@dataclass
+class LogStats:
+    """What a pass over a log skipped: torn last lines (a writer stopped mid-line), counted, never silent."""
+
+    torn: list[str] = field(default_factory=list)  # "file:line" of each torn last line skipped
+
+
+def read_log(path: Path, stats: LogStats | None = None, files: list[Path] | None = None,
+             contains: bytes | None = None) -> Iterator[tuple[Path, int, dict]]:
+    """Every record of a rotated JSONL log (``log_files``), oldest file first, streamed as (file, line, record).
+
+    The one policy every reader of the gateway's logs follows: a file's last line that has no newline is a
+    write cut short (the writer was killed, or is writing it now; its next start rotates a torn file away),
+    so it is skipped and counted in ``stats``; any other line that is not a JSON object is damage, a
+    ``LogError`` naming the file and line (never skipped: a reader that skips damage reports less than was
+    served). Each file is read up to its size when opened, so a line being appended meanwhile is torn, not
+    damage. A file rotated away or expired between listing and reading is gone, not damage. ``files``: only
+    these of the log's files; ``contains``: only lines holding these bytes are read (a lookup by id: damage
+    elsewhere does not change its answer).
+    """
+    for f in log_files(path) if files is None else files:
+        try:
+            fh = open(f, "rb")
+        except FileNotFoundError:
+            continue
+        with fh:
+            left = os.fstat(fh.fileno()).st_size
+            for n, raw in enumerate(fh, 1):
+                if left <= 0:
+                    break
+                raw, left = raw[:left], left - len(raw)
+                if not raw.endswith(b"\n"):  # the last line, cut short (or still being written)
+                    if stats is not None and raw.strip():
+                        stats.torn.append(f"{f}:{n}")
+                    break
+                if not raw.strip() or (contains is not None and contains not in raw):
+                    continue
+                try:
+                    rec = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise LogError(f"{f}:{n}: not a JSON record ({e})") from None
+                if not isinstance(rec, dict):
+                    raise LogError(f"{f}:{n}: not a JSON object")
+                yield f, n, rec
+
+
+def ends_torn(path: Path) -> bool:
+    """Whether ``path`` ends in a line cut short (no final newline): a writer appending to it must rotate it
+    first, so the torn line stays the last line of its file (what ``read_log`` skips)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            if fh.tell() == 0:
+                return False
+            fh.seek(-1, 2)
+            return fh.read(1) != b"\n"
+    except FileNotFoundError:
+        return False

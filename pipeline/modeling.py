@@ -63,6 +63,8 @@ def weights_digest(weights: dict[str, str]) -> str:
 def base_weights_sha256(base_dir: Path) -> str:
     """The identity of a base model's weights. Versions carry it (``base_weights_sha256``) so serving can
     tell which base an adapter needs."""
+    if (read_digest(base_dir) or {}).get("weights_sha256") == Path(base_dir).name:
+        return Path(base_dir).name  # a store folder, named by the digest it was published with (read-only)
     ref = _reference(Path(base_dir))
     if ref is not None:
         return ref["weights_sha256"]
@@ -108,3 +110,108 @@ def load_base(base_dir: Path, quantize_4bit: bool = False, attn_implementation: 
     # the tied embedding/LM head) to float32, which made 4-bit Llama-3.2-1B use more memory than bf16 LoRA
     # (docs/benchmarks.md); bf16 norms are what bf16 LoRA trains with anyway, and peft freezes the base.
     return AutoModelForCausalLM.from_pretrained(base_dir, **kwargs), tokenizer
+
+
+# --- the base store: immutable, addressed by content ---------------------------------------------------
+# ``base.out_dir`` is the base stage's DVC output: rebuilt in place when the training data changes. Serving
+# and the champion re-score need the base each version was trained on, which may be an older one, so the
+# stage also publishes every base it builds to ``<store>/<weights sha256>/`` (written once, never changed).
+# What may be removed from the store: ``prune_bases`` (a base no registered version refers to).
+BASE_DIGEST = "loraflow-base.json"  # beside the weights: {"weights_sha256", "config_sha256", "model"}
+
+
+def read_digest(folder: Path) -> dict | None:
+    """The identity file beside a base's weights (None: the folder has none)."""
+    path = Path(folder) / BASE_DIGEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def publish_base(base_dir: Path, store: Path, beside: bool = True) -> Path:
+    """Copy the base in ``base_dir`` into ``store/<weights sha256>`` unless it is there (its identity file
+    beside the weights), point ``store/current`` at it, and return the store folder. A copy lands under a
+    temporary name and is renamed, so a reader never sees half a base; its files are read-only; an existing
+    one is never replaced. ``beside``: also write the identity file into ``base_dir`` (the base stage does;
+    anyone else must not touch that DVC output)."""
+    import os
+    import shutil
+    import stat
+    import uuid
+
+    base_dir, store = Path(base_dir), Path(store)
+    digest = {"weights_sha256": base_weights_sha256(base_dir), "config_sha256": base_config_sha256(base_dir),
+              "model": (_reference(base_dir) or {}).get("model", "builtin")}
+    text = json.dumps(digest, indent=2) + "\n"
+    if beside:
+        (base_dir / BASE_DIGEST).write_text(text, encoding="utf-8")
+    target = store / digest["weights_sha256"]
+    store.mkdir(parents=True, exist_ok=True)
+    if not (read_digest(target) or {}).get("weights_sha256") == digest["weights_sha256"]:
+        tmp = store / f".tmp-{uuid.uuid4().hex}"
+        shutil.copytree(base_dir, tmp)
+        (tmp / BASE_DIGEST).write_text(text, encoding="utf-8")
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                f.chmod(f.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # published meanwhile by another run of the stage: theirs stands (never replaced)
+            _remove(tmp)
+    point(store, "current", target.name)
+    return target
+
+
+def point(store: Path, link: str, sha: str) -> None:
+    """Point ``store/link`` at the base ``sha`` (``current``: the base built last; ``serving``: the base the
+    champion needs, what an operator-run vLLM starts on). Swapped atomically."""
+    import os
+    import uuid
+
+    tmp = Path(store) / f".{link}-{uuid.uuid4().hex}"
+    tmp.symlink_to(sha)
+    os.replace(tmp, Path(store) / link)
+
+
+def _remove(folder: Path) -> None:
+    import shutil
+    import stat
+
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(f.stat().st_mode | stat.S_IWUSR)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def base_dir_for(base_dir: Path, store: Path, weights_sha: str) -> Path:
+    """Where the base with weights ``weights_sha`` is on this machine: its store folder, else ``base_dir``
+    when that holds it (a base built before the store existed). ``BaseMissing`` when neither does: that is
+    "not now" for serving (it defers), never a verdict on the version."""
+    target = Path(store) / weights_sha
+    if (read_digest(target) or {}).get("weights_sha256") == weights_sha and base_present(target):
+        return target
+    if base_present(base_dir) and base_weights_sha256(base_dir) == weights_sha:
+        return Path(base_dir)
+    raise BaseMissing(f"base {weights_sha[:12]} is not on this machine (not in {store}, and {base_dir} holds "
+                      "another base); run the base stage on the data that version was trained on to rebuild it")
+
+
+def prune_bases(store: Path, keep: set[str], min_age_s: float = 86400.0, now: float | None = None) -> list[Path]:
+    """Remove store folders whose sha is not in ``keep`` (the bases registered versions still refer to:
+    ``registry.bases_in_use``) or named by a link (``current``, ``serving``), and that are older than
+    ``min_age_s`` (a base just built may not be registered yet); also leftovers of an interrupted copy.
+    Returns what was removed."""
+    import time
+
+    now = time.time() if now is None else now
+    store = Path(store)
+    linked = {p.resolve().name for p in store.iterdir() if p.is_symlink()} if store.is_dir() else set()
+    removed = []
+    for folder in sorted(store.iterdir()) if store.is_dir() else []:
+        if folder.is_symlink() or now - folder.stat().st_mtime < min_age_s:
+            continue
+        if folder.name.startswith(".tmp-") or not (folder.name.startswith(".") or folder.name in keep | linked):
+            _remove(folder)
+            removed.append(folder)
+    return removed

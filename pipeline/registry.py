@@ -13,11 +13,14 @@ empty alias.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -243,6 +246,10 @@ def get_alias(cfg: RegistryConfig, name: str, alias: str | None = None) -> Versi
     return call(cfg, f"read {name}@{alias or cfg.alias}", read)
 
 
+def get_version(cfg: RegistryConfig, name: str, version: int) -> VersionInfo:
+    return call(cfg, f"read {name} v{version}", lambda: _info(client(cfg).get_model_version(name, str(version))))
+
+
 class AliasMoved(RuntimeError):
     """The alias no longer points where the caller's decision assumed (compare-and-set failed)."""
 
@@ -258,66 +265,136 @@ def _v(version: int | None) -> str:
 ANY = object()  # promote(expected=ANY): move the alias whatever it points at (a person's command)
 
 
-HISTORY_TAG = "alias_history"  # registered-model tag: JSON list of the alias's moves, newest last
-HISTORY_MAX_CHARS = 4500  # MLflow tag values are bounded (5000 on SQL stores): the oldest moves drop off
-
-
-def history(cfg: RegistryConfig, name: str) -> list[dict]:
-    """The alias's recorded moves, oldest first: ``{"at", "from", "to", "by"}``."""
-    tags = call(cfg, f"read {name}'s tags", lambda: client(cfg).get_registered_model(name).tags) or {}
-    try:
-        moves = json.loads(tags.get(f"{HISTORY_TAG}_{cfg.alias}", "[]"))
-    except json.JSONDecodeError:
-        return []
-    return moves if isinstance(moves, list) else []
-
-
+HISTORY_TAG = "alias_history"  # registered-model tags: one per entry, "alias_history.<alias>.<time>.<id>.<kind>"
 OUTSIDE = "outside loraflow (MLflow UI or API)"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
-def record_move(cfg: RegistryConfig, name: str, before: int | None, after: int, by: str,
-                since: str | None = None) -> None:
-    """Append a move to the alias history. The serving side reconciles the history when MLflow's webhook
-    says the alias moved, so its note of a loraflow move and loraflow's own can come in either order:
-    - an outside move is not noted when the history already ends where the alias is (loraflow noted it
-      after the reconcile read the history);
-    - ``since`` (when the caller started moving the alias): an outside entry for the same move, noted since
-      then, is the caller's, and takes ``by``."""
-    moves = history(cfg, name)
-    last = moves[-1] if moves else {}
-    if by == OUTSIDE and moves and last.get("to") == after:
-        return
-    if since and last.get("by") == OUTSIDE and (last.get("from"), last.get("to")) == (before, after) \
-            and str(last.get("at", "")) >= since:
-        moves[-1] = dict(last, by=by)
-    else:
-        moves.append({"at": _now(), "from": before, "to": after, "by": by})
-    text = json.dumps(moves)
-    while len(text) > HISTORY_MAX_CHARS and len(moves) > 1:
-        moves = moves[1:]
-        text = json.dumps(moves)
+def _entry_key(alias: str, at: str, entry_id: str, kind: str) -> str:
+    stamp = datetime.fromisoformat(at).strftime("%Y%m%dT%H%M%S.%f")
+    return f"{HISTORY_TAG}.{alias}.{stamp}.{entry_id}.{kind}"
+
+
+def _write_entry(cfg: RegistryConfig, name: str, kind: str, entry: dict, key: str | None = None) -> None:
+    """Append one entry: a tag of its own, never a rewrite of another (the history is append-only, so two
+    writers cannot lose each other's entries)."""
+    key = key or _entry_key(cfg.alias, entry["at"], entry["id"], kind)
     call(cfg, f"record {name}@{cfg.alias} history",
-         lambda: client(cfg).set_registered_model_tag(name, f"{HISTORY_TAG}_{cfg.alias}", text))
+         lambda: client(cfg).set_registered_model_tag(name, key, json.dumps({**entry, "kind": kind})))
 
 
-def reconcile_history(cfg: RegistryConfig, name: str, current: int | None = None) -> list[dict]:
+def _entries(tags: dict[str, str], alias: str) -> list[dict]:
+    """Every history entry in ``tags`` (oldest first). The single JSON tag of earlier releases is read as
+    confirmed moves before them; it is never written again."""
+    out: list[dict] = []
+    try:
+        legacy = json.loads(tags.get(f"{HISTORY_TAG}_{alias}", "[]"))
+    except json.JSONDecodeError:
+        legacy = []
+    for i, m in enumerate(legacy if isinstance(legacy, list) else []):
+        if isinstance(m, dict):
+            out.append({**m, "id": f"legacy{i}", "kind": "outside" if m.get("by") == OUTSIDE else "done"})
+    prefix = f"{HISTORY_TAG}.{alias}."
+    for key in sorted(k for k in tags if k.startswith(prefix)):
+        try:
+            entry = json.loads(tags[key])
+        except json.JSONDecodeError:
+            continue  # not ours to judge; a person's tag with our prefix
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
+def merge_history(entries: list[dict], current: int | None = None) -> list[dict]:
+    """The alias's moves from the raw entries, oldest first: ``{"at", "from", "to", "by"}`` (+ ``"unconfirmed":
+    True`` for a loraflow move whose intent was written and whose completion was not, shown only when what
+    came after shows it happened, or it is the last and the alias is at ``current``, where it took it).
+    A move written as failed is not a move."""
+    by_id: dict[str, dict] = {}
+    order: list[str] = []
+    for e in entries:
+        eid = str(e.get("id"))
+        if eid not in by_id:
+            order.append(eid)
+            by_id[eid] = {"at": e.get("at"), "from": e.get("from"), "to": e.get("to"), "by": e.get("by"),
+                          "state": e.get("kind")}
+        elif e.get("kind") in ("done", "failed"):
+            by_id[eid].update(state=e.get("kind"), at=e.get("at"))
+    moves = [by_id[i] for i in order if by_id[i]["state"] != "failed"]
+    out = []
+    for n, m in enumerate(moves):
+        if m["state"] == "intent":
+            later = moves[n + 1:]
+            if (later[0].get("from") if later else current) != m["to"]:
+                continue  # in flight, or never happened: what follows does not start where it would end
+            m = {**m, "unconfirmed": True}
+        out.append({k: v for k, v in m.items() if k != "state"})
+    return out
+
+
+def _pending(entries: list[dict]) -> tuple[int | None, set[int]]:
+    """Where the last settled entry left the alias, and where loraflow moves still in flight (an intent
+    with no completion after it) take it."""
+    settled, pending, done = None, {}, set()
+    for e in entries:
+        eid = str(e.get("id"))
+        if e.get("kind") in ("done", "failed"):
+            done.add(eid)
+            pending.pop(eid, None)
+            if e.get("kind") == "done":
+                settled = e.get("to")
+                pending.clear()  # loraflow's moves are serialised (the retrain lock): earlier intents are over
+        elif e.get("kind") == "outside":
+            settled = e.get("to")
+        elif e.get("kind") == "intent" and eid not in done:
+            pending[eid] = e.get("to")
+    return settled, set(pending.values())
+
+
+def history(cfg: RegistryConfig, name: str) -> list[dict]:
+    """The alias's recorded moves, oldest first: ``{"at", "from", "to", "by"}``. Reads only."""
+    info = get_alias(cfg, name)
+    tags = call(cfg, f"read {name}'s tags", lambda: client(cfg).get_registered_model(name).tags) or {}
+    return merge_history(_entries(tags, cfg.alias), info.version if info is not None else None)
+
+
+def reconcile_history(cfg: RegistryConfig, name: str, write: bool = True) -> list[dict]:
     """The history, with a move made outside loraflow (the MLflow UI, its API) added when the alias points
-    somewhere the last recorded move did not leave it. Returns the history."""
-    if current is None:
-        info = get_alias(cfg, name)
-        if info is None:
-            return history(cfg, name)
-        current = info.version
-    moves = history(cfg, name)
-    last = moves[-1]["to"] if moves else None
-    if last != current:
-        record_move(cfg, name, last, current, OUTSIDE)
-        moves = history(cfg, name)
-    return moves
+    where neither the last settled entry nor a loraflow move in flight takes it. Returns the history.
+
+    The alias is read *before* the entries: loraflow writes a move's intent before it moves the alias, so
+    any loraflow move visible in the alias is visible in the entries read after it; a person is named only
+    for a move no entry explains. The outside entry's key is derived from what it follows, so several
+    reconcilers noting the same move write one entry. ``write=False``: the same view, nothing written
+    (``loraflow status``)."""
+    info = get_alias(cfg, name)
+    tags = call(cfg, f"read {name}'s tags", lambda: client(cfg).get_registered_model(name).tags) or {}
+    entries = _entries(tags, cfg.alias)
+    current = info.version if info is not None else None
+    settled, pending = _pending(entries)
+    if current is None or current == settled:
+        return merge_history(entries, current)
+    if current in pending:
+        # loraflow's move, evidently done; its completion may never come (its writer died after the move):
+        # write it here, so what follows starts from it.
+        intent = next(e for e in reversed(entries) if e.get("kind") == "intent" and e.get("to") == current)
+        done = {k: intent[k] for k in ("id", "from", "to", "by")}
+        if write:
+            _note_history(lambda: _write_entry(cfg, name, "done", {**done, "at": _now()}))
+        return merge_history(entries, current)
+    after = str(entries[-1].get("id")) if entries else "start"
+    # Derived from what it follows (so two reconcilers write one entry) and bounded (a key has 250 chars).
+    entry = {"id": f"outside-{hashlib.sha256(after.encode()).hexdigest()[:12]}-v{current}", "at": _now(),
+             "from": settled, "to": current, "by": OUTSIDE}
+    if write:
+        key = f"{HISTORY_TAG}.{cfg.alias}.{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%f')}.{entry['id']}"
+        known = [k for k in tags if k.startswith(f"{HISTORY_TAG}.{cfg.alias}.") and k.endswith(f".{entry['id']}")]
+        if not known:  # another reconciler may have noted it already (same id): one entry per move
+            _write_entry(cfg, name, "outside", entry, key)
+    return merge_history(entries + [{**entry, "kind": "outside"}], current)
 
 
 def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None | object = ANY,
@@ -329,6 +406,9 @@ def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None |
     (``None``: at no version) and raises ``AliasMoved`` otherwise. MLflow has no atomic compare-and-set,
     so the check and the move are a read and a write a few milliseconds apart; loraflow's own writers
     are serialised by the retrain lock, which leaves only a person's click inside that window.
+
+    The history gets an intent entry before the move and a completion after it (append-only tags): a
+    reader between the two sees loraflow's move in flight, never a person's.
     """
     mv = call(cfg, f"read {name} v{version}", lambda: client(cfg).get_model_version(name, str(version)))
     current = get_alias(cfg, name)  # raises RegistryUnavailable rather than "no champion"
@@ -343,22 +423,33 @@ def promote(cfg: RegistryConfig, name: str, version: int, expected: int | None |
             c.set_registered_model_alias(name, f"previous_{cfg.alias}", str(now))
         c.set_registered_model_alias(name, cfg.alias, str(version))
 
-    if now is not None and now != version:
-        _note_history(lambda: reconcile_history(cfg, name, now))  # a UI move before this one, recorded as such
-    started = _now()
-    call(cfg, f"move {name}@{cfg.alias} to v{version}", move)
-    if now != version:
-        _note_history(lambda: record_move(cfg, name, now, version, by, since=started))
+    if now == version:
+        call(cfg, f"move {name}@{cfg.alias} to v{version}", move)
+        return _info(mv)
+    if now is not None:
+        _note_history(lambda: reconcile_history(cfg, name))  # a UI move before this one, recorded as such
+    entry = {"id": uuid.uuid4().hex[:12], "at": _now(), "from": now, "to": version, "by": by}
+    # The intent is not bookkeeping: without it a reader could name a person for this move. No intent, no move.
+    _write_entry(cfg, name, "intent", entry)
+    try:
+        call(cfg, f"move {name}@{cfg.alias} to v{version}", move)
+    except Exception:
+        with contextlib.suppress(Exception):  # a move known not to have happened is written off as failed
+            after = get_alias(cfg, name)
+            if after is None or after.version != version:
+                _write_entry(cfg, name, "failed", {**entry, "at": _now()})
+        raise
+    _note_history(lambda: _write_entry(cfg, name, "done", {**entry, "at": _now()}))
     return _info(mv)
 
 
 def _note_history(write: Callable[[], object]) -> None:
-    """History is bookkeeping: once the alias moved, failing to note it must not fail the move (the next
-    reconciliation records it, as a move made outside loraflow)."""
+    """A completion or an outside note is bookkeeping: once the alias moved, failing to write it must not
+    fail the move (the intent already says the move is loraflow's; the next reconcile notes UI moves)."""
     try:
         write()
-    except RegistryUnavailable as err:
-        print(f"warning: alias history not updated: {err}", file=sys.stderr, flush=True)
+    except Exception as err:  # noqa: BLE001 - bookkeeping after the move: never fails the move
+        print(f"warning: alias history not updated: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
 def ensure_webhook(cfg: RegistryConfig, name: str, url: str, secret: str) -> str:
@@ -385,7 +476,7 @@ def rollback(cfg: RegistryConfig, name: str) -> VersionInfo:
     current = get_alias(cfg, name)
     if current is None:
         raise LookupError(f"model {name!r} has no @{cfg.alias} to roll back from")
-    moves = reconcile_history(cfg, name, current.version)
+    moves = reconcile_history(cfg, name)
     # Walk back through the moves: each one's "from" is a candidate, newest first, except versions a
     # rollback already left (a second rollback steps further back instead of undoing the first).
     seen = {current.version} | {m.get("from") for m in moves if str(m.get("by", "")).startswith("loraflow rollback")}
@@ -443,6 +534,30 @@ def log_report(cfg: RegistryConfig, run_name: str, files: dict[str, Path], metri
         for name, path in files.items():
             mlflow.log_artifact(str(path), name)
         return run.info.run_id
+
+
+def bases_in_use(cfg: RegistryConfig, name: str) -> set[str]:
+    """The base weights digests that ``name``'s versions holding an alias, named anywhere in the alias
+    history, or with a promotion pending, were trained on: what the base store must keep (a rollback, a
+    restart or a completed promotion serves them). Raises
+    ``RegistryUnavailable`` when it cannot read: never "nothing in use"."""
+    rm = call(cfg, f"read {name}", lambda: client(cfg).get_registered_model(name))
+    versions = {int(v) for v in (getattr(rm, "aliases", None) or {}).values()}
+    pending = call(cfg, f"search {name}'s pending promotions", lambda: client(cfg).search_model_versions(
+        f"name = '{name}' and tags.promotion = 'pending'"))
+    versions |= {int(mv.version) for mv in pending}
+    versions |= {int(x) for m in history(cfg, name) for x in (m.get("from"), m.get("to")) if x is not None}
+    shas = set()
+    for v in sorted(versions):
+        tags = call(cfg, f"read {name} v{v}", lambda v=v: client(cfg).get_model_version(name, str(v)).tags) or {}
+        if tags.get("base_weights_sha256"):
+            shas.add(tags["base_weights_sha256"])
+    return shas
+
+
+def log_run_file(cfg: RegistryConfig, run_id: str, path: Path, folder: str) -> None:
+    """Add ``path`` to a finished run's artifacts under ``folder`` (a new file: nothing logged is rewritten)."""
+    call(cfg, f"log {path.name} to run {run_id}", lambda: client(cfg).log_artifact(run_id, str(path), folder))
 
 
 def set_run_tag(cfg: RegistryConfig, run_id: str, key: str, value: str) -> None:

@@ -52,13 +52,29 @@ def curate(p: Params) -> dict:
 
         teacher = Teacher(p.curate.teacher, p.task)
     try:
-        result = run(p.curate, p.task, build_task(p.task), Path(p.serve.traffic_log), feedback_log(p), out,
-                     model=p.project.name, teacher=teacher)
+        task = build_task(p.task)
+        result = run(p.curate, p.task, task, Path(p.serve.traffic_log), feedback_log(p), out,
+                     model=p.project.name, teacher=teacher, trainable=curated_record_check(p, task))
     finally:
         if teacher is not None:
             teacher.close()
     write_json(CURATE_REPORT, result)
     return result
+
+
+def curated_record_check(p: Params, task) -> Callable[[list[dict]], str | None]:
+    """What a curated record must pass to be written: sanitize's record checks (blank or control characters,
+    size, shape) and the task's answer check, so ``curate.min_new_records`` counts records training gets."""
+    from pipeline.data.records import RecordError, to_messages
+
+    def check(messages: list[dict]) -> str | None:
+        try:
+            msgs = to_messages({"messages": messages}, p.sanitize.max_chars, p.sanitize.max_depth)
+        except RecordError as err:
+            return err.reason
+        return "invalid_answer" if task.check_reference(msgs[-1]["content"]) else None
+
+    return check
 
 
 def sanitize(p: Params) -> dict:
@@ -212,12 +228,13 @@ def eval_slices(p: Params) -> dict[str, Path]:
     return slices
 
 
-def rescorer(p: Params) -> Callable[[Path], dict]:
-    """How the release re-scores the champion's adapter on today's eval split (the evaluate stage's code)."""
+def rescorer(p: Params) -> Callable[[Path, Path], dict]:
+    """How the release re-scores the champion's adapter, on the base it was trained on, over today's eval
+    split (the evaluate stage's code)."""
     from pipeline.evaluate.scoring import evaluate_model
 
-    def rescore(adapter_dir: Path) -> dict:
-        return evaluate_model(Path(p.base.out_dir), adapter_dir, eval_slices(p), p.evaluate, p.task, serve=p.serve)
+    def rescore(adapter_dir: Path, base_dir: Path) -> dict:
+        return evaluate_model(base_dir, adapter_dir, eval_slices(p), p.evaluate, p.task, serve=p.serve)
 
     return rescore
 

@@ -40,9 +40,11 @@ def released(tmp_path, monkeypatch, tiny_base, clean_demo, mlflow_server):
 
 def _scores(p):
     privacy = json.loads(Path(p.train.out_dir, "train_metrics.json").read_text())["privacy"]
-    return (ModelScore("candidate", {"exact_match": 1.0, "valid": 1.0}, {"exact_match": [1.0] * N, "valid": [1.0] * N},
-                       privacy=privacy),
-            ModelScore("base", {"exact_match": 0.0, "valid": 1.0}, {"exact_match": [0.0] * N, "valid": [1.0] * N}))
+    same = {"rouge_l": 0.5, "chrf": 0.5}  # the text task's guardrails, measured for both as evaluate does
+    return (ModelScore("candidate", {"exact_match": 1.0, "valid": 1.0, **same}, {"exact_match": [1.0] * N, "valid": [1.0] * N},
+                       privacy=privacy, speed={"tokens_per_s": 100.0}),
+            ModelScore("base", {"exact_match": 0.0, "valid": 1.0, **same}, {"exact_match": [0.0] * N, "valid": [1.0] * N},
+                       speed={"tokens_per_s": 100.0}))
 
 
 def test_dossier_of_a_dp_version_is_filled_from_the_registry(released, tmp_path):

@@ -150,6 +150,99 @@ def test_feedback_after_restart_finds_the_id_in_the_log(endpoint, tmp_path):
         gw2.stop()
 
 
+def test_feedback_through_the_endpoint_is_curated_as_the_client_meant_it(endpoint, tmp_path):
+    """Producer to consumer: feedback of each kind posted through the endpoint, curated from the files the
+    gateway wrote. A thumbs-up, a score or a comment alone is no correction (they were stored with
+    ``"correction": ""`` and curated as empty answers that counted towards a drift retrain); a later
+    thumbs-up keeps an earlier correction; a blank correction is refused."""
+    gw, log, feedback = endpoint
+    client = openai.OpenAI(base_url=gw.url, api_key=KEY, max_retries=0)
+    rids = [client.chat.completions.create(model="triage", messages=[{"role": "user", "content": f"ticket {i}"}]).id
+            for i in range(6)]
+    fix = json.dumps({"category": "shipping"})
+    for body in ({"id": rids[0], "thumbs": "up"}, {"id": rids[1], "score": 3}, {"id": rids[2], "comment": "slow"},
+                 {"id": rids[3], "thumbs": "down"}, {"id": rids[4], "correction": fix},
+                 {"id": rids[4], "thumbs": "up"}, {"id": rids[5], "score": 5}):
+        assert _feedback(gw, body).status_code == 200, body
+    blank = _feedback(gw, {"id": rids[0], "correction": "   "})
+    assert blank.status_code == 400 and blank.json()["error"]["code"] == "invalid_feedback"
+    log.flush()
+    stored = _lines(feedback.path)
+    assert [sorted(set(e) & {"thumbs", "score", "correction", "comment"}) for e in stored] == [
+        ["thumbs"], ["score"], ["comment"], ["thumbs"], ["correction"], ["thumbs"], ["score"]]  # absent stays absent
+    out = tmp_path / "curated"
+    report = curate(CurateConfig(eval_share=0.0), TASK, build_task(TASK), log.path, feedback.path, out,
+                    model="triage", say=lambda _: None)
+    assert report["curated"]["by_kind"] == {"correction": 1}
+    assert report["skipped"]["by_reason"] == {"negative_without_correction": 1, "neutral_score": 1,
+                                              "comment_only": 1, "positive_not_used": 2}
+    train = _lines(out / "train.jsonl")
+    assert [r["messages"][-1]["content"] for r in train] == [fix]
+    assert [p["chosen"] for p in _lines(out / "preference.jsonl")] == [fix]
+
+
+def test_feedback_is_acknowledged_only_once_on_disk(endpoint):
+    """A feedback whose write fails is a 503 the client can retry, never "stored"."""
+    gw, _, feedback = endpoint
+    client = openai.OpenAI(base_url=gw.url, api_key=KEY, max_retries=0)
+    rid = client.chat.completions.create(model="triage", messages=[{"role": "user", "content": "hi"}]).id
+    feedback.path.parent.mkdir(parents=True, exist_ok=True)
+    feedback.path.parent.chmod(0o500)  # the disk refuses the write (as a full or read-only one does)
+    feedback.path.unlink(missing_ok=True)
+    try:
+        if feedback.path.parent.stat().st_mode & 0o200 or __import__("os").geteuid() == 0:
+            feedback.path.mkdir()  # root ignores permissions: a directory where the file goes fails the open
+        refused = _feedback(gw, {"id": rid, "thumbs": "up"})
+    finally:
+        feedback.path.parent.chmod(0o700)
+        if feedback.path.is_dir():
+            feedback.path.rmdir()
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "feedback_not_stored"
+    again = _feedback(gw, {"id": rid, "thumbs": "up"})
+    assert again.status_code == 200 and len(_lines(feedback.path)) == 1
+
+
+def test_one_log_policy_for_every_reader_of_what_the_gateway_wrote(endpoint, tmp_path, clean_demo):
+    """The request log as the real writer leaves it after a kill mid-line, then a restart: curate, drift and
+    the feedback lookup all skip and count the torn line, and read every whole record (drift failed on it
+    until someone edited the file; the lookup ignored any bad line). Damage mid-file is an error naming the
+    file and line for all three."""
+    from pipeline.config import MonitorConfig
+    from pipeline.io import LogError
+    from pipeline.monitor.drift import check_drift
+    from pipeline.serve.gateway.app import find_issued
+
+    gw, log, _ = endpoint
+    client = openai.OpenAI(base_url=gw.url, api_key=KEY, max_retries=0)
+    first = [client.chat.completions.create(model="triage", messages=[{"role": "user", "content": f"a {i}"}]).id
+             for i in range(3)]
+    log.flush()
+    text = log.path.read_bytes()
+    log.path.write_bytes(text[:-20])  # killed while writing its third record
+    restarted = RequestLog(log.path, 2**20, 30)  # the next gateway process appends to the same log
+    restarted.write({"ts": datetime.now(timezone.utc).isoformat(), "id": "chatcmpl-after", "model": "triage",
+                     "status": 200, "prompt": "b", "response": json.dumps({"category": "billing"}), "key_id": "k"})
+    restarted.flush()
+    assert len(log.rotated()) == 1  # the torn file was set aside: the torn line stays last in its file
+    report = curate(CurateConfig(), TASK, build_task(TASK), log.path, tmp_path / "none.jsonl", tmp_path / "cur",
+                    model="triage", say=lambda _: None)
+    assert report["requests_seen"] == 3 and len(report["torn_lines"]) == 1
+    drift = check_drift(clean_demo / "train/clean.jsonl", log.path, MonitorConfig(out_dir=str(tmp_path / "r"),
+                                                                                  min_requests=100), TASK)
+    assert drift["requests"] == 3 and drift["torn_lines"] == report["torn_lines"]
+    assert find_issued(log.path, first[0])["id"] == first[0] and find_issued(log.path, first[2]) is None
+    rotated = log.rotated()[0]
+    # Damage mid-file, on a line that names the id looked up (a lookup reads only lines holding its id).
+    rotated.write_bytes(b'{"id": "' + first[0].encode() + b'", not json\n' + rotated.read_bytes())
+    for read in (lambda: curate(CurateConfig(), TASK, build_task(TASK), log.path, tmp_path / "none.jsonl",
+                                tmp_path / "cur2", model="triage", say=lambda _: None),
+                 lambda: check_drift(clean_demo / "train/clean.jsonl", log.path,
+                                     MonitorConfig(out_dir=str(tmp_path / "r2")), TASK),
+                 lambda: find_issued(log.path, first[0])):
+        with pytest.raises(LogError, match=rf"{rotated.name}:1: not a JSON record"):
+            read()
+
+
 # ---- curate ----------------------------------------------------------------------------------------------
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)

@@ -9,6 +9,7 @@ GATE = GateConfig(bootstrap_samples=2000)
 
 def ms(name, per, valid=1.0, **extra):
     em = float(np.mean(per)) if per else 0.0
+    extra.setdefault("speed", {"tokens_per_s": 100.0})  # every real score has it (the evaluate stage times both)
     return ModelScore(name, {"exact_match": em, "valid": valid, **extra.pop("metrics", {})},
                       {"exact_match": list(per), "valid": [1.0] * len(per)}, **extra)
 
@@ -49,7 +50,7 @@ def test_unpaired_lengths_are_refused():
 
 def test_validity_floor():
     d = decide(ms("candidate", [1] * 40, valid=0.6), ms("base", [0] * 40), GATE, "exact_match")
-    assert not d.promote and d.checks == {"improvement": True, "validity": False}
+    assert not d.promote and d.checks == {"improvement": True, "validity": False, "guardrails": True}
 
 
 def test_guardrail_metric_regression_fails():
@@ -103,9 +104,9 @@ def test_high_exposure_fails_when_gated_and_a_pii_hit_always():
 
 def test_metric_without_per_example_values_pairs_the_tasks_per_example_metric():
     cand = ModelScore("candidate", {"macro_f1": 0.9, "accuracy": 0.9, "valid": 1.0},
-                      {"accuracy": [1] * 36 + [0] * 4, "valid": [1] * 40})
+                      {"accuracy": [1] * 36 + [0] * 4, "valid": [1] * 40}, speed={"tokens_per_s": 50.0})
     base = ModelScore("base", {"macro_f1": 0.1, "accuracy": 0.1, "valid": 1.0},
-                      {"accuracy": [0] * 36 + [1] * 4, "valid": [1] * 40})
+                      {"accuracy": [0] * 36 + [1] * 4, "valid": [1] * 40}, speed={"tokens_per_s": 50.0})
     d = decide(cand, base, GATE, "macro_f1")
     assert d.promote and d.interval.paired_on == "accuracy"
     assert "macro_f1 has no per-example values; the interval pairs accuracy" in d.reasons[0]
@@ -120,3 +121,24 @@ def test_bootstrap_is_reproducible_with_a_seed():
     assert a.low < a.mean < a.high
     with pytest.raises(ValueError, match="differ in length"):
         paired_bootstrap([1, 0], [1])
+
+
+@pytest.mark.parametrize("kind, cand, ref, guardrails", [
+    ("guardrail_metrics", {}, {"metrics": {"field_accuracy": 0.9}}, ["field_accuracy"]),
+    ("speed", {"speed": {}}, {}, []),
+    ("speed", {"speed": {"tokens_per_s": 0.0}}, {}, []),  # 0 tokens/s used to pass unchecked
+    ("forgetting", {"forgetting": [1.0] * 10}, {"forgetting": None}, []),
+    ("leak", {"leak": {"canaries": []}}, {}, []),
+    ("slices", {"slices": {"original": {"range": [0, 40], "summary": {}}, "curated": {"range": [40, 40], "summary": {}}}},
+     {"slices": {"original": {"range": [0, 40], "summary": {}}}}, []),
+])
+def test_a_guardrail_that_cannot_be_computed_fails_unless_skipped_by_configuration(kind, cand, ref, guardrails):
+    """Each of these was skipped without a word: the gate now fails naming it, or says SKIP when the
+    configuration lists it."""
+    c = ms("candidate", [1] * 40, **cand)
+    r = ms("champion v1", [0] * 40, **ref)
+    d = decide(c, r, GATE, "exact_match", guardrails=guardrails)
+    assert not d.promote and any(x.startswith("FAIL") and "cannot be" in x for x in d.reasons), d.reasons
+    skipping = GATE.model_copy(update={"skip_uncomputable": [kind]})
+    d = decide(c, r, skipping, "exact_match", guardrails=guardrails)
+    assert d.promote and any(x.startswith("SKIP") and kind in x for x in d.reasons), d.reasons

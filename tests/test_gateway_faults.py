@@ -37,7 +37,9 @@ def _misbehaving_upstream():
         if "slow" in body["messages"][0]["content"]:
             await asyncio.sleep(3)
         content = body["messages"][0]["content"]
-        if body.get("stream") and content in ("complete", "endless"):
+        if content == "late stream":
+            await asyncio.sleep(0.6)  # headers come late: the client is gone before the first byte
+        if body.get("stream") and content in ("complete", "endless", "late stream"):
             async def trickle():
                 for word in ("Hel", "lo") if content == "complete" else iter(lambda: "more", None):
                     chunk = {"choices": [{"index": 0, "delta": {"content": word}}], "model": body["model"]}
@@ -133,6 +135,59 @@ def test_a_client_that_hangs_up_is_a_499_unless_it_had_the_whole_answer(faulty, 
         time.sleep(0.05)
     [rec] = _records(log)
     assert rec["status"] == status and rec["response"].startswith(response), rec
+
+
+def test_a_client_gone_before_the_first_byte_releases_everything(tmp_path):
+    """A stream whose client left while the gateway waited for vLLM's headers. uvicorn (ASGI 2.3) then
+    answers ``receive`` with ``http.disconnect`` and Starlette cancels the response before it starts the
+    body, so the relay's own cleanup never ran: the key's slot, the route's in-flight count and the upstream
+    connection stayed held. Driven here through the app's ASGI interface exactly as uvicorn drives it, against
+    the real upstream; now released and logged as a 499."""
+    upstream = GatewayServer(_misbehaving_upstream(), "127.0.0.1", _free_port()).start()
+    routes = Routes()
+    routes.set(Route("m", "m-v1-abc", 1, TaskConfig(kind="text")))
+    log = RequestLog(tmp_path / "req.jsonl", 2**20, 30)
+    app = build_app(routes, f"http://127.0.0.1:{upstream.port}", "k", {KEY}, log,
+                    limits=LimitsConfig(request_timeout_s=5.0))
+    body = json.dumps({**CHAT, "stream": True, "messages": [{"role": "user", "content": "late stream"}]}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2),
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    sent: list[dict] = []
+
+    async def drive() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0)
+            return {"type": "http.disconnect"}  # the client is gone
+
+        async def send(message):
+            await asyncio.sleep(0.01)  # a socket write yields to the loop
+            sent.append(message)
+
+        await app(scope, receive, send)
+
+    try:
+        asyncio.run(drive())
+        health = {}
+
+        async def probe():
+            nonlocal health
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+                health = (await c.get("/health")).json()
+
+        asyncio.run(probe())
+        assert (routes.in_flight(), health["in_flight"]) == (0, 0)
+        log.flush()
+        [rec] = _records(log)
+        assert rec["status"] == 499, rec
+    finally:
+        upstream.stop()
 
 
 def test_an_unreachable_upstream_is_a_503_with_retry_after(tmp_path):

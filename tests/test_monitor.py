@@ -81,7 +81,7 @@ def test_corrupt_traffic_log_names_file_and_line(clean, tmp_path):
     from pipeline.monitor.drift import check_drift
 
     (tmp_path / "t.jsonl").write_text('{"prompt": "a", "response": "b"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"t\.jsonl:2: not a traffic record"):
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: not a JSON record"):
         check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")), TASK)
 
 
@@ -98,7 +98,7 @@ def _timed_log(path: Path, rows, start_s: int):
 def test_a_judged_window_never_fires_again_and_the_next_holds_only_new_requests(clean, tmp_path):
     from datetime import datetime, timezone
 
-    from pipeline.monitor.drift import check_drift
+    from pipeline.monitor.drift import check_drift, commit_window
 
     cfg = MonitorConfig(out_dir=str(tmp_path / "r"))
     shifted = [("Could you explain in detail how to configure the enterprise single sign on " * 3,
@@ -108,11 +108,15 @@ def test_a_judged_window_never_fires_again_and_the_next_holds_only_new_requests(
     first = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", cfg, TASK, "m", now=now)
     assert first["drift"] and first["window"]["requests"] == 30 and first["window"]["after"] is None
     assert "prompt_length" in first["drifted"]
+    # Judged only once committed (the flow commits after the run is logged and the event is out).
+    assert check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", cfg, TASK, "m", now=now)["requests"] == 30
+    commit_window(cfg.out_dir, first)
     again = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", cfg, TASK, "m", now=now)
     assert again["status"] == "insufficient_data" and again["requests"] == 0 and not again["drift"]
     rows = [json.loads(x)["messages"] for x in (clean / "eval/clean.jsonl").read_text().splitlines()]
     _timed_log(tmp_path / "t.jsonl", [(m[0]["content"], m[1]["content"]) for m in rows[:40]], 1000)
     third = check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", cfg, TASK, "m", now=now)
+    commit_window(cfg.out_dir, third)
     assert third["window"]["requests"] == 40 and third["window"]["after"] == first["window"]["end"]
     assert not third["drift"]  # only the new, in-distribution requests were judged
 
@@ -141,3 +145,56 @@ def test_unreadable_window_state_is_an_error_not_a_fresh_start(clean, tmp_path):
     (tmp_path / "r/window.json").write_text("{broken")
     with pytest.raises(ValueError, match=r"window\.json: unreadable drift window state"):
         check_drift(clean / "train/clean.jsonl", tmp_path / "t.jsonl", MonitorConfig(out_dir=str(tmp_path / "r")), TASK)
+
+
+def test_a_drift_trigger_comes_back_when_logging_or_sending_it_failed(clean, project, prefect_server, monkeypatch):
+    """The drift-check flow against a real Prefect server: MLflow down on the first check, so neither the
+    run nor the event went out; the window stays open and the next check sends the trigger (the window was
+    marked judged first, so that burst never retrained). Sending to a server that is not there raises
+    within its timeout instead of being dropped by Prefect's background worker."""
+    import uuid
+    from datetime import datetime, timezone
+
+    import httpx
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.monitor import drift_check, send_event
+    from pipeline.monitor.drift import window_state
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    aug = project / "data/augmented"
+    aug.mkdir(parents=True, exist_ok=True)
+    (aug / "train.jsonl").write_bytes((clean / "train/clean.jsonl").read_bytes())
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["augment"]["out_dir"] = "data/augmented"
+    raw["project"]["name"] = "m"  # the model _timed_log's requests went to
+    raw["serve"]["traffic_log"] = "serving/requests.jsonl"
+    raw["registry"]["tracking_uri"] = "http://127.0.0.1:9"  # MLflow is down
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    (project / "serving").mkdir()
+    shifted = [("Could you explain in detail how to configure the enterprise single sign on " * 3,
+                '{"category": "technical", "priority": "low"}')] * 30
+    _timed_log(project / "serving/requests.jsonl", shifted, 0)
+    name = raw["project"]["name"]
+    with pytest.raises(Exception):
+        drift_check(params_file="params.yaml")
+    assert window_state(project / raw["monitor"]["out_dir"]) is None  # still open: judged again next time
+    raw["registry"]["tracking_uri"] = f"sqlite:///{project}/mlflow/mlflow.db"
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = drift_check(params_file="params.yaml")
+    assert result["drift"] and result["window"]["requests"] == 30 and result["window"]["after"] is None
+    assert window_state(project / raw["monitor"]["out_dir"]) is not None
+    api = PREFECT_API_URL.value()
+    deadline, found = datetime.now(timezone.utc).timestamp() + 30, []
+    while not found and datetime.now(timezone.utc).timestamp() < deadline:
+        events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"name": ["loraflow.drift.detected"]},
+                                                                     "occurred": {"since": "2020-01-01T00:00:00Z"}}},
+                            timeout=10).json()["events"]
+        found = [e for e in events if e["payload"].get("window_id") == result["window_id"]]
+    assert found and found[0]["resource"]["prefect.resource.id"] == f"mlflow.model.{name}"
+    monkeypatch.setattr(PREFECT_API_URL, "value", lambda: "http://127.0.0.1:9/api")
+    with pytest.raises(Exception):
+        send_event("loraflow.drift.detected", {"prefect.resource.id": "x"}, {}, uuid.uuid4(), timeout_s=20)

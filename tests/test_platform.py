@@ -282,6 +282,45 @@ def drift_without_new_data(plat: Platform) -> dict:
     return retrain
 
 
+def version_tags(plat: Platform, version: int) -> dict[str, str]:
+    mv = httpx.get(f"{plat.mlflow}/api/2.0/mlflow/model-versions/get", timeout=10,
+                   params={"name": plat.model, "version": str(version)}).json()["model_version"]
+    return {t["key"]: t["value"] for t in mv.get("tags", [])}
+
+
+def latest_version(plat: Platform) -> int:
+    found = httpx.get(f"{plat.mlflow}/api/2.0/mlflow/model-versions/search", timeout=10,
+                      params={"filter": f"name = '{plat.model}'"}).json()["model_versions"]
+    return max(int(v["version"]) for v in found)
+
+
+def vllm_process(plat: Platform) -> psutil.Process:
+    port = str(plat.p["serve"]["port"])
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "vllm.entrypoints.openai.api_server" in cmd and port in cmd:
+            return proc
+    raise AssertionError("no vLLM process on the platform's port")
+
+
+def champion_serves_on_its_own_base_after_a_vllm_kill(plat: Platform, base_sha: str) -> None:
+    """Base -> serve: vLLM killed, the supervisor restarts it on the base the routed champion was trained
+    on (its folder in the base store, named by the digest the version records), never on whatever the
+    base stage last built, and the champion is loaded and answers again."""
+    version = plat.served()
+    old = vllm_process(plat)
+    model = old.cmdline()[old.cmdline().index("--model") + 1]
+    assert Path(model).name == base_sha, model
+    old.kill()
+    deadline = time.time() + 30
+    while plat.served() == version and time.time() < deadline:
+        time.sleep(0.5)
+    plat.wait_served(version, timeout_s=600)
+    new = vllm_process(plat)
+    assert new.pid != old.pid and new.cmdline()[new.cmdline().index("--model") + 1] == model
+    assert plat.chat("My invoice was charged twice").status_code == 200
+
+
 @needs_vllm
 def test_platform_on_sqlite_all_four_entry_points(tmp_path):
     root = make_project(tmp_path)
@@ -306,15 +345,23 @@ def test_platform_on_sqlite_all_four_entry_points(tmp_path):
         assert plat.wait_run(plat.deployment_run("drift-check/production"), 300)["state"]["type"] == "COMPLETED"
         retrain = plat.wait_run(plat.wait_new_retrain(known)["id"], 1200)
         assert retrain["state"]["name"] == "Completed", retrain["state"]
-        new = plat.champion()
-        assert new is not None and new > champion_before
-        tags = httpx.get(f"{plat.mlflow}/api/2.0/mlflow/model-versions/get", timeout=10,
-                         params={"name": plat.model, "version": str(new)}).json()["model_version"]["tags"]
-        tags = {t["key"]: t["value"] for t in tags}
+        new = latest_version(plat)
+        assert new > champion_before
+        tags = version_tags(plat, new)
         assert tags["curated_records"] == "25", tags  # the 25 corrections, in the data version it trained on
+        old_base = version_tags(plat, champion_before)["base_weights_sha256"]
+        assert tags["base_weights_sha256"] != old_base  # the builtin base was rebuilt from the new data
+        if plat.champion() == champion_before:
+            # The gate kept the champion: it was re-scored on its own base (kept in the store) and the
+            # candidate did not beat it. base.out_dir now holds the new base: a vLLM killed now must come back
+            # on the champion's base, not that one.
+            assert tags["gate_reference"] == f"champion v{champion_before}", tags
+            champion_serves_on_its_own_base_after_a_vllm_kill(plat, old_base)
+            plat.loraflow("promote", str(new))  # a person promotes it anyway: vLLM moves to its base
         plat.wait_served(new, timeout_s=600)
-        print(f"loop latency, drift-check start to new champion answering: {time.time() - t0:.0f}s")
+        print(f"loop latency, drift-check start to the new version answering: {time.time() - t0:.0f}s")
         assert plat.chat("The app crashes when I log in").status_code == 200
+        champion_serves_on_its_own_base_after_a_vllm_kill(plat, tags["base_weights_sha256"])
 
         # Cooldown: another drifted window within platform.drift_cooldown_minutes does not retrain again.
         known = {r["id"] for r in plat.retrain_runs()}

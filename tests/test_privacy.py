@@ -181,11 +181,12 @@ def test_group_privacy_for_records_with_several_rows(tmp_path):
 def _score(eps):
     n = 40
     return ModelScore("candidate", {"exact_match": 1.0, "valid": 1.0}, {"exact_match": [1.0] * n},
-                      privacy=None if eps is False else {"epsilon": eps})
+                      privacy=None if eps is False else {"epsilon": eps}, speed={"tokens_per_s": 100.0})
 
 
 def test_gate_refuses_a_version_whose_epsilon_exceeds_the_bound():
-    ref = ModelScore("base", {"exact_match": 0.0, "valid": 1.0}, {"exact_match": [0.0] * 40})
+    ref = ModelScore("base", {"exact_match": 0.0, "valid": 1.0}, {"exact_match": [0.0] * 40},
+                     speed={"tokens_per_s": 100.0})
     gate = GateConfig(max_epsilon=4.0)
     over = decide(_score(8.0), ref, gate, "exact_match")
     assert not over.promote and over.checks["privacy"] is False

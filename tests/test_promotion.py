@@ -54,8 +54,13 @@ def setup(tmp_path, monkeypatch, tiny_base, clean_demo, mlflow_server):
 
 def _scores(win: bool = True) -> tuple[ModelScore, ModelScore]:
     cand = [1.0] * N if win else [0.0] * N
-    return (ModelScore("candidate", {"exact_match": sum(cand) / N, "valid": 1.0}, {"exact_match": cand, "valid": [1.0] * N}),
-            ModelScore("base", {"exact_match": 0.0, "valid": 1.0}, {"exact_match": [0.0] * N, "valid": [1.0] * N}))
+    # What the evaluate stage measures for both (the text task's guardrail metrics, the speed): the gate
+    # fails what it cannot compute.
+    same = {"rouge_l": 0.5, "chrf": 0.5}
+    return (ModelScore("candidate", {"exact_match": sum(cand) / N, "valid": 1.0, **same},
+                       {"exact_match": cand, "valid": [1.0] * N}, speed={"tokens_per_s": 100.0}),
+            ModelScore("base", {"exact_match": 0.0, "valid": 1.0, **same}, {"exact_match": [0.0] * N, "valid": [1.0] * N},
+                       speed={"tokens_per_s": 100.0}))
 
 
 def _versions(p) -> dict[int, dict]:
@@ -131,6 +136,14 @@ def test_a_version_that_failed_its_gate_is_gated_again_when_the_gate_settings_ch
     described = registry.client(p.registry).get_model_version("m", "1").description
     assert "## Gate decision: PROMOTE" in described and "keep the current champion" not in described
     assert "## Gate decision: PROMOTE" in Path("reports/README.md").read_text()
+    # The dossier, read from the registry as an auditor reads it, says the same decision and its settings
+    # (it showed the first decision, logged at registration, and the run's first gate parameters).
+    from pipeline.release import dossier
+
+    facts = dossier.gather(p.registry, "m", 1)
+    assert facts.reports["gate"]["promote"] is True and facts.reports["gate"]["gate_settings"]["max_slowdown"] == 0.7
+    text = dossier.to_markdown(facts, dossier.sections(facts))
+    assert "**Decision: promote**" in text and "gate_promote=true" in text
 
 
 def test_failure_after_the_alias_move_is_consistent_and_a_rerun_finishes(setup, monkeypatch):

@@ -93,3 +93,17 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
         if proc.returncode:
             failed[mod] = proc.stderr.strip().splitlines()[-1]
     assert failed == {}
+
+
+def test_every_seam_in_the_architecture_page_names_a_test_that_exists():
+    """docs/architecture.md lists each producer -> consumer seam with the test that feeds the consumer what
+    the real producer wrote; a seam whose test was renamed or removed fails here."""
+    doc = (ROOT / "docs/architecture.md").read_text()
+    table = doc.split("<!-- seams -->")[1].split("\n\n")[0]
+    rows = [r for r in table.strip().splitlines()[2:] if r.startswith("|")]
+    assert len(rows) >= 8, table
+    for row in rows:
+        ref = row.strip("|").split("|")[-1].strip()
+        path, _, name = ref.partition("::")
+        source = (ROOT / path).read_text()
+        assert re.search(rf"^def {re.escape(name)}\(", source, re.M), f"{ref}: no such test"

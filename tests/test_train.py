@@ -242,7 +242,7 @@ def test_a_pretrained_base_is_referenced_by_hash_not_copied(tiny_base, tmp_path)
 
     out = build_base(BaseModelConfig(model=str(tiny_base), out_dir=str(tmp_path / "base")), tmp_path / "none.json",
                      progress=lambda s: None)
-    assert sorted(p.name for p in out.iterdir()) == ["base.json"]  # no weights copied
+    assert sorted(p.name for p in out.iterdir()) == ["base.json", "loraflow-base.json"]  # no weights copied
     ref = json.loads((out / "base.json").read_text())
     assert ref["path"] == str(tiny_base.resolve()) and ref["revision"] == ""
     assert ref["files"]["model.safetensors"] == file_sha256(tiny_base / "model.safetensors")

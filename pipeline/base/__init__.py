@@ -42,7 +42,7 @@ def build_base(cfg: BaseModelConfig, inputs_file: Path, progress: Callable[[str]
     if not cfg.is_builtin:
         from pipeline.base.pretrained import reference_pretrained
 
-        return reference_pretrained(cfg, out, progress)
+        return _published(cfg, reference_pretrained(cfg, out, progress), progress)
     if cfg.model not in BUILTINS:
         raise ValueError(f"base.model: unknown builtin {cfg.model!r} (known: {', '.join(BUILTINS)})")
     from pipeline.base.builtin import build_builtin
@@ -54,4 +54,14 @@ def build_base(cfg: BaseModelConfig, inputs_file: Path, progress: Callable[[str]
                          "base_inputs stage first (dvc repro base does)")
     corpus = [Path(f) for f in listed["corpus"] if f in listed["inputs"]]
     chat = [Path(f) for f in listed["chat"] if f in listed["inputs"] and Path(f).stat().st_size]
-    return build_builtin(cfg.builtin, corpus, out, progress, chat_files=chat)
+    return _published(cfg, build_builtin(cfg.builtin, corpus, out, progress, chat_files=chat), progress)
+
+
+def _published(cfg: BaseModelConfig, out: Path, progress: Callable[[str], None]) -> Path:
+    """The built base, also in the immutable store (a version trained on it can be served after the next
+    rebuild)."""
+    from pipeline.modeling import publish_base
+
+    stored = publish_base(out, Path(cfg.store_dir))
+    progress(f"base: published as {stored}")
+    return out

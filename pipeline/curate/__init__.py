@@ -35,17 +35,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pipeline.config import CurateConfig, TaskConfig
-from pipeline.io import count_lines, log_files, write_json
+from pipeline.io import LogError, LogStats, count_lines, write_json
+from pipeline.io import read_log as read_logfile
 from pipeline.layout import CURATE_STATE, CURATED_FILES, CURSOR_FILE
 from pipeline.tasks import Task
 
 # A request is logged when it ends, stamped with when it started: a slow one can appear after a faster,
 # later one. Requests this close before the last cut are looked at again (and skipped if already seen).
 SETTLE = timedelta(minutes=15)
-
-
-class LogError(ValueError):
-    """A log line that is not a record (names the file and line)."""
 
 
 def _when(ts: object, where: str) -> datetime:
@@ -56,32 +53,11 @@ def _when(ts: object, where: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
-def read_log(path: Path) -> Iterator[tuple[datetime, dict]]:
-    """Every record of a rotated JSONL log, oldest file first, with its time, streamed (logs are large). A
-    torn last line of the live file (a writer killed mid-line) is skipped; any other bad line is an error
-    naming its file and line."""
-    for f in log_files(path):
-        try:
-            fh = open(f, encoding="utf-8")
-        except FileNotFoundError:  # rotated away or expired between listing and reading
-            continue
-        with fh:
-            pending: tuple[int, str, json.JSONDecodeError] | None = None
-            for n, line in enumerate(fh, 1):
-                if pending is not None:  # a bad line with more after it: not a torn last line
-                    raise LogError(f"{f}:{pending[0]}: not a JSON record ({pending[2]})")
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    if f == path:
-                        pending = (n, line, e)
-                        continue
-                    raise LogError(f"{f}:{n}: not a JSON record ({e})") from None
-                if not isinstance(rec, dict):
-                    raise LogError(f"{f}:{n}: not a JSON object")
-                yield _when(rec.get("ts"), f"{f}:{n}"), rec
+def read_log(path: Path, stats: LogStats | None = None) -> Iterator[tuple[datetime, dict]]:
+    """Every record of a rotated JSONL log with its time, streamed, by the one log policy
+    (``pipeline.io.read_log``: a torn last line skipped and counted, damage an error naming file and line)."""
+    for f, n, rec in read_logfile(path, stats):
+        yield _when(rec.get("ts"), f"{f}:{n}"), rec
 
 
 def request_messages(rec: dict) -> list[dict]:
@@ -105,16 +81,24 @@ def polarity(fb: dict, cfg: CurateConfig) -> str:
     return "none"
 
 
+def _given(fb: dict, key: str) -> str | None:
+    """A text field the client sent: a non-blank string, else None. Logs written before absent fields
+    stayed absent hold ``""`` for each of them: that is nothing sent, never an empty answer."""
+    value = fb.get(key)
+    return value if isinstance(value, str) and value.strip() else None
+
+
 def merge_feedback(entries: list[dict], cfg: CurateConfig) -> dict:
-    """Several feedbacks on one answer: the latest correction, the latest rating, every comment."""
+    """Several feedbacks on one answer: the latest correction, the latest rating, every comment. A rating
+    or a comment never replaces a correction: each field keeps the latest feedback that sent it."""
     out: dict = {"correction": None, "polarity": "none", "comments": 0, "ts": None}
     for fb in entries:
-        if fb.get("correction") is not None:
+        if _given(fb, "correction") is not None:
             out["correction"], out["correction_ts"] = fb["correction"], fb["ts"]
         p = polarity(fb, cfg)
         if p != "none":
             out["polarity"] = p
-        out["comments"] += fb.get("comment") is not None
+        out["comments"] += _given(fb, "comment") is not None
         out["ts"] = fb["ts"]
     return out
 
@@ -128,6 +112,7 @@ class CurateReport:
     deferred: int = 0  # beyond the teacher's per-run cap: seen again next run
     feedback_read: int = 0
     feedback_orphaned: Counter[str] = field(default_factory=Counter)  # feedback whose request is not usable
+    torn_lines: list[str] = field(default_factory=list)  # "file:line" of torn last lines skipped (io.read_log)
 
     def to_dict(self) -> dict:
         curated = sum(self.curated.values())
@@ -138,6 +123,7 @@ class CurateReport:
                 "skipped": {"total": skipped, "by_reason": dict(sorted(self.skipped.items()))},
                 "deferred": self.deferred,
                 "feedback": {"read": self.feedback_read, "orphaned": dict(sorted(self.feedback_orphaned.items()))},
+                "torn_lines": self.torn_lines,
                 "reconciles": self.requests_seen == curated + skipped + self.deferred}
 
 
@@ -179,14 +165,27 @@ def _cursor(items: list[tuple[datetime, str, dict]], until: str | None,
     return end.isoformat(), {k: v for k, v in merged.items() if datetime.fromisoformat(v) > end - SETTLE}
 
 
+def answer_problem(messages: list[dict], task: Task) -> str | None:
+    """The check a curated record gets when the caller gives none: a non-blank answer the task accepts."""
+    answer = messages[-1]["content"]
+    if not answer.strip():
+        return "blank_content"
+    return "invalid_answer" if task.check_reference(answer) else None
+
+
 def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Path, feedback_log: Path,
            out_dir: Path, model: str | None = None, teacher=None, say: Callable[[str], None] = print,
-           now: datetime | None = None) -> dict:
+           now: datetime | None = None, trainable: Callable[[list[dict]], str | None] | None = None) -> dict:
     """Cut the logs since the last cut into records (appended to ``out_dir``); returns the report.
 
     ``model``: only this served model's traffic (a project curates its own). ``teacher``: a
     ``pipeline.curate.teacher.Teacher`` for requests nobody labelled (None: they are skipped).
+    ``trainable``: why sanitize would quarantine a record's messages, or None (``stages.curated_record_check``:
+    its record checks and the task's answer check); a record it refuses is skipped as ``untrainable_<reason>``,
+    so what curate writes is what training gets.
     """
+    trainable = trainable or (lambda msgs: answer_problem(msgs, task))
+    stats = LogStats()
     now = now or datetime.now(timezone.utc)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _cursor_state(request_log)
@@ -195,9 +194,10 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
     report = CurateReport()
 
     feedback_items: list[tuple[datetime, str, dict]] = []
-    for t, fb in read_log(feedback_log):
-        if model and fb.get("model") != model:
-            continue
+    fb_earliest = datetime.fromisoformat(state["feedback_until"]) - SETTLE if state["feedback_until"] else None
+    for t, fb in read_log(feedback_log, stats):
+        if (model and fb.get("model") != model) or (fb_earliest is not None and t <= fb_earliest):
+            continue  # another model's, or consumed by an earlier cut (streamed: only new ones are kept)
         feedback_items.append((t, f"{fb.get('id')}@{fb.get('ts')}", fb))
     new_feedback = _new(feedback_items, state["feedback_until"], state["feedback_recent"])
     report.feedback_read = len(new_feedback)
@@ -207,7 +207,7 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
     earliest = datetime.fromisoformat(state["requests_until"]) - SETTLE if state["requests_until"] else None
     requests: dict[str, tuple[datetime, dict]] = {}
     timeline: list[tuple[datetime, str, dict]] = []
-    for t, rec in read_log(request_log):
+    for t, rec in read_log(request_log, stats):
         rid = rec.get("id")
         if not isinstance(rid, str) or (model and rec.get("model") != model):
             continue  # refused before routing (no id), or another model's traffic
@@ -230,6 +230,7 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
             considered.setdefault(rid, requests[rid])
         else:
             report.feedback_orphaned["request_not_in_log"] += len(by_request[rid])  # expired or another log
+    report.torn_lines = stats.torn
     order = sorted(considered, key=lambda r: considered[r][0])
     report.requests_seen = len(order)
 
@@ -246,6 +247,10 @@ def curate(cfg: CurateConfig, task_cfg: TaskConfig, task: Task, request_log: Pat
     def add(rid: str, answer: str, kind: str, fb_ts: str | None, rejected: str | None = None,
             teacher_name: dict | None = None) -> None:
         msgs = request_messages(considered[rid][1])
+        why = trainable(msgs + [{"role": "assistant", "content": answer}])
+        if why:
+            report.skipped[f"untrainable_{why}"] += 1
+            return
         prov = provenance(rid, kind, fb_ts, teacher_name)
         report.curated[kind] += 1
         record = {"messages": msgs + [{"role": "assistant", "content": answer}], "provenance": prov}

@@ -17,13 +17,15 @@ A window with fewer than ``monitor.min_requests`` requests gets no verdict and s
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
+from collections import deque
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pipeline.config import MonitorConfig, TaskConfig
-from pipeline.io import log_files, write_json
+from pipeline.io import LogError, LogStats, log_files, read_log, write_json
 from pipeline.tasks import Task, build_task
 
 TEXT_COLUMNS = ["prompt_length", "prompt_words", "response_length", "response_words"]
@@ -86,37 +88,33 @@ def _when(ts: object) -> datetime | None:
 
 
 def traffic_frame(traffic_log: Path, task: Task, model: str | None = None, after: datetime | None = None,
-                  cfg: MonitorConfig | None = None, now: datetime | None = None):
+                  cfg: MonitorConfig | None = None, now: datetime | None = None, stats: LogStats | None = None):
     """Answered requests (status 200, or records without a status) of ``model`` (any when None) in the
     window after ``after``; returns the frame and the window (first/last time, count). One log may hold
-    several models served side by side. Records without a time predate windows: only a first check sees them."""
+    several models served side by side. Records without a time predate windows: only a first check sees them.
+    Read by the one log policy (``pipeline.io.read_log``: a torn last line is skipped and counted in
+    ``stats``), streamed: only the newest ``monitor.window_requests`` are kept."""
     import pandas as pd
 
-    rows, times = [], []
     now = now or datetime.now(timezone.utc)
     oldest = now - timedelta(hours=cfg.window_hours) if cfg and cfg.window_hours else None
-    for path in traffic_files(traffic_log):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                try:
-                    rec = json.loads(line)
-                    served = rec.get("model", model)
-                    # Stable names from the gateway; "<model>-v<N>" from direct vLLM calls.
-                    if rec.get("status", 200) != 200 or (model and served != model
-                                                         and not str(served).startswith(f"{model}-v")):
-                        continue
-                    when = _when(rec.get("ts"))
-                    if (after is not None and (when is None or when <= after)) or \
-                            (oldest is not None and when is not None and when < oldest):
-                        continue
-                    rows.append({"prompt": rec["prompt"], "response": rec["response"],
-                                 **answer_columns(task, rec["response"])})
-                    times.append(when)
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
-                    raise ValueError(f"{path}:{lineno}: not a traffic record ({err})") from None
-    if cfg and cfg.window_requests and len(rows) > cfg.window_requests:
-        rows, times = rows[-cfg.window_requests:], times[-cfg.window_requests:]
-    known = [t for t in times if t is not None]
+    keep = deque(maxlen=cfg.window_requests if cfg and cfg.window_requests else None)
+    for path, lineno, rec in read_log(traffic_log, stats):
+        try:
+            served = rec.get("model", model)
+            # Stable names from the gateway; "<model>-v<N>" from direct vLLM calls.
+            if rec.get("status", 200) != 200 or (model and served != model
+                                                 and not str(served).startswith(f"{model}-v")):
+                continue
+            when = _when(rec.get("ts"))
+            if (after is not None and (when is None or when <= after)) or \
+                    (oldest is not None and when is not None and when < oldest):
+                continue
+            keep.append((when, str(rec["prompt"]), str(rec["response"])))
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise LogError(f"{path}:{lineno}: not a traffic record ({err})") from None
+    rows = [{"prompt": p_, "response": r, **answer_columns(task, r)} for _, p_, r in keep]
+    known = [t for t, _, _ in keep if t is not None]
     window = {"start": min(known).isoformat() if known else None, "end": max(known).isoformat() if known else None,
               "after": after.isoformat() if after else None, "requests": len(rows)}
     return pd.DataFrame(rows), window
@@ -147,10 +145,11 @@ def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cf
     out.mkdir(parents=True, exist_ok=True)
     task = build_task(task_cfg)
     # Nothing served yet is no log at all: an empty window (a log that exists but cannot be read raises).
-    current, window = traffic_frame(traffic_log, task, model, window_state(out), cfg, now)
+    stats = LogStats()
+    current, window = traffic_frame(traffic_log, task, model, window_state(out), cfg, now, stats)
     if len(current) < cfg.min_requests:
         result = {"status": "insufficient_data", "requests": len(current), "min_requests": cfg.min_requests,
-                  "drift": False, "window": window}
+                  "drift": False, "window": window, "torn_lines": stats.torn}
         write_json(out / "drift.json", result)
         return result
     reference = reference_frame(train_file, task)
@@ -197,10 +196,28 @@ def check_drift(train_file: Path, traffic_log: Path, cfg: MonitorConfig, task_cf
         "columns": per_column,
         "drifted": sorted(c for c, v in per_column.items() if v["drifted"]),
         "window": window,
+        "torn_lines": stats.torn,
         "html": str(out / "drift.html"),
     }
     write_json(out / "drift.json", result)
-    # Judged: the next check starts after this window (records without a time are behind us too).
-    write_json(out / "window.json", {"end": window["end"] or (now or datetime.now(timezone.utc)).isoformat(),
-                                     "requests": window["requests"], "drift": result["drift"]})
+    # Not judged yet: the caller commits the window (``commit_window``) once what the verdict triggers is
+    # out (the MLflow run and the drift event), so a failure on the way re-judges it, never loses it.
+    result["window_end"] = window["end"] or (now or datetime.now(timezone.utc)).isoformat()
     return result
+
+
+def window_id(model: str | None, result: dict) -> str:
+    """A stable id of the window a check judged: the model and where the window starts (the end of the
+    last committed one). A window judged again after a failure, with more traffic in it, keeps its id, so
+    the drift event it sends again is the same event to its consumers (Prefect acts on an event id once)."""
+    return f"{model or '*'}:after={result['window'].get('after')}"
+
+
+def commit_window(out_dir: Path, result: dict) -> None:
+    """Mark ``result``'s window judged: the next check starts after it (records without a time are behind
+    us too). Call it only after the verdict's consequences are recorded and sent. Written whole (a
+    temporary file renamed), so a crash leaves the old state or the new one."""
+    path = Path(out_dir) / "window.json"
+    tmp = path.with_suffix(".tmp")
+    write_json(tmp, {"end": result["window_end"], "requests": result["requests"], "drift": result["drift"]})
+    os.replace(tmp, path)

@@ -55,8 +55,10 @@ class Facts:
     serving_log: str | None = None
 
 
-def _download_reports(cfg: RegistryConfig, run_id: str) -> dict[str, dict]:
-    """The run's report artifacts that exist. A listing that fails raises (never "absent")."""
+def _download_reports(cfg: RegistryConfig, run_id: str, decision: str = ARTIFACTS["gate"]) -> dict[str, dict]:
+    """The run's report artifacts that exist; ``decision``: the gate decision that stands (the version's
+    ``gate_decision`` tag after a re-gate, else the one logged at registration). A listing that fails
+    raises (never "absent"); a decision the tag names that is not there is an error, never the first one."""
     import mlflow.artifacts
 
     c = registry.client(cfg)
@@ -65,9 +67,13 @@ def _download_reports(cfg: RegistryConfig, run_id: str) -> dict[str, dict]:
         listed = registry.call(cfg, f"list artifacts {folder} of run {run_id}",
                                lambda f=folder: c.list_artifacts(run_id, f))
         present |= {f.path for f in listed}
+    wanted = {**ARTIFACTS, "gate": decision}
+    if decision != ARTIFACTS["gate"] and decision not in present:
+        raise LookupError(f"run {run_id}: the gate decision {decision} named by the version's gate_decision tag "
+                          "is not among its artifacts")
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for key, path in ARTIFACTS.items():
+        for key, path in wanted.items():
             if path not in present:
                 continue
             local = registry.call(cfg, f"download {path} of run {run_id}", lambda p=path: mlflow.artifacts.download_artifacts(
@@ -125,7 +131,8 @@ def gather(cfg: RegistryConfig, name: str, version: int | None = None, serving_l
         name=name, version=int(version),
         created=datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
         run_id=mv.run_id, tags=dict(mv.tags or {}), params=dict(run.data.params),
-        metrics=dict(run.data.metrics), reports=_download_reports(cfg, mv.run_id),
+        metrics=dict(run.data.metrics),
+        reports=_download_reports(cfg, mv.run_id, (mv.tags or {}).get("gate_decision", ARTIFACTS["gate"])),
         history=registry.history(cfg, name), alias=cfg.alias,
         champion=champion.version if champion else None,
         serving=serving_periods(serving_log, name, int(version)), serving_log=str(serving_log) if serving_log else None)
@@ -173,6 +180,11 @@ def sections(f: Facts) -> list[tuple[str, list[dict]]]:
     decision_checks = gate.get("checks") or {}
     leak = gate.get("candidate_leak") or (rep.get("eval", {}).get("candidate", {}).get("leak") or {})
     holds = f.champion == f.version
+
+    def setting(key: str):
+        """A gate setting the decision that stands was taken under (a re-gate logs its own; the first
+        decision's are the run's parameters)."""
+        return (gate.get("gate_settings") or {}).get(key, prm.get(f"gate.{key}"))
 
     general = [
         _kv([("model", f.name), ("version", f.version), ("registered", f.created), ("MLflow run", f.run_id),
@@ -285,11 +297,12 @@ def sections(f: Facts) -> list[tuple[str, list[dict]]]:
         ("2. Validation and testing: metrics, test results (2(g))", evaluation),
         ("3. Monitoring, functioning and control: the release gate", gate_sec),
         ("4. Appropriateness of the performance metrics", [_kv([
-            ("gate metric", gate.get("metric")), ("minimum improvement (lower CI bound)", prm.get("gate.min_improvement")),
-            ("confidence", prm.get("gate.confidence")), ("minimum examples", prm.get("gate.min_examples")),
-            ("minimum valid answers", prm.get("gate.min_valid")), ("guardrail tolerance", prm.get("gate.guardrail_tolerance")),
-            ("forgetting tolerance", prm.get("gate.forgetting_tolerance")), ("max canary exposure", prm.get("gate.max_exposure")),
-            ("max epsilon", "not required" if prm.get("gate.max_epsilon") in (None, "None") else prm["gate.max_epsilon"])])]),
+            ("gate metric", gate.get("metric")), ("minimum improvement (lower CI bound)", setting("min_improvement")),
+            ("confidence", setting("confidence")), ("minimum examples", setting("min_examples")),
+            ("minimum valid answers", setting("min_valid")), ("guardrail tolerance", setting("guardrail_tolerance")),
+            ("forgetting tolerance", setting("forgetting_tolerance")), ("max canary exposure", setting("max_exposure")),
+            ("max epsilon", "not required" if setting("max_epsilon") in (None, "None") else setting("max_epsilon")),
+            ("skipped when not computable", ", ".join(setting("skip_uncomputable") or []) or "none")])]),
         ("5. Risk management system (Article 9)", [_text(
             "Controls loraflow applied to this version: PII redaction before training, quarantine of bad records, "
             "eval contamination checks, the leak probe (canaries, PII in answers), the forgetting check and the "

@@ -77,11 +77,12 @@ class Decision:
     interval: Interval | None = None
     checks: dict[str, bool] = field(default_factory=dict)
     slices: dict[str, dict] = field(default_factory=dict)  # name -> metric of both and the paired interval
+    skipped: dict[str, str] = field(default_factory=dict)  # uncomputable guardrails skipped by configuration
 
     def to_dict(self) -> dict:
         return {"promote": self.promote, "reference": self.reference, "metric": self.metric,
                 "interval": self.interval.to_dict() if self.interval else None, "checks": self.checks,
-                "reasons": self.reasons, "slices": self.slices}
+                "reasons": self.reasons, "slices": self.slices, "skipped": self.skipped}
 
 
 def paired_bootstrap(candidate: list[float], reference: list[float], confidence: float = 0.95,
@@ -149,27 +150,50 @@ def decide(candidate: ModelScore, reference: ModelScore, gate: GateConfig, metri
                   f"{'>' if interval.low > gate.min_improvement else '<='} required {gate.min_improvement:+.3f}")
 
     slices = _slices(candidate, reference, gate, metric, paired, check, reasons) if paired else {}
+    if paired is None and len(candidate.slices) > 1:
+        reasons.append("note: slices not compared (no paired values: the improvement check fails already)")
 
     valid = candidate.metrics.get("valid", 0.0)
     check("validity", valid >= gate.min_valid,
           f"valid answers {valid:.3f} {'>=' if valid >= gate.min_valid else '<'} floor {gate.min_valid:.3f}")
 
+    def uncomputable(kind: str, check_name: str, text: str) -> None:
+        """A guardrail that cannot be computed fails, unless configuration says to skip it: never silent."""
+        if kind in gate.skip_uncomputable:
+            reasons.append(f"SKIP {text} (gate.skip_uncomputable: {kind})")
+            skipped[kind] = text
+        else:
+            check(check_name, False, f"{text}: cannot be checked (list '{kind}' in gate.skip_uncomputable to "
+                                     "promote without it)")
+
+    skipped: dict[str, str] = {}
     for m in guardrails:
-        if m not in candidate.metrics or m not in reference.metrics:
+        missing = [who for who, score in (("the candidate", candidate), (reference.name, reference))
+                   if m not in score.metrics]
+        if missing:
+            uncomputable("guardrail_metrics", "guardrails", f"guardrail {m}: not measured for {' and '.join(missing)}")
             continue
         drop = reference.metrics[m] - candidate.metrics[m]
         check("guardrails", drop <= gate.guardrail_tolerance,
               f"guardrail {m}: {candidate.metrics[m]:.3f} vs {reference.name} {reference.metrics[m]:.3f} "
               f"(drop {drop:+.3f}, tolerance {gate.guardrail_tolerance:.3f})")
     c_speed, r_speed = candidate.speed.get("tokens_per_s"), reference.speed.get("tokens_per_s")
-    if c_speed and r_speed:
+    if not c_speed or not r_speed:  # None, or 0 tokens/s: no ratio to judge (0 used to pass unchecked)
+        uncomputable("speed", "guardrails", f"generation speed: candidate {c_speed!r}, {reference.name} "
+                                            f"{r_speed!r} tokens/s")
+    else:
         floor = (1 - gate.max_slowdown) * r_speed
         check("guardrails", c_speed >= floor,
               f"generation speed {c_speed:.1f} tokens/s vs {reference.name} {r_speed:.1f} "
               f"(floor {floor:.1f} = {1 - gate.max_slowdown:.2f}x)")
 
     anchor = base or reference
-    if candidate.forgetting is not None and anchor.forgetting is not None and anchor.forgetting:
+    if candidate.forgetting is None and anchor.forgetting is None:
+        reasons.append("note: forgetting not measured (no generic regression set: data.forgetting)")
+    elif not candidate.forgetting or not anchor.forgetting:
+        uncomputable("forgetting", "forgetting", f"forgetting: the generic regression set was scored for "
+                     f"{'the candidate' if candidate.forgetting else anchor.name} only")
+    else:
         c_f, b_f = float(np.mean(candidate.forgetting)), float(np.mean(anchor.forgetting))
         drop = b_f - c_f
         check("forgetting", drop <= gate.forgetting_tolerance,
@@ -177,7 +201,9 @@ def decide(candidate: ModelScore, reference: ModelScore, gate: GateConfig, metri
               f"(drop {drop:+.3f}, tolerance {gate.forgetting_tolerance:.3f}, n={len(candidate.forgetting)})")
 
     leak = candidate.leak
-    if leak is not None:
+    if leak is None:
+        reasons.append("note: leak probe not run (probes off)")
+    else:
         canaries = leak.get("canaries", [])
         completed = [c for c in canaries if c.get("completed")]
         worst = max((c.get("exposure", 0.0) for c in canaries), default=0.0)
@@ -188,8 +214,11 @@ def decide(candidate: ModelScore, reference: ModelScore, gate: GateConfig, metri
                                        f"{len(exposed)} above)")
         elif canaries:
             reasons.append(f"note: canary exposure max {worst:.2f} bits (not gated: gate.max_exposure is 0)")
-        hits = leak.get("pii_hits", 0)
-        check("leak", hits == 0, f"redacted PII values in {leak.get('answers_scanned', 0)} generated answers: {hits}")
+        if "pii_hits" not in leak:
+            uncomputable("leak", "leak", "redacted PII values in generated answers: not scanned")
+        else:
+            hits = leak["pii_hits"]
+            check("leak", hits == 0, f"redacted PII values in {leak.get('answers_scanned', 0)} generated answers: {hits}")
 
     if gate.max_epsilon is not None:
         eps = (candidate.privacy or {}).get("epsilon")
@@ -200,21 +229,33 @@ def decide(candidate: ModelScore, reference: ModelScore, gate: GateConfig, metri
               f"without noise); gate.max_epsilon {gate.max_epsilon:.3f} requires one")
 
     return Decision(promote=all(checks.values()) and bool(checks), reference=reference.name, reasons=reasons,
-                    metric=metric, interval=interval, checks=checks, slices=slices)
+                    metric=metric, interval=interval, checks=checks, slices=slices, skipped=skipped)
+
+
+def uncomputable_slice(gate: GateConfig, check, reasons: list[str], name: str, why: str) -> None:
+    text = f"slice {name}: {why}"
+    if "slices" in gate.skip_uncomputable:
+        reasons.append(f"SKIP {text} (gate.skip_uncomputable: slices)")
+    else:
+        check("slices", False, f"{text}: cannot be compared (list 'slices' in gate.skip_uncomputable to "
+                               "promote without it)")
 
 
 def _slices(candidate: ModelScore, reference: ModelScore, gate: GateConfig, metric: str, paired: str,
             check, reasons: list[str]) -> dict[str, dict]:
     """Each eval slice on its own (only when there is more than one): metric of both, paired interval; the
     original slice is a guardrail."""
-    if len(candidate.slices) < 2:
+    if len(candidate.slices) < 2 and len(reference.slices) < 2:
         return {}
     out: dict[str, dict] = {}
+    for name in sorted(set(reference.slices) - set(candidate.slices)):
+        uncomputable_slice(gate, check, reasons, name, f"scored for {reference.name} only")
     for name, cs in candidate.slices.items():
         rs = reference.slices.get(name)
         a, b = cs["range"]
         if rs is None or rs["range"] != cs["range"] or b <= a:
-            reasons.append(f"note: slice {name}: not scored the same way for {reference.name}; not compared")
+            uncomputable_slice(gate, check, reasons, name, f"not scored the same way for {reference.name} and "
+                                                           "the candidate")
             continue
         c_val, r_val = cs["summary"].get(metric), rs["summary"].get(metric)
         iv = paired_bootstrap(candidate.per_example[paired][a:b], reference.per_example[paired][a:b],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from pipeline.config import Params
 from pipeline.hashing import dir_sha256, file_sha256
 from pipeline.io import first_prompts, read_json, write_json
 from pipeline.layout import CURATED_TAG, augmented_file, clean_split, curated_count
-from pipeline.modeling import base_config_sha256, base_weights_sha256
+from pipeline.modeling import BaseMissing, base_config_sha256, base_dir_for, base_weights_sha256
 from pipeline.release.card import model_card
 from pipeline.release.gate import Decision, ModelScore, decide
 from pipeline.release.lineage import dvc_lock_hashes, git_commit, params_sha256
@@ -35,7 +36,7 @@ SERVING_TAGS = ("task_config", "smoke_prompts")  # version tags only: run tags a
 NO_VERSION = "none"
 # Scores an adapter on today's eval split (per-example details, as the evaluate stage records them). The
 # composition root supplies it (pipeline/stages.py ``rescorer``): evaluation is another stage's business.
-Rescore = Callable[[Path], dict]
+Rescore = Callable[[Path, Path], dict]  # (adapter folder, the base folder it was trained on) -> details
 
 
 def candidate_score(p: Params) -> tuple[ModelScore, ModelScore]:
@@ -46,47 +47,50 @@ def candidate_score(p: Params) -> tuple[ModelScore, ModelScore]:
             ModelScore.from_details("base", details["base"]))
 
 
-def champion_score(p: Params, champion: registry.VersionInfo, rescore: Rescore) -> ModelScore | None:
-    """Re-evaluate the champion on the current eval split (paired with the candidate's outcomes).
-
-    None when the champion was trained on another base: its adapter cannot run on today's base.
-    """
-    base_dir = Path(p.base.out_dir)
-    if champion.tags.get("base_sha256") != base_config_sha256(base_dir) or \
-            champion.tags.get("base_weights_sha256") != base_weights_sha256(base_dir):
-        return None
+def champion_score(p: Params, champion: registry.VersionInfo, rescore: Rescore) -> tuple[ModelScore | None, str]:
+    """Re-evaluate the champion on the current eval split, on the base it was trained on (paired with the
+    candidate's outcomes). (None, why) when that base is not on this machine (pipeline.modeling.base_dir_for)
+    or the version does not name its base."""
+    want = champion.tags.get("base_weights_sha256")
+    if not want:
+        return None, f"champion v{champion.version} does not record its base (base_weights_sha256)"
+    try:
+        base_dir = base_dir_for(Path(p.base.out_dir), Path(p.base.store_dir), want)
+    except BaseMissing as e:
+        return None, f"champion v{champion.version} cannot be re-scored: {e}"
     adapter = registry.download_adapter(p.registry, champion, Path(p.serve.adapters_dir))
-    res = rescore(adapter)
-    return ModelScore.from_details(f"champion v{champion.version}", res)
+    res = rescore(adapter, base_dir)
+    return ModelScore.from_details(f"champion v{champion.version}", res), ""
 
 
 def gate(p: Params, candidate: ModelScore, base: ModelScore,
          rescore: Rescore) -> tuple[Decision, registry.VersionInfo | None]:
-    """The decision and the champion it was taken against (what the alias must still point at)."""
+    """The decision and the champion it was taken against (what the alias must still point at). The
+    champion is re-scored on its own base (bases are kept by content), so a candidate on a rebuilt base is
+    still compared with the champion, not only with the base model."""
     champion = registry.get_alias(p.registry, p.project.name)
-    reference = champion_score(p, champion, rescore) if champion else None
+    reference, why = champion_score(p, champion, rescore) if champion else (None, "")
     if reference is not None:
         return decide(candidate, reference, p.gate, p.gate_metric, p.guardrail_metrics, base=base), champion
     decision = decide(candidate, base, p.gate, p.gate_metric, p.guardrail_metrics)
     if champion is not None:
-        # Serving puts the alias's adapter on today's base, where an adapter of another base produces
-        # garbage: such a champion is no reference, and the candidate clears the first-version bar.
-        decision = Decision(decision.promote, decision.reference, decision.reasons + [
-            f"champion v{champion.version} was trained on another base and cannot be served on this one: "
-            "judged against the base model"], decision.metric, decision.interval, decision.checks, decision.slices)
+        decision = replace(decision, reasons=decision.reasons + [f"{why}: judged against the base model"])
     return decision, champion
 
 
 def lineage_tags(p: Params) -> dict[str, str]:
     base_dir = Path(p.base.out_dir)
+    # The base the adapter was trained on, as training recorded it (the one in base.out_dir otherwise).
+    meta_file = Path(p.train.out_dir) / "train_meta.json"
+    meta = read_json(meta_file) if meta_file.is_file() else {}
     commit, dirty = git_commit()
     tags = {f"dvc.{k}": v for k, v in dvc_lock_hashes().items()}
     tags.update({
         "git_commit": commit,
         "params_sha256": params_sha256(p.model_dump()),
         "base_model": p.base.model,
-        "base_sha256": base_config_sha256(base_dir),
-        "base_weights_sha256": base_weights_sha256(base_dir),
+        "base_sha256": meta.get("base_config_sha256") or base_config_sha256(base_dir),
+        "base_weights_sha256": meta.get("base_weights_sha256") or base_weights_sha256(base_dir),
         "train_data_sha256": file_sha256(augmented_file(p)),
         "eval_data_sha256": file_sha256(clean_split(p, "eval")),
         # The curated data version this was trained on: a drift-triggered retrain waits for new records.
@@ -105,7 +109,10 @@ def lineage_tags(p: Params) -> dict[str, str]:
 
 def gate_settings_sha(p: Params) -> str:
     """The gate section's digest: a version's decision stands only under the settings it was taken with."""
-    return hashlib.sha256(json.dumps(p.gate.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    settings = p.gate.model_dump(mode="json")
+    if not settings["skip_uncomputable"]:  # a field added later: at its default, the digest is what it was
+        del settings["skip_uncomputable"]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def decision_tags(decision: Decision, champion: registry.VersionInfo | None, settings: str) -> dict[str, str]:
@@ -156,7 +163,16 @@ def _redecided(p: Params, info: registry.VersionInfo, decision: Decision, candid
     """A registered version gated again: its decision tags, and the card the MLflow UI shows, say the new
     decision. The card inside the run's adapter artifact stays as logged (what was registered)."""
     _, card, _, _ = _card(p, decision, candidate, base, champion)
-    _tag(p, info.version, **decision_tags(decision, champion, gate_settings_sha(p)))
+    settings = gate_settings_sha(p)
+    # The new decision beside the first (never over it: the run's artifacts are its record), with the
+    # settings it was taken under; the version's ``gate_decision`` tag, set last, names the one that stands.
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    decided = Path("reports") / f"gate-{stamp}-{settings}.json"
+    write_json(decided, {**decision.to_dict(), "candidate_leak": candidate.leak, "at": stamp,
+                         "gate_settings": p.gate.model_dump(mode="json"),
+                         "champion": champion.version if champion else None})
+    registry.log_run_file(p.registry, info.run_id, decided, "gate")
+    _tag(p, info.version, **decision_tags(decision, champion, settings), gate_decision=f"gate/{decided.name}")
     registry.describe_version(p.registry, p.project.name, info.version, card, info.run_id)
 
 
@@ -252,6 +268,42 @@ def release(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore
             expected = gated_against.version if gated_against else None
     raise RuntimeError(f"{name}@{alias} kept moving during this run ({max_regates} re-gates); v{info.version} "
                        "stays registered with promotion pending; run again once the alias is settled")
+
+
+def publish_current_base(p: Params) -> Path | None:
+    """The current base into the store, if it is not there (a base restored by DVC, or built before the store
+    existed); None without a base. Never writes into ``base.out_dir`` (a DVC output)."""
+    from pipeline.modeling import base_present, publish_base
+
+    current = Path(p.base.out_dir)
+    return publish_base(current, Path(p.base.store_dir), beside=False) if base_present(current) else None
+
+
+def prune_bases(p: Params, say: Callable[[str], None] = print) -> list[str]:
+    """Remove from the base store (``base.store_dir``) every base that no version holding an alias, named in
+    the alias history or with a promotion pending was trained on, that no store link names (``current``,
+    ``serving``), and that is over a day old (one being trained on may not be registered yet). A registry
+    that cannot be read prunes nothing; a failure to remove is reported, never fails the caller."""
+    from pipeline.modeling import prune_bases as prune
+
+    try:
+        keep = registry.bases_in_use(p.registry, p.project.name)
+    except Exception as e:  # noqa: BLE001 - "could not read" is never "nothing in use"
+        if not registry.absent(e):
+            say(f"base store not pruned: {type(e).__name__}: {e}")
+            return []
+        keep = set()  # no registered model yet: nothing refers to any base
+    try:
+        current = publish_current_base(p)
+        if current is not None:
+            keep.add(current.name)
+        removed = prune(Path(p.base.store_dir), keep)
+    except OSError as e:
+        say(f"base store not pruned: {e}")
+        return []
+    for folder in removed:
+        say(f"base store: removed {folder.name[:12]} (no registered version refers to it)")
+    return [f.name for f in removed]
 
 
 def _gate_and_say(p: Params, candidate: ModelScore, base: ModelScore, rescore: Rescore,

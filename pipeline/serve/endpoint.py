@@ -25,9 +25,9 @@ from pathlib import Path
 from pipeline.config import Params
 from pipeline.io import first_prompts
 from pipeline.layout import clean_split, feedback_log, serving_log
-from pipeline.modeling import base_present, base_weights_sha256
+from pipeline.modeling import BaseMissing, base_dir_for, base_present, base_weights_sha256, point, publish_base
 from pipeline.pii import build_redactor
-from pipeline.serve.follow import Follower
+from pipeline.serve.follow import BaseUnavailable, Follower
 from pipeline.serve.gateway import GatewayServer, RequestLog, Routes, build_app
 from pipeline.serve.vllm import ServingError, VLLMPool
 
@@ -41,15 +41,43 @@ def vllm_key(p: Params) -> str:
     return os.environ.get(VLLM_KEY_ENV, "") if p.serve.attached else secrets.token_urlsafe(32)
 
 
+def serving_base(p: Params, say: Callable[[str], None] = print) -> Path:
+    """The base vLLM starts on, always a base store folder (immutable: a later rebuild of ``base.out_dir``
+    cannot change what a restart loads): the one the first model's champion was trained on when it is on
+    this machine (a data change may have rebuilt ``base.out_dir`` while the gate kept the old champion), else
+    the current base. A registry that cannot be read is "unknown", not "no champion": the current base, and
+    the follower restarts vLLM on the champion's base once it reads the alias."""
+    from pipeline import registry
+
+    current = Path(p.base.out_dir)
+    if base_present(current):  # a base restored by DVC, or built before the store existed, goes in too
+        current = publish_base(current, Path(p.base.store_dir), beside=False)
+    name = (p.serve.models or [p.project.name])[0]
+    try:
+        champion = registry.get_alias(p.registry, name)
+    except registry.RegistryUnavailable as e:
+        say(f"warning: the registry did not answer ({e}); starting vLLM on the current base {current}")
+        return current
+    want = champion.tags.get("base_weights_sha256") if champion else None
+    if not want:
+        return current
+    try:
+        return base_dir_for(Path(p.base.out_dir), Path(p.base.store_dir), want)
+    except BaseMissing as e:
+        say(f"warning: {name}@{p.registry.alias} v{champion.version}: {e}; starting vLLM on the current base")
+        return current
+
+
 def start_vllm(p: Params, say: Callable[[str], None] = print, api_key: str | None = None) -> VLLMPool:
     """Attach to ``serve.url``/``serve.upstreams`` or start ``serve.replicas`` vLLM processes on 127.0.0.1
-    with a key only the gateway holds."""
+    with a key only the gateway holds, on the base the champion needs (``serving_base``)."""
     key = vllm_key(p) if api_key is None else api_key
     if p.serve.attached:
         return VLLMPool.attach(p.serve, key)
     urls = ", ".join(p.serve.upstream_urls)
-    say(f"starting vLLM on {urls}, reachable only from this host (log: {p.serve.log_file})")
-    return VLLMPool.start(p.serve, Path(p.base.out_dir), api_key=key)
+    base = serving_base(p, say)
+    say(f"starting vLLM on {urls} with base {base}, reachable only from this host (log: {p.serve.log_file})")
+    return VLLMPool.start(p.serve, base, api_key=key)
 
 
 def wait_for_base(p: Params, stop: threading.Event, say: Callable[[str], None] = print, every_s: float = 5) -> bool:
@@ -126,8 +154,10 @@ class Endpoint:
         self.follower = Follower(self.server, self.routes, p.registry, Path(p.serve.adapters_dir), self.models,
                                  p.task, first_prompts(clean_split(p, "eval")), say=self.say,
                                  on_reject=self.on_reject, events_log=serving_log(p), on_change=self.on_change,
-                                 base_sha=base_weights_sha256(Path(p.base.out_dir)) if started_here else None,
-                                 rebase=self._rebase if started_here else None)
+                                 base_sha=self._started_base_sha() if started_here else None,
+                                 rebase=self._rebase if started_here else None,
+                                 attached_base=None if started_here else self._attached_base,
+                                 want_base=None if started_here else self._want_base)
         try:
             self.reconcile()
         except Exception as e:  # noqa: BLE001 - answer anyway; follow() retries with backoff
@@ -157,7 +187,10 @@ class Endpoint:
                         return
                     new = None
                     try:
-                        new = VLLMPool.start(self.p.serve, Path(self.p.base.out_dir), api_key=server.api_key)
+                        # The base it ran, which the routed champions need; not whatever base.out_dir holds
+                        # now (a rebuild there would put the champion's adapter on a base it never saw).
+                        base_dir = self._base_of(server)
+                        new = VLLMPool.start(self.p.serve, base_dir, api_key=server.api_key)
                         waited = new.wait_ready()
                     except Exception as e:  # noqa: BLE001 - try again after a longer wait
                         if new is not None:
@@ -190,23 +223,59 @@ class Endpoint:
                         self.say(f"vLLM at {server.url} answers again: reconciling")
                         self.wake.set()
 
+    def _started_base_sha(self) -> str:
+        return base_weights_sha256(getattr(self.server, "base_dir", None) or Path(self.p.base.out_dir))
+
+    def _base_of(self, server: VLLMPool) -> Path:
+        """The base ``server`` was started on (the current base for one started before this was recorded)."""
+        return getattr(server, "base_dir", None) or Path(self.p.base.out_dir)
+
+    def _attached_base(self) -> str | None:
+        """The weights digest of the base the attached vLLM serves, or None when it cannot be told."""
+        return self.server.base_identity() if self.server is not None else None
+
+    def _want_base(self, sha: str) -> None:
+        """Point the base store's ``serving`` link at the base the champion needs, when this process sees the
+        store (compose's gateway shares its volume): an operator-run vLLM (re)starts on it."""
+        store = Path(self.p.base.store_dir)
+        if (store / sha).is_dir() and not ((store / "serving").is_symlink()
+                                           and (store / "serving").resolve().name == sha):
+            point(store, "serving", sha)
+            self.say(f"base store: serving -> {sha[:12]} (restart the attached vLLM to serve it, if it runs another)")
+
     def _rebase(self, want_sha: str) -> VLLMPool:
-        """Restart the vLLM this endpoint started on the base a new champion was trained on (the one in
-        ``base.out_dir``, if it is that base). Every route goes: their adapters die with the old process."""
-        base_dir = Path(self.p.base.out_dir)
-        have = base_weights_sha256(base_dir) if base_present(base_dir) else "none"
-        if have != want_sha:
-            raise ServingError(f"it was trained on base {want_sha[:12]}, but {base_dir} holds base {have[:12]}; "
-                               "only the current base can be served")
+        """Restart the vLLM this endpoint started on the base ``want_sha`` (from the base store). Raises
+        ``BaseUnavailable`` (the follower defers and retries, never rejects) when that base is not on this
+        machine or its engine did not start; then the engine is back on the base it had, so the versions
+        routed before are loaded again. Every route goes meanwhile: their adapters die with the old process.
+        The new engine starts after the old one stops: both would need the GPU memory and the ports at once."""
+        try:
+            base_dir = base_dir_for(Path(self.p.base.out_dir), Path(self.p.base.store_dir), want_sha)
+        except BaseMissing as e:
+            raise BaseUnavailable(str(e)) from None
         assert self.server is not None
         self.say(f"the new champion needs base {want_sha[:12]}: restarting vLLM on {base_dir} "
                  "(clients get 503 until it is ready)")
         with self._engine_lock:  # not a crash: the supervisor must not restart it too
             self.routes.clear()
-            key = self.server.api_key
-            self.server.stop()
-            self.server = VLLMPool.start(self.p.serve, base_dir, api_key=key)
-            waited = self.server.wait_ready(progress=self.say)
+            old, key = self.server, self.server.api_key
+            old_base = self._base_of(old)
+            old.stop()
+            new = None
+            try:
+                new = VLLMPool.start(self.p.serve, base_dir, api_key=key)
+                waited = new.wait_ready(progress=self.say)
+            except Exception as e:  # noqa: BLE001 - not the version's fault: back on the old base, retry later
+                if new is not None:
+                    new.stop()
+                self.say(f"vLLM did not start on base {want_sha[:12]} ({type(e).__name__}: {e}); back on {old_base}")
+                back = VLLMPool.start(self.p.serve, old_base, api_key=key)
+                self.server = back
+                if self.follower is not None:
+                    self.follower.server = back
+                self.wake.set()  # the served versions are loaded again on the old base
+                raise BaseUnavailable(f"vLLM did not start on base {want_sha[:12]}: {e}") from e
+            self.server = new
         self.say(f"vLLM ready on the new base after {waited:.0f}s")
         return self.server
 

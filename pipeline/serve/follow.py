@@ -34,6 +34,22 @@ from pipeline.serve.gateway import Route, Routes
 from pipeline.serve.vllm import ServingError, VLLMPool, VLLMServer, not_found
 from pipeline.tasks import build_task
 
+class BaseUnavailable(RuntimeError):
+    """The base a version needs cannot be served right now (not on this machine, or its engine did not
+    start): "not now", never a verdict on the version."""
+
+
+def base_matches(have: str | None, champion: registry.VersionInfo) -> bool:
+    """Whether an attached vLLM serving base ``have`` (``VLLMPool.base_identity``) can take ``champion``'s
+    adapter: the same weights digest, or the same hub model id for a version trained on a hub model."""
+    want = champion.tags.get("base_weights_sha256")
+    if not want or have == want:
+        return True
+    model = champion.tags.get("base_model", "")
+    return bool(have and have.startswith("model:") and model and not model.startswith("builtin:")
+                and have[len("model:"):] == model)
+
+
 def task_of(version: registry.VersionInfo, default: TaskConfig) -> TaskConfig:
     raw = version.tags.get("task_config")
     return TaskConfig.model_validate_json(raw) if raw else default
@@ -88,6 +104,10 @@ class Follower:
     # The weights vLLM runs (None: unknown, an attached server), and how to restart it on another base.
     base_sha: str | None = None
     rebase: Callable[[str], VLLMServer | VLLMPool] | None = None
+    # An attached vLLM (compose, Kubernetes): which base it serves, asked before every load, and where to
+    # say which base the champion needs (the base store's ``serving`` link, what its operator starts it on).
+    attached_base: Callable[[], str | None] | None = None
+    want_base: Callable[[str], None] | None = None
 
     def reconcile(self) -> list[dict]:
         """One pass over every served model; returns what changed."""
@@ -99,7 +119,7 @@ class Follower:
         if champion is not None and self.seen_alias.get(name) != champion.version:
             # A move loraflow did not make (the MLflow UI) enters the alias history here, for rollback.
             try:
-                registry.reconcile_history(self.registry_cfg, name, champion.version)
+                registry.reconcile_history(self.registry_cfg, name)  # re-reads the alias itself
                 self.seen_alias[name] = champion.version
             except registry.RegistryUnavailable as e:
                 self.say(f"warning: {e}")
@@ -130,14 +150,33 @@ class Follower:
         started = time.monotonic()
         task = task_of(champion, self.default_task)
         want = champion.tags.get("base_weights_sha256")
-        if want and self.base_sha and want != self.base_sha:
+        if want and self.attached_base is not None:
+            # Never load an adapter onto a base it was not trained on: an attached vLLM is restarted by its
+            # operator (compose, Kubernetes), so a mismatch waits for that, reported on every try.
+            if self.want_base is not None:
+                try:
+                    self.want_base(want)
+                except OSError as e:
+                    self.say(f"warning: could not point the base store at {want[:12]}: {e}")
+            try:
+                have = self.attached_base()
+            except Exception as e:  # noqa: BLE001 - vLLM busy or restarting: ask again later
+                return self._defer(name, champion, f"could not ask vLLM which base it serves: {e}")
+            if not base_matches(have, champion):
+                return self._defer(name, champion, f"trained on base {want[:12]}, but the attached vLLM serves "
+                                   + (f"{have[:18]}" if have else "a base it cannot be identified by (start it on "
+                                      "artifacts/bases/<sha>, as docker-compose.yml and deploy/kubernetes do)")
+                                   + "; not loaded")
+        elif want and self.base_sha and want != self.base_sha:
             if self.rebase is None:
-                return self._reject(name, champion, current, "trained on another base than the one vLLM serves; "
-                                    "restart vLLM on that base")
+                return self._defer(name, champion, f"trained on base {want[:12]}, vLLM serves {self.base_sha[:12]} "
+                                   "and cannot be restarted from here; not loaded")
             try:
                 self.server = self.rebase(want)
-            except Exception as e:  # noqa: BLE001 - the version cannot be served here; the alias goes back
-                return self._reject(name, champion, current, f"base change failed: {e}")
+            except Exception as e:  # noqa: BLE001 - not the version's fault: missing base, failed start
+                deferred = self._defer(name, champion, f"base change not done: {e}")
+                self._fall_back(name, champion)
+                return deferred
             self.base_sha, current = want, None
         try:
             adapter = registry.download_adapter(self.registry_cfg, champion, self.adapters_dir)
@@ -179,6 +218,24 @@ class Follower:
             threading.Thread(target=self._retire, args=(previous,), daemon=True).start()
         return {"model": name, "version": champion.version, "adapter": internal, "seconds": round(seconds, 2),
                 "previous": previous.version if previous else None}
+
+    def _fall_back(self, name: str, champion: registry.VersionInfo) -> None:
+        """While the champion's base cannot be served, serve the last version that served well, when it runs
+        on the base vLLM has (the base change emptied every route). The alias is left alone: the champion
+        is tried again after its wait."""
+        back = self.last_good.get(name)
+        if back is None or back == champion.version or self.routes.get(name) is not None:
+            return
+        try:
+            info = registry.get_version(self.registry_cfg, name, back)
+        except Exception as e:  # noqa: BLE001 - the next pass tries again
+            self.say(f"{name}: could not read v{back} to serve it meanwhile: {e}")
+            return
+        if info.tags.get("base_weights_sha256") not in (None, self.base_sha):
+            return
+        result = self.swap(name, info, None)
+        if result.get("adapter"):
+            self.say(f"{name}: serving v{back} meanwhile (v{champion.version}'s base is not available yet)")
 
     def record(self, event: dict) -> None:
         """Append to the serving log, then tell ``on_change``. Neither may stop serving: both only warn."""

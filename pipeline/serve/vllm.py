@@ -241,6 +241,32 @@ class VLLMPool:
     runs on each. ``serve.replicas`` started here, ``serve.upstreams`` (or ``serve.url``) attached."""
 
     replicas: list[VLLMServer]
+    base_dir: Path | None = None  # the base the replicas were started on (None: attached)
+
+    def base_identity(self) -> str | None:
+        """Which base every replica serves, as a weights sha256 (its model root is a base store folder
+        ``.../bases/<sha>``, or a folder readable here with the base's identity file), ``model:<id>`` for a
+        hub model it loaded by id, or None when the replicas disagree or a root says nothing checkable."""
+        from pipeline.modeling import read_digest
+
+        seen = set()
+        for r in self.replicas:
+            resp = httpx.get(f"{r.url}/v1/models", timeout=10, headers=r._auth)
+            resp.raise_for_status()
+            roots = [m.get("root") or m.get("id") for m in resp.json()["data"] if not m.get("parent")]
+            if len(roots) != 1:
+                return None
+            root = str(roots[0])
+            name = Path(root).name
+            if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+                seen.add(name)
+                continue
+            try:
+                digest = read_digest(Path(root)) if Path(root).is_dir() else None
+            except (OSError, ValueError):
+                digest = None
+            seen.add(digest["weights_sha256"] if digest else f"model:{root}")
+        return seen.pop() if len(seen) == 1 else None
 
     @classmethod
     def start(cls, cfg: ServeConfig, base_dir: Path, api_key: str = "") -> "VLLMPool":
@@ -252,7 +278,7 @@ class VLLMPool:
             for server in started:
                 server.stop()
             raise
-        return cls(started)
+        return cls(started, base_dir=Path(base_dir))
 
     @classmethod
     def attach(cls, cfg: ServeConfig, api_key: str = "") -> "VLLMPool":

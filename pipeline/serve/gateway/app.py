@@ -15,9 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from starlette.responses import StreamingResponse
 
 from pipeline.config import CurateConfig, LimitsConfig
-from pipeline.io import log_files
+from pipeline.io import LogError, log_files
 from pipeline.serve.gateway.auth import KeyLimiter, key_id
 from pipeline.serve.gateway.requestlog import RequestLog
 from pipeline.serve.gateway.routes import Routes
@@ -91,21 +92,40 @@ def feedback_problem(body: object, curate: CurateConfig) -> str | None:
     return None
 
 
+def response_id(chat: bool, now: float | None = None) -> str:
+    """A new response id: ``chatcmpl-`` / ``cmpl-``, the issue time (hex seconds) and 16 random hex digits.
+    The time says which log files can hold it (``find_issued``), so a lookup reads one or two files."""
+    return f"{'chatcmpl-' if chat else 'cmpl-'}{int(time.time() if now is None else now):x}-{secrets.token_hex(8)}"
+
+
+def _issued_at(rid: str) -> float | None:
+    """The issue time in a response id of ours, or None (an id of another shape: every file is searched)."""
+    stamp, sep, rest = rid.partition("-")[2].partition("-")
+    try:
+        return float(int(stamp, 16)) if sep and len(rest) == 16 else None
+    except ValueError:
+        return None
+
+
 def find_issued(request_log: Path, rid: str) -> dict | None:
-    """The logged request with response id ``rid`` (newest file first), or None: ids older than this
-    process's memory are looked up here."""
-    needle = json.dumps(rid)
-    for path in reversed(log_files(request_log)):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    if needle in line:
-                        with contextlib.suppress(json.JSONDecodeError):
-                            rec = json.loads(line)
-                            if rec.get("id") == rid:
-                                return rec
-        except FileNotFoundError:  # rotated away while we read
-            continue
+    """The logged request with response id ``rid``, or None. A request is logged when it ends, after it was
+    issued, so it lies in the first file rotated after its issue time or a later one: only those are read
+    (oldest first). Damage in them is a ``LogError`` (the caller answers 503), never "not found"."""
+    from pipeline.io import read_log
+
+    files = log_files(request_log)
+    issued_at = _issued_at(rid)
+    if issued_at is not None:
+        def rotated_at(f: Path) -> float:
+            stamp = f.name[len(request_log.stem) + 1:-len(request_log.suffix) or None]
+            try:
+                return datetime.strptime(stamp, "%Y%m%dT%H%M%S%f").replace(tzinfo=timezone.utc).timestamp()
+            except ValueError:
+                return float("inf")  # the live file, or a name of another shape: look in it
+        files = [f for f in files if f == request_log or rotated_at(f) >= issued_at - 1]
+    for _, _, rec in read_log(request_log, files=files, contains=json.dumps(rid).encode()):
+        if rec.get("id") == rid:
+            return rec
     return None
 
 
@@ -158,7 +178,7 @@ def build_app(routes: Routes, upstream_url: str | list[str], upstream_key: str, 
     a final ``error`` event and the log's status 502/504, a client that hangs up -> 499.
     """
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route as Endpoint
 
     limits = limits or LimitsConfig()
@@ -283,7 +303,7 @@ def build_app(routes: Routes, upstream_url: str | list[str], upstream_key: str, 
             body["max_tokens"] = min(body["max_tokens"], limits.max_tokens)
         body["model"] = route.internal
         started = time.perf_counter()
-        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        rid = response_id(chat)
         record = {"ts": datetime.now(timezone.utc).isoformat(), "id": rid, "key_id": key_ids[key],
                   "model": route.name, "version": route.version,
                   "adapter": route.internal, "endpoint": "chat" if chat else "completions",
@@ -399,7 +419,14 @@ def build_app(routes: Routes, upstream_url: str | list[str], upstream_key: str, 
                 await upstream.aclose()
                 finish(outcome[0], "".join(pieces), usage, outcome[1])
 
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=served_by)
+        async def abandon() -> None:
+            """The response never started (the client left before the first byte): the relay's own cleanup
+            never ran, so release here. Idempotent with it (``finish`` runs once)."""
+            finish(499, "", None, "disconnected")  # releases first: closing the upstream may fail
+            with contextlib.suppress(Exception):
+                await upstream.aclose()
+
+        return _Relay(relay(), abandon, media_type="text/event-stream", headers=served_by)
 
     def parser_for(model: str, version, task_cfg):
         from pipeline.tasks import build_task
@@ -427,7 +454,11 @@ def build_app(routes: Routes, upstream_url: str | list[str], upstream_key: str, 
             with issued_lock:
                 origin = issued.get(body["id"])
             if origin is None:
-                logged = await asyncio.to_thread(find_issued, log.path, body["id"])
+                try:
+                    logged = await asyncio.to_thread(find_issued, log.path, body["id"])
+                except (OSError, LogError) as e:  # could not read is not "absent": the client retries
+                    return refused(503, f"the request log cannot be read to find {body['id']!r} ({e}); retry "
+                                        "later", "log_unreadable", 30)
                 if logged is not None:
                     route = routes.get(str(logged.get("model")))
                     origin = {"key_id": logged.get("key_id"), "model": logged.get("model"),
@@ -448,8 +479,11 @@ def build_app(routes: Routes, upstream_url: str | list[str], upstream_key: str, 
             entry = {"ts": datetime.now(timezone.utc).isoformat(), "id": body["id"], "key_id": origin["key_id"],
                      "model": origin["model"], "version": origin["version"],
                      **{k: body[k] for k in FEEDBACK_KEYS[1:] if body.get(k) is not None}}
-            feedback.write(entry)
-            await asyncio.to_thread(feedback.flush)  # on disk before we say it is stored
+            try:
+                await asyncio.to_thread(feedback.append, entry)  # on disk before we say it is stored
+            except OSError as e:
+                return refused(503, f"the feedback was not stored ({e.strerror or e}); retry later",
+                               "feedback_not_stored", 30)
             return JSONResponse({"id": body["id"], "stored": sorted(k for k in FEEDBACK_KEYS[1:] if k in entry)})
         finally:
             limiter.done(key)
@@ -486,6 +520,25 @@ def build_app(routes: Routes, upstream_url: str | list[str], upstream_key: str, 
         Endpoint("/v1/feedback", post_feedback, methods=["POST"]),
         Endpoint("/hooks/mlflow", webhook, methods=["POST"]),
     ])
+
+
+class _Relay(StreamingResponse):
+    """A stream whose cleanup runs on every path. Starlette only closes a body iterator it started: a client
+    that disconnects before the first byte would leave the upstream connection, the key's slot and the
+    route's in-flight count held for good. ``on_abandon`` runs whenever the response ends (after the
+    relay's own ``finally`` where the relay started; ``finish`` is once-only, so it is a no-op then)."""
+
+    def __init__(self, content, on_abandon, **kw):
+        super().__init__(content, **kw)
+        self._gen, self._on_abandon = content, on_abandon
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(BaseException):
+                await self._gen.aclose()  # runs the relay's finally if it started, nothing otherwise
+            await asyncio.shield(self._on_abandon())
 
 
 class GatewayServer:
