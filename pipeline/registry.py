@@ -335,23 +335,23 @@ def merge_history(entries: list[dict], current: int | None = None) -> list[dict]
     return out
 
 
-def _pending(entries: list[dict]) -> tuple[int | None, set[int]]:
-    """Where the last settled entry left the alias, and where loraflow moves still in flight (an intent
-    with no completion after it) take it."""
-    settled, pending, done = None, {}, set()
+def _pending(entries: list[dict]) -> tuple[int | None, dict[str, dict]]:
+    """Where the last settled entry left the alias, and loraflow's moves still in flight (an intent with no
+    completion or failure after it), by id."""
+    settled, pending, ended = None, {}, set()
     for e in entries:
         eid = str(e.get("id"))
         if e.get("kind") in ("done", "failed"):
-            done.add(eid)
+            ended.add(eid)
             pending.pop(eid, None)
             if e.get("kind") == "done":
                 settled = e.get("to")
                 pending.clear()  # loraflow's moves are serialised (the retrain lock): earlier intents are over
         elif e.get("kind") == "outside":
             settled = e.get("to")
-        elif e.get("kind") == "intent" and eid not in done:
-            pending[eid] = e.get("to")
-    return settled, set(pending.values())
+        elif e.get("kind") == "intent" and eid not in ended:
+            pending[eid] = e
+    return settled, pending
 
 
 def history(cfg: RegistryConfig, name: str) -> list[dict]:
@@ -377,14 +377,14 @@ def reconcile_history(cfg: RegistryConfig, name: str, write: bool = True) -> lis
     settled, pending = _pending(entries)
     if current is None or current == settled:
         return merge_history(entries, current)
-    if current in pending:
+    landed = [e for e in pending.values() if e.get("to") == current]
+    if landed:
         # loraflow's move, evidently done; its completion may never come (its writer died after the move):
         # write it here, so what follows starts from it.
-        intent = next(e for e in reversed(entries) if e.get("kind") == "intent" and e.get("to") == current)
-        done = {k: intent[k] for k in ("id", "from", "to", "by")}
+        done = {**{k: landed[-1][k] for k in ("id", "from", "to", "by")}, "at": _now()}
         if write:
-            _note_history(lambda: _write_entry(cfg, name, "done", {**done, "at": _now()}))
-        return merge_history(entries, current)
+            _note_history(lambda: _write_entry(cfg, name, "done", done))
+        return merge_history(entries + [{**done, "kind": "done"}], current)
     after = str(entries[-1].get("id")) if entries else "start"
     # Derived from what it follows (so two reconcilers write one entry) and bounded (a key has 250 chars).
     entry = {"id": f"outside-{hashlib.sha256(after.encode()).hexdigest()[:12]}-v{current}", "at": _now(),

@@ -130,7 +130,10 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
 
     cfg = ServeConfig(python=str(VLLM_PYTHON), port=_free_port(), max_lora_rank=16, max_loras=4,
                       log_file=str(tmp_path / "vllm.log"))
-    server = VLLMServer.start(cfg, tiny_base, api_key="vllm-secret")
+    from pipeline.modeling import publish_base
+
+    # As `loraflow serve` does: vLLM runs from the base store (immutable, named by the weights' digest).
+    server = VLLMServer.start(cfg, publish_base(tiny_base, tmp_path / "bases", beside=False), api_key="vllm-secret")
     said: list[str] = []
     try:
         server.wait_ready()
@@ -238,8 +241,8 @@ def test_registry_driven_swaps_behind_one_endpoint(tiny_base, clean_demo, tmp_pa
 
 
 def _bases_are_checked_before_any_load(server, reg, register, adapter, task, prompts, tiny_base, tmp_path, said):
-    """Base -> serve, against this real vLLM: attached, it serves the base whose identity file the base
-    stage wrote beside the weights; a version trained on another base is deferred and reported, never
+    """Base -> serve, against this real vLLM: attached, it serves the base store folder it was started from
+    (its model root, named by the weights' digest); a version trained on another base is deferred and reported, never
     loaded (serving used not to check an attached vLLM at all), and loaded once the bases agree. Started by
     us, a base change to a base not on this machine is "not now" (deferred, engine untouched), never a
     rejection (it was, for good)."""
@@ -251,7 +254,7 @@ def _bases_are_checked_before_any_load(server, reg, register, adapter, task, pro
     from pipeline.serve.vllm import VLLMPool
 
     store = tmp_path / "bases"
-    own = publish_base(tiny_base, store).name
+    own = publish_base(tiny_base, store, beside=False).name  # where this vLLM was started from
     pool = VLLMPool([server])
     assert pool.base_identity() == own
     assert register("gamma", adapter) == 1

@@ -286,13 +286,14 @@ def prune_bases(p: Params, say: Callable[[str], None] = print) -> list[str]:
     that cannot be read prunes nothing; a failure to remove is reported, never fails the caller."""
     from pipeline.modeling import prune_bases as prune
 
-    try:
-        keep = registry.bases_in_use(p.registry, p.project.name)
-    except Exception as e:  # noqa: BLE001 - "could not read" is never "nothing in use"
-        if not registry.absent(e):
-            say(f"base store not pruned: {type(e).__name__}: {e}")
-            return []
-        keep = set()  # no registered model yet: nothing refers to any base
+    keep: set[str] = set()
+    for name in dict.fromkeys([p.project.name, *p.serve.models]):  # every model this project serves
+        try:
+            keep |= registry.bases_in_use(p.registry, name)
+        except Exception as e:  # noqa: BLE001 - "could not read" is never "nothing in use"
+            if not registry.absent(e):
+                say(f"base store not pruned: {type(e).__name__}: {e}")
+                return []  # no registered model of that name: nothing of it refers to any base
     try:
         current = publish_current_base(p)
         if current is not None:

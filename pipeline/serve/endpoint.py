@@ -16,6 +16,7 @@ and in the gateway's /health (``loraflow status`` shows them).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 from collections.abc import Callable
@@ -51,7 +52,11 @@ def serving_base(p: Params, say: Callable[[str], None] = print) -> Path:
 
     current = Path(p.base.out_dir)
     if base_present(current):  # a base restored by DVC, or built before the store existed, goes in too
-        current = publish_base(current, Path(p.base.store_dir), beside=False)
+        try:
+            current = publish_base(current, Path(p.base.store_dir), beside=False)
+        except OSError as e:
+            say(f"warning: could not copy the current base into {p.base.store_dir} ({e}); starting vLLM on "
+                f"{current}, which the next base build changes under it")
     name = (p.serve.models or [p.project.name])[0]
     try:
         champion = registry.get_alias(p.registry, name)
@@ -62,10 +67,19 @@ def serving_base(p: Params, say: Callable[[str], None] = print) -> Path:
     if not want:
         return current
     try:
-        return base_dir_for(Path(p.base.out_dir), Path(p.base.store_dir), want)
+        return stored_base(p, want)
     except BaseMissing as e:
         say(f"warning: {name}@{p.registry.alias} v{champion.version}: {e}; starting vLLM on the current base")
         return current
+
+
+def stored_base(p: Params, sha: str) -> Path:
+    """The base store folder of base ``sha`` (copied from ``base.out_dir`` first when only that holds it):
+    vLLM never runs from the mutable DVC output, so a restart loads what it loaded before."""
+    found = base_dir_for(Path(p.base.out_dir), Path(p.base.store_dir), sha)
+    if found == Path(p.base.out_dir):
+        found = publish_base(found, Path(p.base.store_dir), beside=False)
+    return found
 
 
 def start_vllm(p: Params, say: Callable[[str], None] = print, api_key: str | None = None) -> VLLMPool:
@@ -220,6 +234,7 @@ class Endpoint:
                             continue
                         if any(r.internal not in loaded for r in self.routes.all()):
                             self.routes.clear()  # it restarted: the adapters are gone
+                        self.follower.deferred.clear()  # maybe on the base a waiting champion needs now
                         self.say(f"vLLM at {server.url} answers again: reconciling")
                         self.wake.set()
 
@@ -250,8 +265,8 @@ class Endpoint:
         routed before are loaded again. Every route goes meanwhile: their adapters die with the old process.
         The new engine starts after the old one stops: both would need the GPU memory and the ports at once."""
         try:
-            base_dir = base_dir_for(Path(self.p.base.out_dir), Path(self.p.base.store_dir), want_sha)
-        except BaseMissing as e:
+            base_dir = stored_base(self.p, want_sha)
+        except (BaseMissing, OSError) as e:
             raise BaseUnavailable(str(e)) from None
         assert self.server is not None
         self.say(f"the new champion needs base {want_sha[:12]}: restarting vLLM on {base_dir} "
@@ -273,6 +288,8 @@ class Endpoint:
                 self.server = back
                 if self.follower is not None:
                     self.follower.server = back
+                with contextlib.suppress(Exception):  # not ready: the supervisor restarts it, loads defer
+                    back.wait_ready(progress=self.say)
                 self.wake.set()  # the served versions are loaded again on the old base
                 raise BaseUnavailable(f"vLLM did not start on base {want_sha[:12]}: {e}") from e
             self.server = new

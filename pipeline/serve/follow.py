@@ -168,6 +168,12 @@ class Follower:
                                       "artifacts/bases/<sha>, as docker-compose.yml and deploy/kubernetes do)")
                                    + "; not loaded")
         elif want and self.base_sha and want != self.base_sha:
+            others = [m for m in self.models if m != name and self.routes.get(m) is not None]
+            if others and name != self.models[0]:
+                # One base per engine: the first model's champion decides it (serving_base); restarting for
+                # this one would take the others down, and they would restart it back.
+                return self._defer(name, champion, f"trained on base {want[:12]}, but vLLM serves "
+                                   f"{self.base_sha[:12]} for {', '.join(others)}; not loaded")
             if self.rebase is None:
                 return self._defer(name, champion, f"trained on base {want[:12]}, vLLM serves {self.base_sha[:12]} "
                                    "and cannot be restarted from here; not loaded")
@@ -233,7 +239,12 @@ class Follower:
             return
         if info.tags.get("base_weights_sha256") not in (None, self.base_sha):
             return
-        result = self.swap(name, info, None)
+        wait = self.deferred.get(name)
+        try:
+            result = self.swap(name, info, None)
+        finally:  # the champion's own wait stands, whatever became of the stand-in
+            if wait is not None:
+                self.deferred[name] = wait
         if result.get("adapter"):
             self.say(f"{name}: serving v{back} meanwhile (v{champion.version}'s base is not available yet)")
 

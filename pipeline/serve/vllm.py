@@ -244,11 +244,9 @@ class VLLMPool:
     base_dir: Path | None = None  # the base the replicas were started on (None: attached)
 
     def base_identity(self) -> str | None:
-        """Which base every replica serves, as a weights sha256 (its model root is a base store folder
-        ``.../bases/<sha>``, or a folder readable here with the base's identity file), ``model:<id>`` for a
-        hub model it loaded by id, or None when the replicas disagree or a root says nothing checkable."""
-        from pipeline.modeling import read_digest
-
+        """Which base every replica serves: a weights sha256 when its model root is a base store folder
+        (``.../bases/<sha>``, immutable), ``model:<id>`` for a hub model it loaded by id, or None when the
+        replicas disagree or a root is another folder (what it holds now may not be what vLLM loaded)."""
         seen = set()
         for r in self.replicas:
             resp = httpx.get(f"{r.url}/v1/models", timeout=10, headers=r._auth)
@@ -259,13 +257,11 @@ class VLLMPool:
             root = str(roots[0])
             name = Path(root).name
             if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
-                seen.add(name)
-                continue
-            try:
-                digest = read_digest(Path(root)) if Path(root).is_dir() else None
-            except (OSError, ValueError):
-                digest = None
-            seen.add(digest["weights_sha256"] if digest else f"model:{root}")
+                seen.add(name)  # a base store folder: immutable, named by its digest
+            elif Path(root).exists():
+                return None  # a folder that may have changed since vLLM loaded it: cannot be told
+            else:
+                seen.add(f"model:{root}")  # a hub id
         return seen.pop() if len(seen) == 1 else None
 
     @classmethod
