@@ -211,7 +211,6 @@ def retrain(params_file: str = "params.yaml", model: str = "", trigger: str = "m
             else:
                 stages[name] = run_stage(name)
         pushed = push_outputs() if p.dvc.push else None
-        promotion.publish_current_base(p)  # in the store even when DVC restored the base instead of building it
         result = release(p)
         # Every run, not only the registering one: a run that resumes an interrupted release writes it too.
         result["dossier"] = write_dossier(p, result["registered_version"])

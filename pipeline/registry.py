@@ -278,10 +278,10 @@ def _entry_key(alias: str, at: str, entry_id: str, kind: str) -> str:
     return f"{HISTORY_TAG}.{alias}.{stamp}.{entry_id}.{kind}"
 
 
-def _write_entry(cfg: RegistryConfig, name: str, kind: str, entry: dict, key: str | None = None) -> None:
+def _write_entry(cfg: RegistryConfig, name: str, kind: str, entry: dict) -> None:
     """Append one entry: a tag of its own, never a rewrite of another (the history is append-only, so two
     writers cannot lose each other's entries)."""
-    key = key or _entry_key(cfg.alias, entry["at"], entry["id"], kind)
+    key = _entry_key(cfg.alias, entry["at"], entry["id"], kind)
     call(cfg, f"record {name}@{cfg.alias} history",
          lambda: client(cfg).set_registered_model_tag(name, key, json.dumps({**entry, "kind": kind})))
 
@@ -389,11 +389,9 @@ def reconcile_history(cfg: RegistryConfig, name: str, write: bool = True) -> lis
     # Derived from what it follows (so two reconcilers write one entry) and bounded (a key has 250 chars).
     entry = {"id": f"outside-{hashlib.sha256(after.encode()).hexdigest()[:12]}-v{current}", "at": _now(),
              "from": settled, "to": current, "by": OUTSIDE}
-    if write:
-        key = f"{HISTORY_TAG}.{cfg.alias}.{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%f')}.{entry['id']}"
-        known = [k for k in tags if k.startswith(f"{HISTORY_TAG}.{cfg.alias}.") and k.endswith(f".{entry['id']}")]
-        if not known:  # another reconciler may have noted it already (same id): one entry per move
-            _write_entry(cfg, name, "outside", entry, key)
+    # Another reconciler may have noted it already (same id): one entry per move.
+    if write and not any(str(e.get("id")) == entry["id"] for e in entries):
+        _write_entry(cfg, name, "outside", entry)
     return merge_history(entries + [{**entry, "kind": "outside"}], current)
 
 
@@ -546,13 +544,11 @@ def bases_in_use(cfg: RegistryConfig, name: str) -> set[str]:
     pending = call(cfg, f"search {name}'s pending promotions", lambda: client(cfg).search_model_versions(
         f"name = '{name}' and tags.promotion = 'pending'"))
     versions |= {int(mv.version) for mv in pending}
-    versions |= {int(x) for m in history(cfg, name) for x in (m.get("from"), m.get("to")) if x is not None}
-    shas = set()
-    for v in sorted(versions):
-        tags = call(cfg, f"read {name} v{v}", lambda v=v: client(cfg).get_model_version(name, str(v)).tags) or {}
-        if tags.get("base_weights_sha256"):
-            shas.add(tags["base_weights_sha256"])
-    return shas
+    # Every entry's versions, moves in flight included: the registered model already read holds the tags.
+    versions |= {int(x) for e in _entries(rm.tags or {}, cfg.alias) for x in (e.get("from"), e.get("to"))
+                 if x is not None}
+    shas = (get_version(cfg, name, v).tags.get("base_weights_sha256") for v in sorted(versions))
+    return {sha for sha in shas if sha}
 
 
 def log_run_file(cfg: RegistryConfig, run_id: str, path: Path, folder: str) -> None:

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pipeline.config import MonitorConfig, TaskConfig
-from pipeline.io import LogError, LogStats, log_files, read_log, write_json
+from pipeline.io import LogError, LogStats, read_log, write_json
 from pipeline.tasks import Task, build_task
 
 TEXT_COLUMNS = ["prompt_length", "prompt_words", "response_length", "response_words"]
@@ -73,11 +73,6 @@ def reference_frame(train_file: Path, task: Task):
             rows.append({"prompt": "\n".join(m["content"] for m in msgs[:-1]), "response": answer,
                          **answer_columns(task, answer)})
     return pd.DataFrame(rows)
-
-
-def traffic_files(traffic_log: Path) -> list[Path]:
-    """The live request log and its rotated predecessors (``<stem>.<time><suffix>``), oldest first."""
-    return log_files(traffic_log)
 
 
 def _when(ts: object) -> datetime | None:

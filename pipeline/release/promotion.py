@@ -286,18 +286,20 @@ def prune_bases(p: Params, say: Callable[[str], None] = print) -> list[str]:
     that cannot be read prunes nothing; a failure to remove is reported, never fails the caller."""
     from pipeline.modeling import prune_bases as prune
 
-    keep: set[str] = set()
+    try:  # the current base into the store (DVC may have restored it instead of building it), and kept
+        current = publish_current_base(p)
+    except OSError as e:
+        say(f"base store not updated: {e}")
+        return []
+    keep: set[str] = {current.name} if current is not None else set()
     for name in dict.fromkeys([p.project.name, *p.serve.models]):  # every model this project serves
         try:
             keep |= registry.bases_in_use(p.registry, name)
         except Exception as e:  # noqa: BLE001 - "could not read" is never "nothing in use"
-            if not registry.absent(e):
+            if not registry.absent(e):  # absent: no registered model of that name refers to any base
                 say(f"base store not pruned: {type(e).__name__}: {e}")
-                return []  # no registered model of that name: nothing of it refers to any base
+                return []
     try:
-        current = publish_current_base(p)
-        if current is not None:
-            keep.add(current.name)
         removed = prune(Path(p.base.store_dir), keep)
     except OSError as e:
         say(f"base store not pruned: {e}")

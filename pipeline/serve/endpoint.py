@@ -239,11 +239,11 @@ class Endpoint:
                         self.wake.set()
 
     def _started_base_sha(self) -> str:
-        return base_weights_sha256(getattr(self.server, "base_dir", None) or Path(self.p.base.out_dir))
+        return base_weights_sha256(self._base_of(self.server))
 
     def _base_of(self, server: VLLMPool) -> Path:
         """The base ``server`` was started on (the current base for one started before this was recorded)."""
-        return getattr(server, "base_dir", None) or Path(self.p.base.out_dir)
+        return server.base_dir or Path(self.p.base.out_dir)
 
     def _attached_base(self) -> str | None:
         """The weights digest of the base the attached vLLM serves, or None when it cannot be told."""

@@ -206,10 +206,14 @@ class VLLMServer:
             self._log.close()
             self._log = None
 
-    def models(self) -> list[str]:
+    def model_cards(self) -> list[dict]:
+        """vLLM's ``/v1/models`` entries: the base (``root``: the path or id it loaded) and each adapter."""
         r = httpx.get(f"{self.url}/v1/models", timeout=10, headers=self._auth)
         r.raise_for_status()
-        return [m["id"] for m in r.json()["data"]]
+        return r.json()["data"]
+
+    def models(self) -> list[str]:
+        return [m["id"] for m in self.model_cards()]
 
     def load_adapter(self, name: str, path: Path) -> None:
         _post(f"{self.url}/v1/load_lora_adapter", f"loading adapter {name} from {path}", 120,
@@ -249,9 +253,7 @@ class VLLMPool:
         replicas disagree or a root is another folder (what it holds now may not be what vLLM loaded)."""
         seen = set()
         for r in self.replicas:
-            resp = httpx.get(f"{r.url}/v1/models", timeout=10, headers=r._auth)
-            resp.raise_for_status()
-            roots = [m.get("root") or m.get("id") for m in resp.json()["data"] if not m.get("parent")]
+            roots = [m.get("root") or m.get("id") for m in r.model_cards() if not m.get("parent")]
             if len(roots) != 1:
                 return None
             root = str(roots[0])
